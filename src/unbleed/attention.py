@@ -1,0 +1,228 @@
+"""Cross-attention capture: a diffusers attention processor that records softmax probabilities where asked.
+
+Places are UNet blocks. Names a user can give:
+
+* diffusers' own block names: ``down_blocks.2``, ``mid_block``, ``up_blocks.1``;
+* the papers' names, counted (1-based) over the blocks that *have* cross-attention in that direction:
+  ``down-1``, ``down-2``…, ``mid``, ``up-1``, ``up-2``… In SD 1.x at 512 px ``down-2`` is 32×32, ``down-3`` and
+  ``up-1`` are 16×16, ``up-2`` is 32×32 — ELA's Table 2 names.
+
+A block's *level* is how many times the latent was halved before it (``down_blocks.k`` → k, the mid block →
+n−1, ``up_blocks.k`` → n−1−k for n levels); its maps are ``ceil(latent / 2**level)`` on a side.
+
+Only the layers of an active request are computed through explicit probabilities and kept; every other
+attention layer runs its original (fused) processor, so a run that captures nothing is numerically identical
+to diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UnbleedError
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    key: str  # the processor key, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    block: str  # "down_blocks.2" | "mid_block" | "up_blocks.1"
+    level: int
+
+
+@dataclass(frozen=True)
+class MapRequest:
+    """Which maps a method needs: the cross-attention layers of ``blocks`` (or of every block when ``None``),
+    optionally only those at ``level``, each resized to the size of ``out_level`` and averaged."""
+
+    blocks: tuple[str, ...] | None
+    out_level: int
+    level: int | None = None
+
+
+def _block_of(module_name: str) -> str | None:
+    m = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.", module_name)
+    return m.group(1) if m else None
+
+
+def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
+    """Every cross-attention layer of a diffusers UNet, in forward order, with its block and level."""
+    from diffusers.models.attention_processor import Attention
+
+    n = len(unet.config.block_out_channels)
+    layers = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            block = _block_of(name)
+            if block is None:
+                continue
+            if block == "mid_block":
+                level = n - 1
+            else:
+                kind, idx = block.split(".")[0], int(block.split(".")[1])
+                level = idx if kind == "down_blocks" else n - 1 - idx
+            layers.append(CrossAttentionLayer(f"{name}.processor", block, level))
+    return layers
+
+
+def blocks_with_cross_attention(unet) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"down": [], "mid": [], "up": []}
+    for layer in cross_attention_layers(unet):
+        kind = "mid" if layer.block == "mid_block" else layer.block.split("_")[0]
+        if layer.block not in out[kind]:
+            out[kind].append(layer.block)
+    return out
+
+
+def resolve_block(unet, name: str) -> str:
+    """Map a user's block name (``up-1``, ``down_blocks.2``, ``mid``) to the diffusers block name."""
+    blocks = blocks_with_cross_attention(unet)
+    text = name.strip().lower()
+    every = blocks["down"] + blocks["mid"] + blocks["up"]
+    if text in every:
+        return text
+    if text in ("mid", "mid_block") and blocks["mid"]:
+        return blocks["mid"][0]
+    m = re.fullmatch(r"(down|up)[-_ ]?(\d+)", text)
+    if m and 1 <= int(m.group(2)) <= len(blocks[m.group(1)]):
+        return blocks[m.group(1)][int(m.group(2)) - 1]
+    names = [f"down-{i + 1}" for i in range(len(blocks["down"]))] + (["mid"] if blocks["mid"] else [])
+    names += [f"up-{i + 1}" for i in range(len(blocks["up"]))]
+    raise UnbleedError(f"attention block {name!r} does not exist in this UNet: use one of {', '.join(names)} "
+                       f"(or diffusers names such as {every[0]})")
+
+
+def level_of(unet, block: str) -> int:
+    for layer in cross_attention_layers(unet):
+        if layer.block == block:
+            return layer.level
+    raise UnbleedError(f"block {block!r} has no cross-attention layer")
+
+
+def size_at_level(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+class AttentionStore:
+    """Records cross-attention probabilities of the layers a :class:`MapRequest` selects.
+
+    ``maps(request)`` returns ``[batch, tokens, h, w]`` in float32: averaged over heads (at capture) and over
+    the selected layers (after resizing each to the request's output size), differentiable w.r.t. the latent.
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.layers = cross_attention_layers(unet)
+        self.wanted: set[str] = set()
+        self.batch_slice = slice(None)
+        self.latent_hw: tuple[int, int] | None = None
+        self.records: dict[str, list[torch.Tensor]] = {}
+
+    def select(self, request: MapRequest) -> list[CrossAttentionLayer]:
+        chosen = [l for l in self.layers
+                  if (request.blocks is None or l.block in request.blocks)
+                  and (request.level is None or l.level == request.level)]
+        if not chosen:
+            raise UnbleedError(f"no cross-attention layer matches blocks={request.blocks} level={request.level}")
+        return chosen
+
+    @contextlib.contextmanager
+    def capture(self, request: MapRequest | None, latent_hw: tuple[int, int], batch_slice: slice = slice(None)):
+        """Within the block, record the request's layers (for ``batch_slice`` of the UNet batch)."""
+        self.records = {}
+        self.wanted = {l.key for l in self.select(request)} if request is not None else set()
+        self.latent_hw = tuple(latent_hw)
+        self.batch_slice = batch_slice
+        try:
+            yield self
+        finally:
+            self.wanted = set()
+
+    def record(self, key: str, probs: torch.Tensor, heads: int) -> None:
+        batch = probs.shape[0] // heads
+        probs = probs.reshape(batch, heads, *probs.shape[1:]).mean(dim=1)[self.batch_slice]
+        self.records.setdefault(key, []).append(probs)
+
+    def maps(self, request: MapRequest) -> torch.Tensor:
+        assert self.latent_hw is not None, "maps() before any capture"
+        out_hw = size_at_level(self.latent_hw, request.out_level)
+        acc, count = None, 0
+        for layer in self.select(request):
+            for probs in self.records.get(layer.key, []):
+                b, q, k = probs.shape
+                hw = self._query_hw(q)
+                m = probs.float().transpose(1, 2).reshape(b, k, *hw)
+                if hw != out_hw:
+                    m = F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)
+                acc = m if acc is None else acc + m
+                count += 1
+        if acc is None:
+            raise UnbleedError("no attention maps were recorded: the UNet ran no selected cross-attention layer")
+        return acc / count
+
+    def _query_hw(self, q: int) -> tuple[int, int]:
+        for level in range(8):
+            h, w = size_at_level(self.latent_hw, level)
+            if h * w == q:
+                return h, w
+        raise RuntimeError(f"cannot place {q} queries on the latent grid {self.latent_hw}")
+
+
+class CaptureProcessor:
+    """Attention processor: explicit softmax probabilities for wanted layers, the original processor otherwise."""
+
+    def __init__(self, store: AttentionStore, key: str, original):
+        self.store, self.key, self.original = store, key, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if self.key not in self.store.wanted:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        # The same computation as diffusers' AttnProcessor, keeping the probabilities.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        query = attn.head_to_batch_dim(query)
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        self.store.record(self.key, probs, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def attention_store(unet):
+    """Install capture processors on every cross-attention layer for the block; restore the originals after."""
+    store = AttentionStore(unet)
+    originals = dict(unet.attn_processors)
+    keys = {l.key for l in store.layers}
+    unet.set_attn_processor({k: CaptureProcessor(store, k, p) if k in keys else p for k, p in originals.items()})
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(originals)

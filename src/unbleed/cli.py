@@ -1,0 +1,218 @@
+"""The ``unbleed`` command line (typer). Errors are one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .errors import UnbleedError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fix concept bleeding in Stable Diffusion without training (ELA and peers).")
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def parse_window(text: str | None, num_steps: int) -> tuple[int, int] | None:
+    """``START:END`` (either side may be empty) → ``(start, end)``; ``None`` keeps the method's default."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return (0, 0)
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return (int(start) if start.strip() else 0, int(end) if end.strip() else num_steps)
+    except ValueError:
+        raise UnbleedError(f"--window {text!r}: use START:END step indices, e.g. 0:25 (or none)") from None
+
+
+def parse_refine(text: str | None, defaults: dict[int, float]) -> dict[int, float] | None:
+    """``0:0.2,10:0.1`` → ``{0: 0.2, 10: 0.1}``; ``none`` → ``{}``; a bare step takes the method's default."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return {}
+    out: dict[int, float] = {}
+    for item in text.split(","):
+        step, sep, thr = item.partition(":")
+        try:
+            s, value = int(step), float(thr) if sep else defaults.get(int(step))
+        except ValueError:
+            s, value = -1, None
+        if s < 0 or (sep and not math.isfinite(value)):
+            raise UnbleedError(f"--refine-steps {text!r}: use STEP:THRESHOLD pairs, e.g. 0:0.2,10:0.1 (or none)")
+        if value is None:
+            raise UnbleedError(f"--refine-steps: step {s} has no default threshold: give STEP:THRESHOLD, "
+                               f"e.g. {s}:0.1")
+        out[s] = value
+    return out
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UnbleedError(f"-o {item!r}: method options are KEY=VALUE, e.g. -o lam=0.3")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The text prompt."),
+    method: str = typer.Option("sd", "--method", "-m", help="sd (plain sampling) or ela."),
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", "--model",
+                              help="Hub id, local diffusers folder, or 'tiny' (offline, random weights)."),
+    tokens: Optional[str] = typer.Option(None, "--tokens", "-t",
+                                         help="Entities (cat,frog) or attribute:entity pairs (blue:bag,yellow:clock)"
+                                              "; words, word#N for the N-th occurrence, or token indices."),
+    seed: list[int] = typer.Option([0], "--seed", "-s", help="Seed; repeat for several images."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", "-g", help="Classifier-free guidance scale."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    scheduler: str = typer.Option("default", "--scheduler",
+                                  help="default (the model's), ddim, pndm, euler, euler-a, dpm++, lms, heun."),
+    window: Optional[str] = typer.Option(None, "--window", help="Guided steps START:END (default: the method's)."),
+    refine_steps: Optional[str] = typer.Option(None, "--refine-steps",
+                                               help="Refinement STEP:THRESHOLD list, or none."),
+    refine_iters: Optional[int] = typer.Option(None, "--refine-iters", help="Cap of refinement iterations."),
+    step_size: Optional[float] = typer.Option(None, "--step-size", help="Latent step size scale α."),
+    step_schedule: Optional[str] = typer.Option(None, "--step-schedule", help="sqrt-linear (A&E) or constant."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Method option KEY=VALUE (e.g. -o lam=0.3)."),
+    out: str = typer.Option("out", "--out", help="Output folder (created; files are never overwritten)."),
+    save_attention: bool = typer.Option(False, "--save-attention",
+                                        help="Also write a picture of the attention maps and masks per image."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as a JSON list on stdout."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Seeds per UNet batch (results do not depend on it)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow pickled (.bin) weights; they can run code when loaded."),
+) -> None:
+    """Generate one image per seed, guided by a method, with full PNG metadata."""
+    try:
+        _generate(**locals())
+    except UnbleedError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; images finished so far are in {out}")
+
+
+def _generate(prompt, method, model, tokens, seed, steps, height, width, guidance_scale, negative_prompt, scheduler,
+              window, refine_steps, refine_iters, step_size, step_schedule, option, out, save_attention, as_json,
+              batch_size, device, dtype, allow_pickle) -> None:
+    from .methods import make_method
+    from .models import load_model
+    from .output import save_result
+    from .sampler import generate as run
+    from .tokens import token_groups
+
+    _quiet_libraries()
+    warnings.filterwarnings("ignore", module="diffusers")
+    if steps < 1:
+        raise UnbleedError(f"--steps {steps} must be ≥ 1")
+    if batch_size < 1:
+        raise UnbleedError(f"--batch-size {batch_size} must be ≥ 1")
+    if not prompt.strip():
+        raise UnbleedError("PROMPT is empty: give the text to draw")
+    guide = make_method(method, parse_options(option))
+    schedule = None
+    if guide is not None:
+        schedule = guide.default_schedule(steps)
+        win = parse_window(window, steps)
+        if win is not None:
+            schedule.window = win
+            schedule.refine = {k: v for k, v in schedule.refine.items() if win[0] <= k < win[1]}
+        refine = parse_refine(refine_steps, guide.default_schedule(steps).refine)
+        if refine is not None:
+            schedule.refine = refine
+        if refine_iters is not None:
+            schedule.max_refine_iters = refine_iters
+        if step_size is not None:
+            schedule.step_size = step_size
+        if step_schedule is not None:
+            schedule.step_schedule = step_schedule
+        schedule.validate(steps)
+    elif any(v is not None for v in (window, refine_steps, refine_iters, step_size, step_schedule)):
+        err.print("note: --method sd does no guidance; the schedule options are ignored")
+    with err.status(f"loading model {model}…"):
+        pipe = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
+    from .sampler import check_size, default_size
+
+    check_size(pipe, height or default_size(pipe), width or default_size(pipe))
+    if guide is not None:
+        guide.map_request(pipe.unet)  # names a bad -o layers=… before any work starts
+    groups = token_groups(pipe.tokenizer, prompt, tokens) if (guide is not None or tokens) else []
+    if groups:
+        err.print("tokens: " + "; ".join(
+            f"{g.text}={list(g.indices)}" + "".join(f" ← {a.text}={list(a.indices)}" for a in g.attributes)
+            for g in groups), highlight=False, soft_wrap=True)
+    records = []
+    batches = [seed[i:i + batch_size] for i in range(0, len(seed), batch_size)]
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"{method} ×{len(seed)}", total=None)
+        for b, seeds in enumerate(batches):
+            def on_step(i, total, rec, b=b):
+                progress.update(task, total=total * len(batches), completed=b * total + i + 1)
+
+            result = run(pipe, prompt, method=guide, groups=groups, seeds=seeds, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
+                         schedule=schedule, save_attention=save_attention, callback=on_step)
+            records += save_result(result, prompt, method, model, out, save_attention=save_attention)
+    for rec in records:
+        err.print(f"wrote {rec['path']}" + (f" and {rec['attention_path']}" if "attention_path" in rec else ""),
+                  highlight=False, soft_wrap=True)
+    if as_json:
+        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from . import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""ELA — Entity Localization and Anchoring (Zhang et al., "Easing Concept Bleeding in Diffusion via Entity
+Localization and Anchoring", ICML 2024, sec. 4 and Alg. 1). The paper has no public code; this is the reference.
+
+Localization (once per timestep, from detached maps, fixed through the step's refinement iterations):
+
+* background mask ``M_bk = B(A⁰)`` from the start-of-text token's map (sec. 4.1);
+* entity masks ``D_i = B(A^{e_i} − max_{j≠i} A^{e_j})`` (Eq. 4, generalised from two entities to n; with one
+  entity the max over the empty set is 0) and ``M^{e_i} = B(D_i − M_bk)``. ``D_i`` and ``M_bk`` are binary, so
+  ``D_i − M_bk ∈ {−1, 0, 1}`` and any threshold in (0, 1] gives ``M^{e_i} = D_i ∧ ¬M_bk``; we compute exactly that.
+
+Anchoring (Eqs. 5–7), over the set of anchored tokens (entities, plus each attribute with its entity's mask —
+sec. 4, "Attribute binding"), n of them:
+
+* ``L_c = 1/n Σ_k (1 − Σ(M_k·A_k) / ΣA_k)²`` (Eq. 5) concentrates each token's attention inside its mask;
+* ``L_a = 1/n Σ_k ‖(1 − M_k)·A_k‖²₂`` (Eq. 6) attenuates it outside;
+* ``L = (1 − λ) L_c + λ L_a`` (Eq. 7).
+
+Choices the paper leaves open (all options; reasons in docs/ela.md):
+
+* ``B`` — ``binarize="otsu"`` (default): Otsu's threshold per map (256-bin histogram of the min–max normalised
+  map). It is parameter-free, adapts to each step's contrast (maps sharpen over the trajectory, so a fixed
+  threshold is wrong early or late), and the maps it thresholds — the SOT map and entity-difference maps — are
+  bimodal by construction. ``"mean"`` (above the map's mean) and ``"norm:τ"`` (min–max normalise, keep > τ) are
+  the alternatives.
+* Empty masks — a constant map, or an entity dominated everywhere, gives ``D_i`` or ``M^{e_i}`` empty; then L_c's
+  term is a constant 1 and L_a would only push the entity's attention down everywhere, erasing it. With
+  ``empty_mask="topk"`` (default) the mask becomes the ``topk_frac`` of pixels (at least one) where the entity
+  is least dominated (highest ``A^{e_i} − max_j A^{e_j}``), outside the background when any such pixel exists.
+  ``empty_mask="skip"`` drops the entity (and its attributes) from the loss at that step instead.
+* Maps: 16×16 cross-attention maps (in SD at 512 px), averaged over the heads and layers of ``layers`` (default
+  ``up-1``, the paper's best in Table 2), maps of other resolutions resized (bilinear) to that size. A word of
+  several BPE pieces uses the mean of its pieces' maps. Maps are the raw softmax probabilities over all 77 text
+  tokens, as the paper's A (no ×100 re-softmax as in Attend-and-Excite).
+* λ = 0.5 (the two terms equally weighted); schedule in :meth:`ELA.default_schedule`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..attention import MapRequest, level_of, resolve_block
+from ..errors import UnbleedError
+from ..tokens import Entity
+from .base import Method, Schedule, group_map, scaled_steps
+
+EPS = 1e-8
+
+
+def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Otsu's threshold for each map of ``x`` ``[..., h, w]``; returns ``[...]`` in the units of ``x``.
+
+    Pixels strictly above the threshold form the foreground. A constant map gets its own value as threshold
+    (so nothing is foreground).
+    """
+    flat = x.flatten(-2).float()
+    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
+    span = (hi - lo).clamp_min(EPS)
+    idx = ((flat - lo) / span * (bins - 1)).round().long().clamp(0, bins - 1)
+    hist = torch.zeros(*flat.shape[:-1], bins, device=x.device).scatter_add_(-1, idx, torch.ones_like(flat))
+    p = hist / flat.shape[-1]
+    levels = torch.arange(bins, device=x.device, dtype=torch.float32)
+    w0 = p.cumsum(-1)
+    mu = (p * levels).cumsum(-1)
+    mu_t = mu[..., -1:]
+    between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(EPS)
+    between = torch.where((w0 > 0) & (w0 < 1), between, torch.full_like(between, -1.0))
+    t = between.argmax(-1, keepdim=True).float()  # class 0 = bins 0..t
+    thr = lo + (t + 0.5) / (bins - 1) * span
+    constant = (hi - lo) <= EPS
+    return torch.where(constant, hi, thr).squeeze(-1)
+
+
+def binarize(x: torch.Tensor, how: str = "otsu") -> torch.Tensor:
+    """``B(x)``: a float {0, 1} mask per map of ``x`` ``[..., h, w]`` (see the module docstring)."""
+    if how == "otsu":
+        thr = otsu_threshold(x)
+    elif how == "mean":
+        thr = x.flatten(-2).mean(-1)
+    elif how.startswith("norm"):
+        tau = float(how.split(":", 1)[1]) if ":" in how else 0.5
+        flat = x.flatten(-2)
+        lo, hi = flat.min(-1).values, flat.max(-1).values
+        thr = lo + tau * (hi - lo)
+        return ((x > thr[..., None, None]) & ((hi - lo) > EPS)[..., None, None]).float()
+    else:
+        raise UnbleedError(f"-o binarize={how}: unknown; use otsu, mean or norm:TAU (e.g. norm:0.5)")
+    return (x > thr[..., None, None]).float()
+
+
+def ela_masks(sot: torch.Tensor, entities: torch.Tensor, how: str = "otsu", empty: str = "topk",
+              topk_frac: float = 0.05) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Localization (sec. 4.1, Eq. 4): ``sot`` ``[B, h, w]``, ``entities`` ``[B, n, h, w]`` →
+    (``M_bk`` ``[B, h, w]``, ``M^{e_i}`` ``[B, n, h, w]``, ``valid`` ``[B, n]`` bool).
+
+    ``valid`` is False only for an entity whose mask was empty under ``empty="skip"``.
+    """
+    bk = binarize(sot, how)
+    n = entities.shape[1]
+    if n > 1:
+        others = torch.stack([torch.cat([entities[:, :i], entities[:, i + 1:]], 1).amax(1) for i in range(n)], 1)
+        diff = entities - others  # A^{e_i} − max_{j≠i} A^{e_j}
+    else:
+        diff = entities
+    d = binarize(diff, how)  # D_i (Eq. 4)
+    masks = (d - bk[:, None]).clamp(0, 1)  # M^{e_i} = B(D_i − M_bk) = D_i ∧ ¬M_bk
+    empty_mask = masks.flatten(-2).sum(-1) == 0
+    valid = torch.ones_like(empty_mask)
+    if empty_mask.any():
+        if empty == "skip":
+            valid = ~empty_mask
+        elif empty == "topk":
+            pixels = diff.shape[-1] * diff.shape[-2]
+            k = max(1, round(topk_frac * pixels))
+            not_bk = (1 - bk)[:, None].expand_as(diff)
+            has_fg = not_bk.flatten(-2).sum(-1, keepdim=True) > 0
+            score = diff.flatten(-2).masked_fill((not_bk.flatten(-2) == 0) & has_fg, float("-inf"))
+            k = min(k, pixels)
+            top = torch.zeros_like(score).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
+            top = top * torch.isfinite(score).float()  # never pick a background pixel when others exist
+            masks = torch.where(empty_mask[..., None, None], top.view_as(masks), masks)
+        else:
+            raise UnbleedError(f"-o empty_mask={empty}: unknown; use topk or skip")
+    return bk, masks, valid
+
+
+def ela_loss(maps: torch.Tensor, masks: torch.Tensor, lam: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Anchoring loss (Eqs. 5–7) per sample: ``maps``/``masks`` ``[B, n, h, w]`` → ``[B]``.
+
+    ``L = (1 − λ) · 1/n Σ_k (1 − Σ M_k A_k / Σ A_k)² + λ · 1/n Σ_k ‖(1 − M_k) A_k‖²``; tokens with
+    ``valid`` False are left out of both means (a sample with none left has loss 0).
+    """
+    inside = (masks * maps).flatten(-2).sum(-1) / (maps.flatten(-2).sum(-1) + EPS)
+    l_c = (1 - inside) ** 2  # Eq. 5, per token
+    l_a = ((1 - masks) * maps).flatten(-2).pow(2).sum(-1)  # Eq. 6, per token
+    per_token = (1 - lam) * l_c + lam * l_a  # Eq. 7, per token
+    if valid is None:
+        return per_token.mean(-1)
+    w = valid.float()
+    return (per_token * w).sum(-1) / w.sum(-1).clamp_min(1)
+
+
+@dataclass
+class ELA(Method):
+    """Entity Localization and Anchoring (Zhang et al., ICML 2024). Options (``-o key=value``):
+
+    ``layers`` blocks whose maps are averaged (Table 2: ``up-1`` default, ``down-2``, ``down-3``, ``up-2``);
+    ``lam`` λ of Eq. 7; ``binarize`` B: ``otsu`` | ``mean`` | ``norm:τ``; ``empty_mask`` ``topk`` | ``skip``;
+    ``topk_frac`` size of a fallback mask; ``attributes`` anchor attribute tokens with their entity's mask.
+    """
+
+    name: ClassVar[str] = "ela"
+
+    layers: tuple[str, ...] = ("up-1",)
+    lam: float = 0.5
+    binarize: str = "otsu"
+    empty_mask: str = "topk"
+    topk_frac: float = 0.05
+    attributes: bool = True
+
+    def check(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise UnbleedError(f"-o lam={self.lam}: λ must be in [0, 1]")
+        if not 0.0 < self.topk_frac <= 1.0:
+            raise UnbleedError(f"-o topk_frac={self.topk_frac}: must be in (0, 1]")
+        if self.empty_mask not in ("topk", "skip"):
+            raise UnbleedError(f"-o empty_mask={self.empty_mask}: unknown; use topk or skip")
+        binarize(torch.zeros(1, 2, 2), self.binarize)  # raises on an unknown B
+        if not self.layers:
+            raise UnbleedError("-o layers=: name at least one block, e.g. up-1")
+
+    def map_request(self, unet) -> MapRequest:
+        blocks = tuple(dict.fromkeys(resolve_block(unet, b) for b in self.layers))
+        up1 = resolve_block(unet, "up-1")  # maps are compared at UP-1's size (16×16 in SD at 512 px)
+        return MapRequest(blocks=blocks, out_level=level_of(unet, up1))
+
+    def default_schedule(self, num_steps: int) -> Schedule:
+        """The paper gives no numbers (docs/ela.md). Ours, for T steps: guide the first half (A&E's 25 of 50);
+        refine at A&E's steps {0, 10, 20} (scaled to T) until L ≤ {0.2, 0.1, 0.05}, ≤ 20 iterations; A&E's step
+        size ``20·sqrt(linspace(1, 0.5, T))``."""
+        window = (0, max(1, num_steps // 2))
+        return Schedule(window=window, refine=scaled_steps({0: 0.2, 10: 0.1, 20: 0.05}, num_steps, window),
+                        max_refine_iters=20, step_size=20.0, step_schedule="sqrt-linear")
+
+    def _anchored(self, maps: torch.Tensor, groups: list[Entity]) -> tuple[torch.Tensor, list[int]]:
+        """Maps of the anchored tokens and, for each, the index of the entity whose mask it uses."""
+        tokens, owner = [], []
+        for i, entity in enumerate(groups):
+            tokens.append(group_map(maps, entity.indices))
+            owner.append(i)
+            if self.attributes:
+                for attr in entity.attributes:
+                    tokens.append(group_map(maps, attr.indices))
+                    owner.append(i)
+        return torch.stack(tokens, 1), owner
+
+    def prepare_step(self, maps: torch.Tensor, groups: list[Entity]) -> dict[str, Any]:
+        if not groups:
+            raise UnbleedError("ela needs at least one entity: pass --tokens, e.g. --tokens cat,frog")
+        entities = torch.stack([group_map(maps, e.indices) for e in groups], 1)
+        bk, masks, valid = ela_masks(maps[:, 0], entities, self.binarize, self.empty_mask, self.topk_frac)
+        if not valid.all():
+            warnings.warn("ela: an entity mask was empty; that entity is left out of this step's loss "
+                          "(-o empty_mask=skip)", stacklevel=2)
+        return {"background": bk, "masks": masks, "valid": valid}
+
+    def loss(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
+        anchored, owner = self._anchored(maps, groups)
+        masks = state["masks"][:, owner]
+        valid = state["valid"][:, owner]
+        return ela_loss(anchored, masks, self.lam, valid)
+
+    def visuals(self, state: dict[str, Any], groups: list[Entity]) -> dict[str, torch.Tensor]:
+        out = {"background mask": state["background"]}
+        for i, entity in enumerate(groups):
+            out[f"mask: {entity.text}"] = state["masks"][:, i]
+        return out

@@ -1,0 +1,237 @@
+"""Model loading: hub id, local diffusers folder, or ``tiny`` (built in-process, seeded random weights).
+
+Every model is a diffusers :class:`~diffusers.StableDiffusionPipeline`; the sampler only uses its components
+(tokenizer, text encoder, UNet, VAE, scheduler) and its helpers (``encode_prompt``, ``prepare_latents``…), so
+anything that loads as an SD 1.x / 2.x pipeline runs every method unchanged.
+
+Safety: weights load from ``safetensors`` only. Pickled ``.bin``/``.ckpt`` weights run arbitrary code when
+loaded, so they are accepted only with ``allow_pickle=True`` (CLI ``--allow-pickle``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import UnbleedError
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the ELA paper's model
+OFFLINE_MODELS = ("tiny",)
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+
+
+def clip_tokenizer_path() -> Path:
+    """The real CLIP BPE tokenizer shipped with the package (derived by ``scripts/make_clip_vocab.py``)."""
+    return Path(str(resources.files("unbleed") / "data" / "clip_tokenizer"))
+
+
+def load_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_path())
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UnbleedError(f"--device {device!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnbleedError(f"--device {device} asked for CUDA but torch sees no GPU here: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise UnbleedError(f"--dtype {dtype!r} is unknown: use auto, fp32, fp16 or bf16")
+    return table[dtype]
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A tiny SD-format pipeline with seeded random weights and the real CLIP tokenizer.
+
+    It mirrors SD 1.x's layout in miniature — three UNet levels, cross-attention in the first two down blocks and
+    the last two up blocks, an 8× VAE, the SD 1.x noise schedule with PNDM — so that block names ("up-1",
+    "down-2"), token indices and the sampler's code paths are the real ones. Images are noise-like.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, projection_dim=32,
+    ))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128,
+    )
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe
+
+
+def save_random_sd(path: str | os.PathLike, arch: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float16):
+    """Write a local diffusers folder with the full-size SD 1.x architecture and random weights (for speed work).
+
+    The configs are SD 1.4's (CLIP ViT-L/14 text encoder, 860M-parameter UNet, the KL-f8 VAE), the tokenizer is
+    the real CLIP BPE one. Weights are seeded random in ``dtype`` and saved as safetensors.
+    """
+    if arch != "sd1":
+        raise UnbleedError(f"save_random_sd: arch {arch!r} is not supported: use sd1")
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+    )
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_clip_tokenizer(),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Swap the pipeline's scheduler for one of :data:`SCHEDULERS`, keeping the model's noise schedule."""
+    if name in (None, "default"):
+        return
+    if name not in SCHEDULERS:
+        raise UnbleedError(f"--scheduler {name!r} is unknown: use one of {', '.join(['default', *SCHEDULERS])}")
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    # Latent-diffusion samples must not be clipped to [-1, 1]: SD's own configs say clip_sample=False, DDIM's
+    # default is True, so a config that does not say (PNDM's) gets False.
+    extra = {} if "clip_sample" in pipe.scheduler.config else {"clip_sample": False}
+    try:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+    except ImportError as err:
+        raise UnbleedError(f"--scheduler {name} needs a package that is not installed ({_first_line(err)})") from None
+
+
+def _has_weights(folder: Path, suffixes: tuple[str, ...]) -> bool:
+    return any(p.suffix in suffixes for p in folder.rglob("*") if p.is_file())
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: str | None = "auto",
+               allow_pickle: bool = False, scheduler: str | None = None, seed: int = 0):
+    """Load a model as a ``StableDiffusionPipeline`` on ``device``; inference only (weights frozen).
+
+    ``spec`` is ``tiny``, a local diffusers folder, or a hub id (resolved from the local cache first).
+    Raises :class:`UnbleedError` with one line naming the fix when the model cannot be had.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec == "tiny":
+        pipe = build_tiny_pipeline(seed=seed)
+    else:
+        pipe = _load_pretrained(spec, torch_dtype, allow_pickle)
+    pipe.to(device=dev)
+    if pipe.unet.dtype != torch_dtype:
+        pipe.to(dtype=torch_dtype)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, scheduler)
+    pipe._unbleed_model = spec  # recorded in every image's metadata
+    return pipe
+
+
+def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool):
+    kwargs = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
+                  use_safetensors=None if allow_pickle else True)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        raise UnbleedError(f"--model {spec}: single-file checkpoints are not supported; convert it to a diffusers "
+                           f"folder (diffusers' convert_original_stable_diffusion_to_diffusers.py) and pass the folder")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UnbleedError(f"--model {spec}: the folder has no model_index.json, so it is not a diffusers "
+                               f"pipeline folder (save one with StableDiffusionPipeline.save_pretrained)")
+        if not allow_pickle and not _has_weights(path, (".safetensors",)) and _has_weights(path, (".bin", ".ckpt", ".pt")):
+            raise UnbleedError(f"--model {spec}: the folder holds only pickled weights (.bin), which can run code "
+                               f"when loaded: convert them to safetensors, or pass --allow-pickle if you trust them")
+        try:
+            return _from_pretrained(str(path), kwargs)
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise UnbleedError(f"--model {spec}: could not load the folder as a Stable Diffusion pipeline "
+                               f"({_first_line(err)})") from None
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise UnbleedError(f"--model {spec}: no such folder, and it is not a hub id of the form owner/name: "
+                           f"pass a local diffusers folder, a hub id, or one of: {', '.join(OFFLINE_MODELS)}")
+    try:
+        return _from_pretrained(spec, kwargs)
+    except Exception as err:  # hub errors come as many types (OSError, HTTP, connection, offline-mode)
+        text = _first_line(err)
+        if not allow_pickle and "safetensors" in text.lower():
+            raise UnbleedError(f"--model {spec}: no safetensors weights in this repository; pass --allow-pickle "
+                               f"to load its pickled .bin weights if you trust it") from None
+        raise UnbleedError(
+            f"--model {spec}: not in the local cache, and the Hugging Face Hub cannot be reached or has no such "
+            f"repository ({type(err).__name__}); offline, use --model tiny or a local diffusers folder "
+            f"(--model /path/to/folder)"
+        ) from None
+
+
+def _from_pretrained(name: str, kwargs: dict):
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype to dtype; the old name works up to 1.0
+        warnings.simplefilter("ignore", FutureWarning)
+        return StableDiffusionPipeline.from_pretrained(name, **kwargs)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= 160 else line[:157] + "..."

@@ -1,0 +1,233 @@
+"""The one guided sampler every method runs on.
+
+It is diffusers' ``StableDiffusionPipeline.__call__`` loop — the pipeline's own ``encode_prompt``,
+``prepare_latents``, ``prepare_extra_step_kwargs``, scheduler and ``image_processor`` — with one addition: inside
+the guidance window, before the scheduler step, the latent is moved down the method's loss,
+
+    z_t ← z_t − α_t ∇_{z_t} L(maps(z_t)),
+
+where the maps come from a text-conditioned UNet pass on ``z_t`` (scaled by the scheduler's
+``scale_model_input``). At refinement steps the update repeats while a sample's loss is above the step's
+threshold (at most ``max_refine_iters`` times; samples already below it are left alone), then the step's regular
+update follows — Attend-and-Excite's iterative refinement, which ELA's Alg. 1 also follows. With no method the
+loop is exactly diffusers' (tested for equality).
+
+Seeds are a batch: one UNet pass serves all of them, each seed has its own generator, and losses are per
+sample (summed only to take one gradient), so every image equals the one its seed gives alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .attention import AttentionStore, MapRequest, attention_store, resolve_block, level_of
+from .errors import UnbleedError
+from .methods import Method, Schedule
+from .tokens import Entity
+
+
+@dataclass
+class StepTrace:
+    """What happened at one denoising step (kept for ``--save-attention`` and the JSON record)."""
+
+    step: int
+    timestep: int
+    guided: bool
+    loss: list[float] | None = None  # per sample, before the step's update
+    final_loss: list[float] | None = None  # per sample, after refinement (before the regular update)
+    refine_iters: int = 0
+    alpha: float | None = None
+    maps: torch.Tensor | None = None  # [B, groups, h, w] on CPU, when saving attention
+    visuals: dict[str, torch.Tensor] = field(default_factory=dict)  # method pictures [B, h, w], on CPU
+
+
+@dataclass
+class Result:
+    images: Any  # list of PIL images (or the array for output_type="np")
+    latents: torch.Tensor
+    seeds: list[int]
+    groups: list[Entity]
+    params: dict[str, Any]
+    trace: list[StepTrace]
+    seconds: float
+
+
+def _cpu_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def default_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def check_size(pipe, height: int, width: int) -> None:
+    f = pipe.vae_scale_factor
+    for name, v in (("--height", height), ("--width", width)):
+        if v <= 0 or v % f:
+            raise UnbleedError(f"{name} {v} must be a positive multiple of {f} (the VAE's downsampling factor)")
+
+
+def _attention_request(pipe, method: Method | None) -> MapRequest:
+    """Maps kept for pictures: the method's own, or UP-1's for plain sampling."""
+    if method is not None:
+        return method.map_request(pipe.unet)
+    up1 = resolve_block(pipe.unet, "up-1")
+    return MapRequest(blocks=(up1,), out_level=level_of(pipe.unet, up1))
+
+
+def _picture_indices(groups: list[Entity]) -> tuple[list[str], list[tuple[int, ...]]]:
+    names, idx = [], []
+    for e in groups:
+        names.append(e.text)
+        idx.append(e.indices)
+        for a in e.attributes:
+            names.append(f"{a.text} ({e.text})")
+            idx.append(a.indices)
+    return names, idx
+
+
+def _pool(maps: torch.Tensor, indices: list[tuple[int, ...]]) -> torch.Tensor:
+    return torch.stack([maps[:, list(i)].mean(1) for i in indices], 1).detach().cpu()
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    method: Method | None = None,
+    groups: list[Entity] | None = None,
+    seeds: list[int] = (0,),
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    eta: float = 0.0,
+    schedule: Schedule | None = None,
+    save_attention: bool = False,
+    output_type: str = "pil",
+    callback: Callable[[int, int, StepTrace], None] | None = None,
+) -> Result:
+    """Generate one image per seed, guided by ``method`` (``None`` = plain SD, identical to diffusers)."""
+    t0 = time.perf_counter()
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise UnbleedError("--seed: give at least one seed")
+    if num_inference_steps < 1:
+        raise UnbleedError(f"--steps {num_inference_steps} must be ≥ 1")
+    groups = list(groups or [])
+    if method is not None and method.needs_groups and not groups:
+        raise UnbleedError(f"{method.name} needs token groups: pass --tokens, e.g. --tokens cat,frog")
+    height = height or default_size(pipe)
+    width = width or default_size(pipe)
+    check_size(pipe, height, width)
+    if method is not None:
+        schedule = (schedule or method.default_schedule(num_inference_steps)).validate(num_inference_steps)
+    device = pipe._execution_device
+    batch = len(seeds)
+    do_cfg = guidance_scale > 1.0
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    cond, uncond = pipe.encode_prompt(prompt, device, batch, do_cfg, negative_prompt)
+    embeds = torch.cat([uncond, cond]) if do_cfg else cond
+    timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device)
+    generators = _cpu_generators(seeds)
+    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
+                                   generators)
+    extra = pipe.prepare_extra_step_kwargs(generators, eta)
+    latent_hw = tuple(latents.shape[-2:])
+    request = method.map_request(pipe.unet) if method is not None else None
+    picture_request = _attention_request(pipe, method) if save_attention else None
+    picture_names, picture_idx = _picture_indices(groups)
+    trace: list[StepTrace] = []
+
+    with attention_store(pipe.unet) as store:
+        for i, t in enumerate(timesteps):
+            rec = StepTrace(step=i, timestep=int(t), guided=method is not None and schedule.guided(i))
+            if rec.guided:
+                latents = _guide(pipe, store, method, request, schedule, groups, latents, t, cond, latent_hw, i,
+                                 len(timesteps), rec, picture_idx if save_attention else None)
+            inp = torch.cat([latents] * 2) if do_cfg else latents
+            inp = pipe.scheduler.scale_model_input(inp, t)
+            keep = save_attention and not rec.guided and picture_idx
+            ctx = (store.capture(picture_request, latent_hw, slice(batch, None) if do_cfg else slice(None))
+                   if keep else contextlib.nullcontext())
+            with ctx:
+                noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if keep:
+                rec.maps = _pool(store.maps(picture_request), picture_idx)
+            if do_cfg:
+                noise_uncond, noise_text = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            trace.append(rec)
+            if callback is not None:
+                callback(i, len(timesteps), rec)
+
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+    images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * batch)
+    params = {
+        "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height, "width": width,
+        "negative_prompt": negative_prompt, "eta": eta, "scheduler": type(pipe.scheduler).__name__,
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""), "method_options": method.options() if method else {},
+        "schedule": schedule.as_dict() if method is not None else None,
+    }
+    return Result(images, latents, seeds, groups, params, trace, time.perf_counter() - t0)
+
+
+def _guide(pipe, store: AttentionStore, method: Method, request: MapRequest, schedule: Schedule,
+           groups: list[Entity], latents: torch.Tensor, t, cond: torch.Tensor, latent_hw, step: int,
+           num_steps: int, rec: StepTrace, picture_idx) -> torch.Tensor:
+    """One guided step: the update ``z ← z − α ∇L``, with refinement when ``step`` is a refinement step."""
+    alpha = schedule.alpha(step, num_steps)
+    rec.alpha = alpha
+
+    def maps_of(z: torch.Tensor) -> torch.Tensor:
+        with store.capture(request, latent_hw):
+            pipe.unet(pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond, return_dict=False)
+            return store.maps(request)
+
+    with torch.enable_grad():
+        z = latents.detach().requires_grad_(True)
+        maps = maps_of(z)
+        state = method.prepare_step(maps.detach(), groups)
+        loss = method.loss(maps, groups, state)
+        rec.loss = loss.detach().float().cpu().tolist()
+        if picture_idx:
+            rec.maps = _pool(maps, picture_idx)
+            rec.visuals = {k: v.detach().cpu() for k, v in method.visuals(state, groups).items()}
+        threshold = schedule.refine.get(step)
+        if threshold is not None:
+            while rec.refine_iters < schedule.max_refine_iters:
+                active = loss.detach() > threshold
+                if not active.any():
+                    break
+                z = _descend(z, loss, alpha, active)
+                maps = maps_of(z)
+                loss = method.loss(maps, groups, state)
+                rec.refine_iters += 1
+        rec.final_loss = loss.detach().float().cpu().tolist()
+        z = _descend(z, loss, alpha)
+    return z.detach()
+
+
+def _descend(z: torch.Tensor, loss: torch.Tensor, alpha: float, active: torch.Tensor | None = None) -> torch.Tensor:
+    """``z − α ∇L`` per sample (only ``active`` samples move); a non-finite gradient skips that sample's update."""
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    ok = torch.isfinite(grad.flatten(1)).all(1)
+    if not ok.all():
+        warnings.warn(f"non-finite gradient for {int((~ok).sum())} sample(s): their update is skipped",
+                      stacklevel=2)
+        grad = torch.where(ok[:, None, None, None], grad, torch.zeros_like(grad))
+    if active is not None:
+        grad = grad * active.to(grad.dtype)[:, None, None, None]
+    return (z - alpha * grad).detach().requires_grad_(True)
+
+

@@ -1,0 +1,119 @@
+"""Token groups: which CLIP token indices are entities and which are their attributes.
+
+``--tokens`` picks them by word (``cat,frog``; ``blue:bag,yellow:clock``; ``cat#2`` for the second "cat";
+``"teddy bear"`` for a multi-word entity) or by index (``2,5``). Matching is done on the model's own tokenizer
+pieces, so multi-piece words ("porcupine" → por|cup|ine) map to all their pieces, case and punctuation never
+shift an index, and a word past the 77-token limit is an error rather than a wrong index. Index 0 is the
+start-of-text token.
+
+Automatic groups from a parse of the prompt plug in at :func:`token_groups` (``spec=None``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UnbleedError
+
+
+@dataclass(frozen=True)
+class TokenGroup:
+    text: str
+    indices: tuple[int, ...]
+
+
+@dataclass
+class Entity:
+    text: str
+    indices: tuple[int, ...]
+    attributes: list[TokenGroup] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_indices": list(self.indices),
+                "attributes": [{"text": a.text, "token_indices": list(a.indices)} for a in self.attributes]}
+
+
+def prompt_tokens(tokenizer, prompt: str, truncate: bool = True) -> list[str]:
+    """The prompt's tokens as the model sees them: start-of-text at 0, then pieces, then end-of-text."""
+    kwargs = {"truncation": True, "max_length": tokenizer.model_max_length} if truncate else {}
+    return tokenizer.convert_ids_to_tokens(tokenizer(prompt, **kwargs).input_ids)
+
+
+def _pieces(tokenizer, text: str) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _word_starts(tokens: list[str]) -> list[int]:
+    """Indices where a word begins (after start-of-text or after a piece that ends a word)."""
+    return [i for i in range(1, len(tokens) - 1) if i == 1 or tokens[i - 1].endswith("</w>")]
+
+
+def find_word(tokenizer, prompt: str, word: str, occurrence: int = 1) -> tuple[int, ...]:
+    """Token indices of the ``occurrence``-th appearance of ``word`` (one or more words) in ``prompt``."""
+    pieces = _pieces(tokenizer, word)
+    if not pieces:
+        raise UnbleedError(f"--tokens: {word!r} is empty after tokenization: name a word of the prompt")
+    tokens = prompt_tokens(tokenizer, prompt)
+    hits = [i for i in _word_starts(tokens) if tokens[i:i + len(pieces)] == pieces]
+    if len(hits) >= occurrence:
+        start = hits[occurrence - 1]
+        return tuple(range(start, start + len(pieces)))
+    full = prompt_tokens(tokenizer, prompt, truncate=False)
+    full_hits = [i for i in _word_starts(full) if full[i:i + len(pieces)] == pieces]
+    if len(full_hits) >= occurrence:
+        raise UnbleedError(f"--tokens: {word!r} lies past the text encoder's {tokenizer.model_max_length}-token "
+                           f"limit, where the model never sees it: shorten the prompt")
+    if hits:
+        raise UnbleedError(f"--tokens: {word!r} occurs {len(hits)} time(s) in the prompt, not {occurrence}: "
+                           f"use {word}#1..{word}#{len(hits)}")
+    raise UnbleedError(f"--tokens: {word!r} is not a word of the prompt {prompt!r}: name words that appear in it")
+
+
+def _parse_word(tokenizer, prompt: str, item: str) -> TokenGroup:
+    item = item.strip()
+    if not item:
+        raise UnbleedError("--tokens: an empty item: separate words with single commas, e.g. --tokens cat,frog")
+    if item.isdigit():
+        index = int(item)
+        tokens = prompt_tokens(tokenizer, prompt)
+        if not 1 <= index <= len(tokens) - 2:
+            raise UnbleedError(f"--tokens: index {index} is out of range: this prompt's word tokens are "
+                               f"1..{len(tokens) - 2} ({' '.join(f'{i}={t}' for i, t in enumerate(tokens[1:-1], 1))})")
+        return TokenGroup(tokens[index].replace("</w>", ""), (index,))
+    word, occurrence = item, 1
+    if "#" in item:
+        word, _, n = item.rpartition("#")
+        if not n.isdigit() or int(n) < 1:
+            raise UnbleedError(f"--tokens: {item!r}: the occurrence after '#' must be a number ≥ 1, e.g. cat#2")
+        occurrence = int(n)
+    return TokenGroup(word.strip(), find_word(tokenizer, prompt, word.strip(), occurrence))
+
+
+def parse_token_spec(tokenizer, prompt: str, spec: str) -> list[Entity]:
+    """Parse ``--tokens``: comma-separated ``entity`` or ``attribute:entity`` items (words or indices)."""
+    entities: dict[tuple[int, ...], Entity] = {}
+    for item in spec.split(","):
+        attr_text, sep, ent_text = item.rpartition(":")
+        ent = _parse_word(tokenizer, prompt, ent_text)
+        entity = entities.setdefault(ent.indices, Entity(ent.text, ent.indices))
+        if sep:
+            attr = _parse_word(tokenizer, prompt, attr_text)
+            if set(attr.indices) & set(ent.indices):
+                raise UnbleedError(f"--tokens: {item!r} binds a word to itself: use attribute:entity, e.g. blue:bag")
+            if attr not in entity.attributes:
+                entity.attributes.append(attr)
+    return list(entities.values())
+
+
+def token_groups(tokenizer, prompt: str, spec: str | None) -> list[Entity]:
+    """The token groups for a run: from ``--tokens`` when given (automatic parsing plugs in here)."""
+    if spec is None or not spec.strip():
+        raise UnbleedError("this method needs token groups: pass --tokens, e.g. --tokens cat,frog or "
+                           "--tokens blue:bag,yellow:clock")
+    return parse_token_spec(tokenizer, prompt, spec)
+
+
+def groups_as_dicts(groups: list[Entity]) -> list[dict]:
+    return [g.as_dict() for g in groups]
+
+

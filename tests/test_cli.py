@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from unbleed.cli import app
+
+runner = CliRunner()
+BASE = ["generate", "a cat and a frog", "--model", "tiny", "--steps", "2"]
+
+
+def run(*args):
+    return runner.invoke(app, [*BASE, *args])
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_generate_writes_pngs_with_full_metadata(tmp_path):
+    res = run("--method", "ela", "--tokens", "cat,frog", "--seed", "1", "--seed", "2", "--out", str(tmp_path),
+              "--json", "-o", "lam=0.3")
+    assert res.exit_code == 0, res.output
+    records = json.loads(res.stdout)
+    assert [r["seed"] for r in records] == [1, 2]
+    for rec in records:
+        image = Image.open(rec["path"])
+        assert image.size == (128, 128)
+        meta = json.loads(image.info["unbleed"])
+        assert image.info["prompt"] == "a cat and a frog" and image.info["method"] == "ela"
+        assert image.info["model"] == "tiny" and image.info["seed"] == str(rec["seed"])
+        assert meta["tokens"] == [{"text": "cat", "token_indices": [2], "attributes": []},
+                                  {"text": "frog", "token_indices": [5], "attributes": []}]
+        assert meta["method_options"]["lam"] == 0.3 and meta["steps"] == 2
+        assert meta["schedule"]["window"] == [0, 1] and meta["guidance"][0]["step"] == 0
+        assert "Seed: " in image.info["parameters"]
+    assert "tokens: cat=[2]; frog=[5]" in res.stderr
+
+
+def test_files_are_never_overwritten(tmp_path):
+    for _ in range(2):
+        assert run("--out", str(tmp_path)).exit_code == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["0000-sd-s0.png", "0001-sd-s0.png"]
+
+
+def test_save_attention_writes_a_grid(tmp_path):
+    res = run("--method", "ela", "--tokens", "blue:cat,frog", "--out", str(tmp_path), "--save-attention",
+              "--json")
+    assert res.exit_code != 0  # "blue" is not in the prompt
+    res = runner.invoke(app, ["generate", "a blue cat and a frog", "--model", "tiny", "--steps", "3", "--method",
+                              "ela", "--tokens", "blue:cat,frog", "--out", str(tmp_path), "--save-attention",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)[0]
+    grid = Image.open(rec["attention_path"])
+    assert grid.width > 400 and grid.height > 400
+    assert rec["tokens"][0]["attributes"] == [{"text": "blue", "token_indices": [2]}]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--method", "ela", "--tokens", "dog"], ["'dog' is not a word of the prompt"]),
+    (["--method", "ela", "--tokens", "12"], ["index 12 is out of range"]),
+    (["--method", "ela"], ["--tokens"]),
+    (["--method", "elx"], ["--method 'elx' is unknown"]),
+    (["--height", "100"], ["--height 100"]),
+    (["--method", "ela", "--tokens", "cat", "--window", "5"], ["--window '5'"]),
+    (["--method", "ela", "--tokens", "cat", "--window", "0:9"], ["--window 0:9 is outside"]),
+    (["--method", "ela", "--tokens", "cat", "--refine-steps", "0:x"], ["--refine-steps '0:x'"]),
+    (["--method", "ela", "--tokens", "cat", "--refine-steps", "1"], ["step 1 has no default threshold"]),
+    (["--method", "ela", "--tokens", "cat", "-o", "lam"], ["KEY=VALUE"]),
+    (["--method", "ela", "--tokens", "cat", "-o", "layers=up-9"], ["'up-9' does not exist"]),
+    (["--scheduler", "foo"], ["--scheduler 'foo'"]),
+    (["--model", "./no/such/folder"], ["no such folder"]),
+    (["--steps", "0"], ["--steps 0"]),
+    (["--device", "cuda:7"], ["--device"]),
+])
+def test_bad_inputs_give_one_clear_line(args, needles, tmp_path):
+    res = runner.invoke(app, [*BASE, "--out", str(tmp_path), *args])
+    one_line_error(res, *needles)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    one_line_error(run("--model", str(tmp_path)), "no model_index.json")
+
+
+def test_unreachable_hub_model_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "unbleed.cli", "generate", "a cat", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "loading model" not in l]
+    assert len(lines) == 1, proc.stderr
+    assert "CompVis/stable-diffusion-v1-4" in lines[0] and "--model tiny" in lines[0]

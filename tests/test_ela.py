@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+
+from unbleed.errors import UnbleedError
+from unbleed.methods import make_method
+from unbleed.methods.ela import ELA, binarize, ela_loss, ela_masks, otsu_threshold
+from unbleed.tokens import Entity, TokenGroup
+
+from conftest import blob
+
+
+def test_otsu_splits_two_modes():
+    x = torch.tensor([[0.1, 0.12, 0.11, 0.9], [0.88, 0.13, 0.91, 0.1]])[None]
+    thr = otsu_threshold(x)
+    assert 0.13 < float(thr) < 0.88
+    assert binarize(x).tolist() == [[[0, 0, 0, 1], [1, 0, 1, 0]]]
+
+
+def test_constant_map_binarizes_to_empty():
+    assert binarize(torch.full((1, 4, 4), 0.3)).sum() == 0
+    assert binarize(torch.full((1, 4, 4), 0.3), "norm:0.5").sum() == 0
+
+
+def test_norm_and_mean_binarizers():
+    x = torch.tensor([[[0.0, 0.2], [0.6, 1.0]]])
+    assert binarize(x, "norm:0.5").tolist() == [[[0, 0], [1, 1]]]
+    assert binarize(x, "mean").tolist() == [[[0, 0], [1, 1]]]
+    assert binarize(x, "norm:0.1").tolist() == [[[0, 1], [1, 1]]]
+
+
+def _scene(h=8, w=8):
+    """cat top-left 3×3, frog bottom-right 3×3; the start-of-text map is high elsewhere (background)."""
+    cat = blob(h, w, (0, 3), (0, 3), 0.6, 0.05)
+    frog = blob(h, w, (5, 8), (5, 8), 0.5, 0.04)
+    sot = 1.0 - cat - frog
+    return sot, cat, frog
+
+
+def test_masks_disjoint_and_exact_on_hand_made_maps():
+    sot, cat, frog = _scene()
+    bk, masks, valid = ela_masks(sot[None], torch.stack([cat, frog])[None])
+    assert valid.all()
+    assert torch.equal(masks[0, 0], blob(8, 8, (0, 3), (0, 3)))
+    assert torch.equal(masks[0, 1], blob(8, 8, (5, 8), (5, 8)))
+    assert (masks[0, 0] * masks[0, 1]).sum() == 0  # disjoint
+    assert torch.equal(bk[0], 1 - blob(8, 8, (0, 3), (0, 3)) - blob(8, 8, (5, 8), (5, 8)))
+
+
+def test_background_is_removed_from_entity_masks():
+    # The cat's attention leaks into a background strip (row 7, cols 0..3) where the SOT map is highest:
+    # D_cat keeps the strip (cat beats frog there), M_cat = D_cat − M_bk drops it.
+    sot, cat, frog = _scene()
+    cat[7, 0:4] = 0.3
+    sot[7, 0:4] = 0.95
+    sot[0:3, 0:3] = 0.2
+    bk, masks, _ = ela_masks(sot[None], torch.stack([cat, frog])[None])
+    assert bk[0, 7, 0:4].eq(1).all()
+    assert masks[0, 0, 7, 0:4].eq(0).all()
+    assert torch.equal(masks[0, 0], blob(8, 8, (0, 3), (0, 3)))
+
+
+def test_three_entities():
+    a = blob(9, 9, (0, 3), (0, 3), 0.6, 0.02)
+    b = blob(9, 9, (0, 3), (6, 9), 0.5, 0.02)
+    c = blob(9, 9, (6, 9), (3, 6), 0.4, 0.02)
+    sot = 1 - a - b - c
+    bk, masks, valid = ela_masks(sot[None], torch.stack([a, b, c])[None])
+    assert valid.all()
+    for k, m in enumerate([(0, 3, 0, 3), (0, 3, 6, 9), (6, 9, 3, 6)]):
+        assert torch.equal(masks[0, k], blob(9, 9, m[:2], m[2:])), k
+    assert masks[0].sum(0).max() == 1  # pairwise disjoint
+
+
+def test_overlapping_entities_split_by_difference():
+    # Both attend to the same 4×4 square, the cat more on its left half, the frog on its right half.
+    cat = blob(8, 8, (2, 6), (2, 6), 0.4, 0.02)
+    frog = blob(8, 8, (2, 6), (2, 6), 0.4, 0.02)
+    cat[2:6, 2:4] += 0.2
+    frog[2:6, 4:6] += 0.2
+    sot = 1 - cat - frog
+    _, masks, _ = ela_masks(sot[None], torch.stack([cat, frog])[None])
+    assert torch.equal(masks[0, 0], blob(8, 8, (2, 6), (2, 4)))
+    assert torch.equal(masks[0, 1], blob(8, 8, (2, 6), (4, 6)))
+
+
+def test_empty_mask_topk_fallback_and_skip():
+    # Identical entity maps: every difference is 0, so D_i is empty for both.
+    sot, cat, _ = _scene()
+    ents = torch.stack([cat, cat])[None]
+    bk, masks, valid = ela_masks(sot[None], ents, empty="topk", topk_frac=0.05)
+    assert valid.all()
+    k = round(0.05 * 64)
+    assert masks[0, 0].sum() == k and masks[0, 1].sum() == k
+    assert (masks[0] * bk[0]).sum() == 0  # fallback never picks background when other pixels exist
+    loss = ela_loss(ents, masks, 0.5)
+    assert torch.isfinite(loss).all()
+    _, masks, valid = ela_masks(sot[None], ents, empty="skip")
+    assert not valid.any()
+    assert ela_loss(ents, masks, 0.5, valid).tolist() == [0.0]
+
+
+def test_all_zero_maps_give_no_nan():
+    zeros = torch.zeros(1, 2, 4, 4)
+    bk, masks, valid = ela_masks(torch.zeros(1, 4, 4), zeros)
+    loss = ela_loss(zeros, masks, 0.5, valid)
+    assert torch.isfinite(loss).all()
+
+
+def test_loss_against_hand_computed_values():
+    a1 = torch.tensor([[0.4, 0.1], [0.1, 0.0]])
+    m1 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    a2 = torch.tensor([[0.0, 0.0], [0.2, 0.2]])
+    m2 = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    maps, masks = torch.stack([a1, a2])[None], torch.stack([m1, m2])[None]
+    # token 1: inside = .4/.6 → L_c = (1/3)² = 1/9; L_a = .1² + .1² = .02
+    # token 2: inside = .2/.4 → L_c = .25;          L_a = .2² = .04
+    l_c = (1 / 9 + 0.25) / 2
+    l_a = (0.02 + 0.04) / 2
+    for lam in (0.0, 0.3, 1.0):
+        assert ela_loss(maps, masks, lam).item() == pytest.approx((1 - lam) * l_c + lam * l_a, rel=1e-5)
+
+
+def test_attribute_uses_its_entity_mask():
+    sot, cat, frog = _scene()
+    blue = cat * 0.5 + frog * 0.5  # the attribute leaks onto both
+    maps = torch.zeros(1, 8, 8, 8)
+    maps[0, 0], maps[0, 2], maps[0, 3], maps[0, 5] = sot, blue, cat, frog
+    groups = [Entity("cat", (3,), [TokenGroup("blue", (2,))]), Entity("frog", (5,))]
+    ela = ELA(lam=0.5)
+    state = ela.prepare_step(maps, groups)
+    loss = ela.loss(maps, groups, state)
+    masks = state["masks"][0]
+    expected = ela_loss(torch.stack([cat, blue, frog])[None], torch.stack([masks[0], masks[0], masks[1]])[None], 0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    no_attr = ELA(lam=0.5, attributes=False)
+    assert no_attr.loss(maps, groups, state).item() == pytest.approx(
+        ela_loss(torch.stack([cat, frog])[None], masks[None], 0.5).item(), rel=1e-6)
+
+
+def test_multi_piece_word_map_is_mean_of_pieces():
+    sot, cat, frog = _scene()
+    maps = torch.zeros(1, 8, 8, 8)
+    maps[0, 0], maps[0, 2], maps[0, 3], maps[0, 5] = sot, cat * 0.5, cat * 1.5, frog
+    split = [Entity("porcupine", (2, 3)), Entity("frog", (5,))]
+    whole = torch.zeros_like(maps)
+    whole[0, 0], whole[0, 2], whole[0, 5] = sot, cat, frog
+    ela = ELA()
+    a = ela.loss(maps, split, ela.prepare_step(maps, split))
+    b = ela.loss(whole, [Entity("cat", (2,)), Entity("frog", (5,))], ela.prepare_step(whole, [Entity("cat", (2,)), Entity("frog", (5,))]))
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"lam": "2"}, "λ must be in"),
+    ({"binarize": "magic"}, "unknown; use otsu"),
+    ({"empty_mask": "zero"}, "unknown; use topk or skip"),
+    ({"colour": "red"}, "ela has no such option"),
+    ({"lam": "x"}, "expected a value like"),
+])
+def test_bad_options(opts, match):
+    with pytest.raises(UnbleedError, match=match):
+        make_method("ela", opts)
+
+
+def test_default_schedule_is_scaled_and_inside_the_window():
+    s = ELA().default_schedule(50)
+    assert s.window == (0, 25) and s.refine == {0: 0.2, 10: 0.1, 20: 0.05}
+    s4 = ELA().default_schedule(4)
+    assert s4.window == (0, 2) and all(0 <= k < 2 for k in s4.refine)
+    assert s.alpha(0, 50) == pytest.approx(20.0)
+    assert s.alpha(49, 50) == pytest.approx(20 * math.sqrt(0.5))

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+
+from unbleed import generate, make_method, token_groups
+from unbleed.errors import UnbleedError
+from unbleed.methods import Schedule
+from unbleed.models import build_tiny_pipeline, load_model, save_random_sd
+
+
+def test_tiny_is_deterministic_and_uses_the_real_tokenizer():
+    a, b = build_tiny_pipeline(seed=0), build_tiny_pipeline(seed=0)
+    for pa, pb in zip(a.unet.parameters(), b.unet.parameters()):
+        assert torch.equal(pa, pb)
+    assert a.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+
+
+def test_local_folder_round_trip_with_safetensors(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m", safe_serialization=True)
+    assert list((tmp_path / "m" / "unet").glob("*.safetensors"))
+    loaded = load_model(str(tmp_path / "m"))
+    kw = dict(seeds=[0], num_inference_steps=2, output_type="np")
+    np.testing.assert_array_equal(generate(loaded, "a cat", **kw).images, generate(tiny, "a cat", **kw).images)
+
+
+def test_pickled_weights_need_the_explicit_flag(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m", safe_serialization=False)
+    with pytest.raises(UnbleedError, match="--allow-pickle"):
+        load_model(str(tmp_path / "m"))
+    assert load_model(str(tmp_path / "m"), allow_pickle=True) is not None
+
+
+def test_hub_id_shapes():
+    with pytest.raises(UnbleedError, match="not a hub id"):
+        load_model("a/b/c")
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    return save_random_sd(tmp_path_factory.mktemp("sd1") / "sd1-random")
+
+
+def test_full_size_sd1_architecture_loads_and_runs(sd1_folder):
+    pipe = load_model(str(sd1_folder))
+    assert sum(p.numel() for p in pipe.unet.parameters()) > 850e6  # SD 1.x's 860M-parameter UNet
+    prompt = "a cat and a frog"
+    ela = make_method("ela")
+    request = ela.map_request(pipe.unet)
+    assert request.blocks == ("up_blocks.1",)  # UP-1: 16×16 at 512 px, 4×4 at 128 px
+    res = generate(pipe, prompt, method=ela, groups=token_groups(pipe.tokenizer, prompt, "cat,frog"), seeds=[0],
+                   num_inference_steps=1, height=128, width=128, schedule=Schedule(window=(0, 1)),
+                   save_attention=True, output_type="np")
+    assert res.images.shape == (1, 128, 128, 3) and np.isfinite(res.images).all()
+    assert res.trace[0].maps.shape == (1, 2, 4, 4)

@@ -1,0 +1,166 @@
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from unbleed import generate, make_method, token_groups
+from unbleed.attention import MapRequest, attention_store, level_of
+from unbleed.errors import UnbleedError
+from unbleed.methods import Method, Schedule
+from unbleed.models import set_scheduler
+
+PROMPT = "a cat and a frog"
+
+
+def _gen(pipe, seed):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.mark.parametrize("scheduler", ["default", "ddim", "euler-a"])
+def test_sd_equals_diffusers_pipeline(fresh_tiny, scheduler):
+    set_scheduler(fresh_tiny, scheduler)
+    ours = generate(fresh_tiny, PROMPT, seeds=[3, 4], num_inference_steps=4, output_type="np").images
+    ref = fresh_tiny(PROMPT, num_inference_steps=4, num_images_per_prompt=2, output_type="np",
+                     generator=[_gen(fresh_tiny, 3), _gen(fresh_tiny, 4)]).images
+    np.testing.assert_array_equal(ours, ref)
+    single = fresh_tiny(PROMPT, num_inference_steps=4, output_type="np", generator=_gen(fresh_tiny, 4)).images
+    np.testing.assert_allclose(ours[1:], single, atol=2e-4)  # batched vs single numerics
+
+
+def test_sd_with_negative_prompt_and_guidance_equals_diffusers(tiny):
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, negative_prompt="blurry", output_type="np")
+    ours = generate(tiny, PROMPT, seeds=[0], **kw).images
+    ref = tiny(PROMPT, generator=_gen(tiny, 0), **kw).images
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_empty_window_equals_plain_sampling(tiny):
+    groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
+    plain = generate(tiny, PROMPT, seeds=[0], num_inference_steps=4, output_type="np")
+    none = generate(tiny, PROMPT, method=make_method("ela"), groups=groups, seeds=[0], num_inference_steps=4,
+                    schedule=Schedule(window=(0, 0)), output_type="np")
+    np.testing.assert_array_equal(plain.images, none.images)
+
+
+def test_ela_changes_the_image_and_batch_equals_single_seeds(tiny):
+    groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
+    kw = dict(method=make_method("ela"), groups=groups, num_inference_steps=4,
+              schedule=Schedule(window=(0, 2), refine={0: 0.0}, max_refine_iters=2, step_size=200.0))
+    both = generate(tiny, PROMPT, seeds=[0, 1], **kw)
+    alone = generate(tiny, PROMPT, seeds=[1], **kw)
+    torch.testing.assert_close(both.latents[1:], alone.latents, atol=1e-4, rtol=1e-4)
+    plain = generate(tiny, PROMPT, seeds=[0, 1], num_inference_steps=4)
+    assert (both.latents - plain.latents).abs().max() > 1e-3
+    guided = [r for r in both.trace if r.guided]
+    assert [r.step for r in guided] == [0, 1] and guided[0].refine_iters == 2
+
+
+def test_one_update_lowers_the_ela_loss(tiny):
+    ela = make_method("ela")
+    groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
+    request = ela.map_request(tiny.unet)
+    cond, _ = tiny.encode_prompt(PROMPT, tiny.device, 2, False)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = 800
+    with torch.enable_grad(), attention_store(tiny.unet) as store:
+        def loss_at(latent):
+            with store.capture(request, (16, 16)):
+                tiny.unet(latent, t, encoder_hidden_states=cond)
+                maps = store.maps(request)
+            return maps
+
+        z0 = z.clone().requires_grad_(True)
+        maps = loss_at(z0)
+        state = ela.prepare_step(maps.detach(), groups)
+        before = ela.loss(maps, groups, state)
+        (grad,) = torch.autograd.grad(before.sum(), z0)
+        after = ela.loss(loss_at(z0.detach() - 50.0 * grad), groups, state)
+    assert (after < before).all(), (before, after)
+
+
+@dataclass
+class Excite(Method):
+    """A toy method for the loop's tests: loss = 1000 × (1 − mean attention of token 2)."""
+
+    name: ClassVar[str] = "toy"
+    nan: bool = False
+
+    def map_request(self, unet):
+        return MapRequest(blocks=("up_blocks.1",), out_level=level_of(unet, "up_blocks.1"))
+
+    def default_schedule(self, num_steps):
+        return Schedule(window=(0, num_steps))
+
+    def loss(self, maps, groups, state):
+        loss = 1000 * (1 - maps[:, 2].mean((-1, -2)))
+        return loss * float("nan") if self.nan else loss
+
+
+def _toy_run(pipe, thr, cap, seeds=(0,)):
+    res = generate(pipe, PROMPT, method=Excite(), groups=token_groups(pipe.tokenizer, PROMPT, "cat"),
+                   seeds=list(seeds), num_inference_steps=2,
+                   schedule=Schedule(window=(0, 1), refine={0: thr}, max_refine_iters=cap, step_size=5.0,
+                                     step_schedule="constant"))
+    return res.trace[0]
+
+
+def test_refinement_stops_at_the_threshold_or_the_cap(tiny):
+    first = _toy_run(tiny, thr=1e9, cap=10)
+    assert first.refine_iters == 0  # already under the threshold: no refinement
+    start = first.loss[0]
+    capped = _toy_run(tiny, thr=-1.0, cap=3)
+    assert capped.refine_iters == 3  # never reachable: stops at the cap
+    assert capped.final_loss[0] < start
+    # a threshold a few iterations away: stops as soon as the loss is under it, before the cap
+    target = start - 0.5 * (start - capped.final_loss[0])
+    mid = _toy_run(tiny, thr=target, cap=50)
+    assert 1 <= mid.refine_iters < 50
+    assert mid.final_loss[0] <= target
+
+
+def test_refinement_is_per_sample(tiny):
+    both = _toy_run(tiny, thr=-1.0, cap=2, seeds=(0, 1))
+    assert both.refine_iters == 2 and len(both.final_loss) == 2
+
+
+def test_nan_gradient_skips_the_update_with_a_warning(tiny):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = generate(tiny, PROMPT, method=Excite(nan=True), groups=token_groups(tiny.tokenizer, PROMPT, "cat"),
+                       seeds=[0], num_inference_steps=2, schedule=Schedule(window=(0, 1)), output_type="np")
+    assert any("non-finite gradient" in str(w.message) for w in caught)
+    plain = generate(tiny, PROMPT, seeds=[0], num_inference_steps=2, output_type="np")
+    np.testing.assert_allclose(res.images, plain.images, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++", "lms"])
+def test_ela_runs_on_schedulers(fresh_tiny, scheduler):
+    set_scheduler(fresh_tiny, scheduler)
+    res = generate(fresh_tiny, PROMPT, method=make_method("ela"),
+                   groups=token_groups(fresh_tiny.tokenizer, PROMPT, "cat,frog"), seeds=[0], num_inference_steps=3,
+                   output_type="np")
+    assert np.isfinite(res.images).all() and res.images.std() > 0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_inference_steps=0), "--steps 0"),
+    (dict(seeds=[]), "at least one seed"),
+    (dict(height=100), "multiple of 8"),
+    (dict(schedule=Schedule(window=(0, 9))), "--window 0:9 is outside"),
+    (dict(schedule=Schedule(window=(0, 2), refine={3: 0.1})), "step 3 is outside the guidance window"),
+    (dict(schedule=Schedule(window=(0, 2), step_schedule="cosine")), "--step-schedule"),
+])
+def test_bad_inputs(tiny, kw, match):
+    base = dict(method=make_method("ela"), groups=token_groups(tiny.tokenizer, PROMPT, "cat"), seeds=[0],
+                num_inference_steps=4)
+    base.update(kw)
+    with pytest.raises(UnbleedError, match=match):
+        generate(tiny, PROMPT, **base)
+
+
+def test_method_without_groups_is_an_error(tiny):
+    with pytest.raises(UnbleedError, match="needs token groups"):
+        generate(tiny, PROMPT, method=make_method("ela"), seeds=[0], num_inference_steps=2)
