@@ -198,9 +198,12 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool):
         if not (path / "model_index.json").is_file():
             raise UnbleedError(f"--model {spec}: the folder has no model_index.json, so it is not a diffusers "
                                f"pipeline folder (save one with StableDiffusionPipeline.save_pretrained)")
-        if not allow_pickle and not _has_weights(path, (".safetensors",)) and _has_weights(path, (".bin", ".ckpt", ".pt")):
-            raise UnbleedError(f"--model {spec}: the folder holds only pickled weights (.bin), which can run code "
-                               f"when loaded: convert them to safetensors, or pass --allow-pickle if you trust them")
+        pickled = [d.name for d in sorted(path.iterdir()) if d.is_dir() and _has_weights(d, (".bin", ".ckpt", ".pt"))
+                   and not _has_weights(d, (".safetensors",))]
+        if pickled and not allow_pickle:
+            raise UnbleedError(f"--model {spec}: {', '.join(pickled)} hold(s) only pickled weights (.bin), which "
+                               f"can run code when loaded: convert them to safetensors, or pass --allow-pickle if "
+                               f"you trust them")
         try:
             return _from_pretrained(str(path), kwargs)
         except (OSError, ValueError, EnvironmentError) as err:
