@@ -70,7 +70,6 @@ def test_save_attention_writes_a_grid(tmp_path):
 @pytest.mark.parametrize("args, needles", [
     (["--method", "ela", "--tokens", "dog"], ["'dog' is not a word of the prompt"]),
     (["--method", "ela", "--tokens", "12"], ["index 12 is out of range"]),
-    (["--method", "ela"], ["--tokens"]),
     (["--method", "elx"], ["--method 'elx' is unknown"]),
     (["--height", "100"], ["--height 100"]),
     (["--method", "ela", "--tokens", "cat", "--window", "5"], ["--window '5'"]),
@@ -102,3 +101,40 @@ def test_unreachable_hub_model_is_one_line(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "loading model" not in l]
     assert len(lines) == 1, proc.stderr
     assert "CompVis/stable-diffusion-v1-4" in lines[0] and "--model tiny" in lines[0]
+
+
+def test_parse_json_contract():
+    res = runner.invoke(app, ["parse", "a red crown and a golden strawberry", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert set(data) == {"prompt", "tokens", "entities", "dropped"}
+    assert data["entities"][0] == {"text": "crown", "token_indices": [3],
+                                   "attributes": [{"text": "red", "token_indices": [2]}]}
+    assert data["tokens"][3] == "crown</w>"
+
+
+def test_parse_table_and_bad_model(tmp_path):
+    res = runner.invoke(app, ["parse", "a cat with a red hat"])
+    assert res.exit_code == 0 and "hat" in res.stdout and "red (5)" in res.stdout
+    one_line_error(runner.invoke(app, ["parse", "a cat", "--model", str(tmp_path)]), "no tokenizer there")
+
+
+def test_generate_without_tokens_uses_the_parse(tmp_path):
+    res = runner.invoke(app, ["generate", "a blue bag and a yellow clock", "--model", "tiny", "--steps", "2",
+                              "--method", "ela", "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)[0]
+    assert rec["tokens_source"] == "parse"
+    assert [(t["text"], t["attributes"][0]["text"]) for t in rec["tokens"]] == [("bag", "blue"), ("clock", "yellow")]
+    assert json.loads(Image.open(rec["path"]).info["unbleed"])["tokens"] == rec["tokens"]
+    assert "tokens (from the parse; --tokens overrides): bag=[3] ← blue=[2]; clock=[7] ← yellow=[6]" in res.stderr
+    # --tokens still overrides the parse
+    res = runner.invoke(app, ["generate", "a blue bag and a yellow clock", "--model", "tiny", "--steps", "2",
+                              "--method", "ela", "--tokens", "bag", "--out", str(tmp_path), "--json"])
+    rec = json.loads(res.stdout)[0]
+    assert rec["tokens_source"] == "--tokens" and len(rec["tokens"]) == 1
+
+
+def test_generate_without_entities_is_one_line(tmp_path):
+    one_line_error(runner.invoke(app, ["generate", "the and of", "--model", "tiny", "--steps", "2", "--method",
+                                       "ela", "--out", str(tmp_path)]), "found no entity")

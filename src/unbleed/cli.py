@@ -176,11 +176,18 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
     check_size(pipe, height or default_size(pipe), width or default_size(pipe))
     if guide is not None:
         guide.map_request(pipe.unet)  # names a bad -o layers=… before any work starts
-    groups = token_groups(pipe.tokenizer, prompt, tokens) if (guide is not None or tokens) else []
+    source = "--tokens" if tokens else "parse"
+    if guide is not None or tokens:
+        groups = token_groups(pipe.tokenizer, prompt, tokens)
+    elif save_attention:
+        from .prompt import parse
+
+        groups = parse(prompt, pipe.tokenizer).entities
+    else:
+        groups = []
     if groups:
-        err.print("tokens: " + "; ".join(
-            f"{g.text}={list(g.indices)}" + "".join(f" ← {a.text}={list(a.indices)}" for a in g.attributes)
-            for g in groups), highlight=False, soft_wrap=True)
+        err.print(("tokens: " if tokens else "tokens (from the parse; --tokens overrides): ") + describe(groups),
+                  highlight=False, soft_wrap=True)
     records = []
     batches = [seed[i:i + batch_size] for i in range(0, len(seed), batch_size)]
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -194,12 +201,52 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
             result = run(pipe, prompt, method=guide, groups=groups, seeds=seeds, num_inference_steps=steps,
                          guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
                          schedule=schedule, save_attention=save_attention, callback=on_step)
-            records += save_result(result, prompt, method, model, out, save_attention=save_attention)
+            records += save_result(result, prompt, method, model, out, save_attention=save_attention,
+                                   extra={"tokens_source": source if groups else None})
     for rec in records:
         err.print(f"wrote {rec['path']}" + (f" and {rec['attention_path']}" if "attention_path" in rec else ""),
                   highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(records, indent=2) + "\n")
+
+
+def describe(groups) -> str:
+    return "; ".join(f"{g.text}={list(g.indices)}" + "".join(f" ← {a.text}={list(a.indices)}" for a in g.attributes)
+                     for g in groups)
+
+
+@app.command()
+def parse(
+    prompt: str = typer.Argument(..., help="The text prompt."),
+    model: str = typer.Option("clip", "--model",
+                              help="Whose tokenizer: clip (SD 1.x/2.x, shipped), tiny, a hub id or a local folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the parse as JSON."),
+) -> None:
+    """Entities, their attributes and their CLIP token indices, from a dependency parse of the prompt."""
+    try:
+        from .models import load_tokenizer
+        from .prompt import parse as parse_prompt
+
+        _quiet_libraries()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = parse_prompt(prompt, load_tokenizer(model))
+        for w in caught:
+            err.print(f"warning: {w.message}", highlight=False, soft_wrap=True)
+    except UnbleedError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_dict(), ensure_ascii=False) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("entity", "token indices", "attributes (indices)", title=prompt)
+    for e in result.entities:
+        table.add_row(e.text, ", ".join(map(str, e.indices)),
+                      "; ".join(f"{a.text} ({', '.join(map(str, a.indices))})" for a in e.attributes))
+    Console().print(table)
+    if result.dropped:
+        err.print("dropped: " + ", ".join(d["text"] for d in result.dropped), highlight=False)
 
 
 @app.command()

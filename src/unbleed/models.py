@@ -43,6 +43,28 @@ def load_clip_tokenizer():
     return CLIPTokenizer.from_pretrained(clip_tokenizer_path())
 
 
+def load_tokenizer(spec: str = "clip"):
+    """Only the tokenizer of a model: ``clip``/``tiny`` (the shipped CLIP BPE one, SD 1.x's; SD 2.x shares its
+    BPE, so prompt token indices are equal), a local diffusers folder, or a hub id."""
+    if spec in ("clip", "tiny"):
+        return load_clip_tokenizer()
+    from transformers import CLIPTokenizer
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+        if not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+            raise UnbleedError(f"--model {spec}: no tokenizer there (no tokenizer/vocab.json or tokenizer.json): "
+                               f"pass a diffusers folder, a hub id, or --model clip")
+    try:
+        if path.is_dir():
+            return CLIPTokenizer.from_pretrained(folder)
+        return CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer")
+    except Exception as err:  # hub and file errors come as many types
+        raise UnbleedError(f"--model {spec}: cannot load its tokenizer ({type(err).__name__}: {_first_line(err)}); "
+                           f"offline, use --model clip (the SD 1.x/2.x CLIP vocabulary shipped with unbleed)") from None
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -40,7 +40,7 @@ def _next_index(out: Path) -> int:
 
 
 def save_result(result: Result, prompt: str, method: str, model: str, out_dir: str | Path,
-                save_attention: bool = False) -> list[dict]:
+                save_attention: bool = False, extra: dict | None = None) -> list[dict]:
     """Write each image (and its attention picture) into ``out_dir``; return the records with their paths."""
     out = Path(out_dir)
     try:
@@ -50,7 +50,7 @@ def save_result(result: Result, prompt: str, method: str, model: str, out_dir: s
     records = []
     number = _next_index(out)
     for i, image in enumerate(result.images):
-        rec = record_for(result, i, prompt, method, model)
+        rec = {**record_for(result, i, prompt, method, model), **(extra or {})}
         meta = PngInfo()
         for key in ("prompt", "seed", "method", "model"):
             meta.add_itxt(key, str(rec[key]))

@@ -6,7 +6,7 @@ pieces, so multi-piece words ("porcupine" → por|cup|ine) map to all their piec
 shift an index, and a word past the 77-token limit is an error rather than a wrong index. Index 0 is the
 start-of-text token.
 
-Automatic groups from a parse of the prompt plug in at :func:`token_groups` (``spec=None``).
+Without ``--tokens`` the groups come from the prompt's dependency parse (:mod:`unbleed.prompt`).
 """
 
 from __future__ import annotations
@@ -106,11 +106,15 @@ def parse_token_spec(tokenizer, prompt: str, spec: str) -> list[Entity]:
 
 
 def token_groups(tokenizer, prompt: str, spec: str | None) -> list[Entity]:
-    """The token groups for a run: from ``--tokens`` when given (automatic parsing plugs in here)."""
-    if spec is None or not spec.strip():
-        raise UnbleedError("this method needs token groups: pass --tokens, e.g. --tokens cat,frog or "
-                           "--tokens blue:bag,yellow:clock")
-    return parse_token_spec(tokenizer, prompt, spec)
+    """The token groups for a run: from ``--tokens`` when given, else from the prompt's parse."""
+    if spec is not None and spec.strip():
+        return parse_token_spec(tokenizer, prompt, spec)
+    from .prompt import parse
+
+    groups = parse(prompt, tokenizer).entities
+    if not groups:
+        raise UnbleedError(f"found no entity (noun) in the prompt {prompt!r}: pass --tokens, e.g. --tokens cat,frog")
+    return groups
 
 
 def groups_as_dicts(groups: list[Entity]) -> list[dict]:
