@@ -129,7 +129,7 @@ def test_attribute_uses_its_entity_mask():
     maps[0, 0], maps[0, 2], maps[0, 3], maps[0, 5] = sot, blue, cat, frog
     groups = [Entity("cat", (3,), [TokenGroup("blue", (2,))]), Entity("frog", (5,))]
     ela = ELA(lam=0.5)
-    state = ela.prepare_step(maps, groups)
+    state = ela.prepare_step(maps, groups, {})
     loss = ela.loss(maps, groups, state)
     masks = state["masks"][0]
     expected = ela_loss(torch.stack([cat, blue, frog])[None], torch.stack([masks[0], masks[0], masks[1]])[None], 0.5)
@@ -147,8 +147,8 @@ def test_multi_piece_word_map_is_mean_of_pieces():
     whole = torch.zeros_like(maps)
     whole[0, 0], whole[0, 2], whole[0, 5] = sot, cat, frog
     ela = ELA()
-    a = ela.loss(maps, split, ela.prepare_step(maps, split))
-    b = ela.loss(whole, [Entity("cat", (2,)), Entity("frog", (5,))], ela.prepare_step(whole, [Entity("cat", (2,)), Entity("frog", (5,))]))
+    a = ela.loss(maps, split, ela.prepare_step(maps, split, {}))
+    b = ela.loss(whole, [Entity("cat", (2,)), Entity("frog", (5,))], ela.prepare_step(whole, [Entity("cat", (2,)), Entity("frog", (5,))], {}))
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 

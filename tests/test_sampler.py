@@ -74,7 +74,7 @@ def test_one_update_lowers_the_ela_loss(tiny):
 
         z0 = z.clone().requires_grad_(True)
         maps = loss_at(z0)
-        state = ela.prepare_step(maps.detach(), groups)
+        state = ela.prepare_step(maps.detach(), groups, {})
         before = ela.loss(maps, groups, state)
         (grad,) = torch.autograd.grad(before.sum(), z0)
         after = ela.loss(loss_at(z0.detach() - 50.0 * grad), groups, state)

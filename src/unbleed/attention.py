@@ -135,10 +135,12 @@ class AttentionStore:
         return chosen
 
     @contextlib.contextmanager
-    def capture(self, request: MapRequest | None, latent_hw: tuple[int, int], batch_slice: slice = slice(None)):
-        """Within the block, record the request's layers (for ``batch_slice`` of the UNet batch)."""
+    def capture(self, requests: MapRequest | tuple[MapRequest, ...], latent_hw: tuple[int, int],
+                batch_slice: slice = slice(None)):
+        """Within the block, record the layers of ``requests`` (for ``batch_slice`` of the UNet batch)."""
+        requests = requests if isinstance(requests, tuple) else (requests,)
         self.records = {}
-        self.wanted = {l.key for l in self.select(request)} if request is not None else set()
+        self.wanted = {l.key for r in requests for l in self.select(r)}
         self.latent_hw = tuple(latent_hw)
         self.batch_slice = batch_slice
         try:

@@ -76,7 +76,7 @@ def check_size(pipe, height: int, width: int) -> None:
 def _attention_request(pipe, method: Method | None) -> MapRequest:
     """Maps kept for pictures: the method's own, or UP-1's for plain sampling."""
     if method is not None:
-        return method.map_request(pipe.unet)
+        return _first(method.map_request(pipe.unet))
     up1 = resolve_block(pipe.unet, "up-1")
     return MapRequest(blocks=(up1,), out_level=level_of(pipe.unet, up1))
 
@@ -145,19 +145,23 @@ def generate(
     latent_hw = tuple(latents.shape[-2:])
     request = method.map_request(pipe.unet) if method is not None else None
     picture_request = _attention_request(pipe, method) if save_attention else None
-    picture_names, picture_idx = _picture_indices(groups)
+    picture_idx = _picture_indices(groups)[1]
+    memory: dict[str, Any] = {"num_steps": len(timesteps),
+                              "prompt_length": min(len(pipe.tokenizer(prompt).input_ids),
+                                                   pipe.tokenizer.model_max_length)}
     trace: list[StepTrace] = []
 
     with attention_store(pipe.unet) as store:
         for i, t in enumerate(timesteps):
             rec = StepTrace(step=i, timestep=int(t), guided=method is not None and schedule.guided(i))
             if rec.guided:
-                latents = _guide(pipe, store, method, request, schedule, groups, latents, t, cond, latent_hw, i,
-                                 len(timesteps), rec, picture_idx if save_attention else None)
+                memory["step"] = i
+                latents = _guide(pipe, store, method, request, schedule, groups, latents, t, cond, latent_hw,
+                                 memory, rec, picture_idx if save_attention else None)
             inp = torch.cat([latents] * 2) if do_cfg else latents
             inp = pipe.scheduler.scale_model_input(inp, t)
             keep = save_attention and not rec.guided and picture_idx
-            ctx = (store.capture(picture_request, latent_hw, slice(batch, None) if do_cfg else slice(None))
+            ctx = (store.capture((picture_request,), latent_hw, slice(batch, None) if do_cfg else slice(None))
                    if keep else contextlib.nullcontext())
             with ctx:
                 noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
@@ -182,31 +186,42 @@ def generate(
     return Result(images, latents, seeds, groups, params, trace, time.perf_counter() - t0)
 
 
-def _guide(pipe, store: AttentionStore, method: Method, request: MapRequest, schedule: Schedule,
-           groups: list[Entity], latents: torch.Tensor, t, cond: torch.Tensor, latent_hw, step: int,
-           num_steps: int, rec: StepTrace, picture_idx) -> torch.Tensor:
-    """One guided step: the update ``z ← z − α ∇L``, with refinement when ``step`` is a refinement step."""
-    alpha = schedule.alpha(step, num_steps)
-    rec.alpha = alpha
+def _first(maps):
+    return maps[0] if isinstance(maps, tuple) else maps
 
-    def maps_of(z: torch.Tensor) -> torch.Tensor:
-        with store.capture(request, latent_hw):
+
+def _detach(maps):
+    return tuple(m.detach() for m in maps) if isinstance(maps, tuple) else maps.detach()
+
+
+def _guide(pipe, store: AttentionStore, method: Method, request, schedule: Schedule, groups: list[Entity],
+           latents: torch.Tensor, t, cond: torch.Tensor, latent_hw, memory: dict[str, Any], rec: StepTrace,
+           picture_idx) -> torch.Tensor:
+    """One guided step: the update ``z ← z − α ∇L``, with refinement when this is a refinement step."""
+    step = memory["step"]
+    alpha = schedule.alpha(step, memory["num_steps"])
+    rec.alpha = alpha
+    requests = request if isinstance(request, tuple) else (request,)
+
+    def maps_of(z: torch.Tensor):
+        with store.capture(requests, latent_hw):
             pipe.unet(pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond, return_dict=False)
-            return store.maps(request)
+            maps = tuple(store.maps(r) for r in requests)
+        return maps if isinstance(request, tuple) else maps[0]
 
     with torch.enable_grad():
         z = latents.detach().requires_grad_(True)
         maps = maps_of(z)
-        state = method.prepare_step(maps.detach(), groups)
+        state = method.prepare_step(_detach(maps), groups, memory)
         loss = method.loss(maps, groups, state)
         rec.loss = loss.detach().float().cpu().tolist()
         if picture_idx:
-            rec.maps = _pool(maps, picture_idx)
+            rec.maps = _pool(_first(maps), picture_idx)
             rec.visuals = {k: v.detach().cpu() for k, v in method.visuals(state, groups).items()}
         threshold = schedule.refine.get(step)
         if threshold is not None:
-            while rec.refine_iters < schedule.max_refine_iters:
-                active = loss.detach() > threshold
+            while rec.refine_iters < schedule.refine_cap(step):
+                active = method.refine_value(maps, groups, state, loss).detach() > threshold
                 if not active.any():
                     break
                 z = _descend(z, loss, alpha, active)

@@ -2,10 +2,15 @@
 
 The sampler (:mod:`unbleed.sampler`) owns the loop; a method never runs the UNet. Per guided step the sampler
 
-1. runs the text-conditioned UNet pass on ``z_t`` and asks the attention store for ``map_request(unet)``;
-2. calls ``prepare_step(maps.detach(), groups)`` once — state that stays fixed for the step (ELA's masks);
-3. calls ``loss(maps, groups, state)`` → ``[batch]`` and updates ``z_t ← z_t − α_t ∇L``, repeating at refinement
-   steps until each sample's loss is ≤ the step's threshold or the iteration cap.
+1. runs the text-conditioned UNet pass on ``z_t`` and asks the attention store for ``map_request(unet)`` (a
+   tuple of requests gives a tuple of map tensors, in the same order);
+2. calls ``prepare_step(maps.detach(), groups, memory)`` once — state that stays fixed for the step (ELA's masks).
+   ``memory`` is one dict per run: the sampler sets ``step`` (the step index), ``num_steps`` (loop length) and
+   ``prompt_length`` (tokens of the encoded prompt, start- and end-of-text included, at most 77); a method may
+   keep what it needs across steps in it (A-STAR's previous maps);
+3. calls ``loss(maps, groups, state)`` → ``[batch]`` and updates ``z_t ← z_t − α_t ∇L``; at refinement steps it
+   repeats while ``refine_value(...)`` (the loss unless a method says otherwise) is above the step's threshold,
+   up to the step's iteration cap.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class Schedule:
     max_refine_iters: int = 20
     step_size: float = 20.0
     step_schedule: str = "sqrt-linear"
+    refine_iters_at: dict[int, int] = field(default_factory=dict)  # per-step caps overriding max_refine_iters
+
+    def refine_cap(self, step: int) -> int:
+        return self.refine_iters_at.get(step, self.max_refine_iters)
 
     def alpha(self, step: int, num_steps: int) -> float:
         if self.step_schedule == "constant":
@@ -69,8 +78,9 @@ class Schedule:
 
     def as_dict(self) -> dict:
         return {"window": list(self.window), "refine": {str(k): v for k, v in sorted(self.refine.items())},
-                "max_refine_iters": self.max_refine_iters, "step_size": self.step_size,
-                "step_schedule": self.step_schedule}
+                "max_refine_iters": self.max_refine_iters,
+                "refine_iters_at": {str(k): v for k, v in sorted(self.refine_iters_at.items())},
+                "step_size": self.step_size, "step_schedule": self.step_schedule}
 
 
 def scaled_steps(steps_at_50: dict[int, float], num_steps: int, window: tuple[int, int]) -> dict[int, float]:
@@ -97,13 +107,18 @@ class Method:
     def default_schedule(self, num_steps: int) -> Schedule:
         raise NotImplementedError
 
-    def prepare_step(self, maps: torch.Tensor, groups: list[Entity]) -> dict[str, Any]:
+    def prepare_step(self, maps: torch.Tensor, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
         """Per-timestep state computed once from detached maps (kept through refinement)."""
         return {}
 
     def loss(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
         """``maps`` is ``[batch, tokens, h, w]`` (float32, differentiable); returns the loss per sample."""
         raise NotImplementedError
+
+    def refine_value(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any],
+                     loss: torch.Tensor) -> torch.Tensor:
+        """What refinement compares with the step's threshold (refine while above it); the loss by default."""
+        return loss
 
     def visuals(self, state: dict[str, Any], groups: list[Entity]) -> dict[str, torch.Tensor]:
         """Named ``[batch, h, w]`` pictures of the step state for ``--save-attention`` (ELA: its masks)."""

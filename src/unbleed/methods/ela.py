@@ -197,7 +197,7 @@ class ELA(Method):
                     owner.append(i)
         return torch.stack(tokens, 1), owner
 
-    def prepare_step(self, maps: torch.Tensor, groups: list[Entity]) -> dict[str, Any]:
+    def prepare_step(self, maps: torch.Tensor, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
         if not groups:
             raise UnbleedError("ela needs at least one entity: pass --tokens, e.g. --tokens cat,frog")
         entities = torch.stack([group_map(maps, e.indices) for e in groups], 1)
