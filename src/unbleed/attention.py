@@ -125,6 +125,17 @@ class AttentionStore:
         self.batch_slice = slice(None)
         self.latent_hw: tuple[int, int] | None = None
         self.records: dict[str, list[torch.Tensor]] = {}
+        self.value_sets: list[torch.Tensor] | None = None  # StructureDiffusion: several value inputs, one key
+
+    @contextlib.contextmanager
+    def values(self, value_sets: list[torch.Tensor] | None):
+        """Within the block, cross-attention outputs are the mean over ``value_sets`` (each shaped like the
+        ``encoder_hidden_states``), with probabilities from the keys of the embeddings actually passed."""
+        self.value_sets = value_sets
+        try:
+            yield self
+        finally:
+            self.value_sets = None
 
     def select(self, request: MapRequest) -> list[CrossAttentionLayer]:
         chosen = [l for l in self.layers
@@ -186,7 +197,8 @@ class CaptureProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        if self.key not in self.store.wanted:
+        value_sets = self.store.value_sets
+        if self.key not in self.store.wanted and value_sets is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         # The same computation as diffusers' AttnProcessor, keeping the probabilities.
         residual = hidden_states
@@ -204,11 +216,17 @@ class CaptureProcessor:
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         query = attn.head_to_batch_dim(query)
         probs = attn.get_attention_scores(query, key, attention_mask)
-        self.store.record(self.key, probs, attn.heads)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        if self.key in self.store.wanted:
+            self.store.record(self.key, probs, attn.heads)
+        if value_sets is None:
+            hidden_states = torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(encoder_hidden_states)))
+        else:
+            norm = attn.norm_encoder_hidden_states if attn.norm_cross else (lambda e: e)
+            hidden_states = sum(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(norm(v))))
+                                for v in value_sets) / len(value_sets)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)

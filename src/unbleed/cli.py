@@ -92,7 +92,9 @@ def _quiet_libraries() -> None:
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The text prompt."),
-    method: str = typer.Option("sd", "--method", "-m", help="sd (plain sampling) or ela."),
+    method: str = typer.Option("sd", "--method", "-m",
+                               help="sd (plain sampling), ela, attend-excite, divide-bind, astar, syngen, structure, "
+                                    "or a +-joined list (ela+syngen)."),
     model: str = typer.Option("CompVis/stable-diffusion-v1-4", "--model",
                               help="Hub id, local diffusers folder, or 'tiny' (offline, random weights)."),
     tokens: Optional[str] = typer.Option(None, "--tokens", "-t",
@@ -113,6 +115,11 @@ def generate(
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Latent step size scale α."),
     step_schedule: Optional[str] = typer.Option(None, "--step-schedule", help="sqrt-linear (A&E) or constant."),
     option: list[str] = typer.Option([], "--option", "-o", help="Method option KEY=VALUE (e.g. -o lam=0.3)."),
+    weights: Optional[str] = typer.Option(None, "--weights",
+                                          help="Loss weights of composed methods, e.g. --method ela+syngen "
+                                               "--weights 1,0.5."),
+    layout: list[str] = typer.Option([], "--layout",
+                                     help="A-STAR layout box WORD=x0,y0,x1,y1 (fractions of the image); repeat."),
     out: str = typer.Option("out", "--out", help="Output folder (created; files are never overwritten)."),
     save_attention: bool = typer.Option(False, "--save-attention",
                                         help="Also write a picture of the attention maps and masks per image."),
@@ -132,9 +139,21 @@ def generate(
         _fail(f"interrupted; images finished so far are in {out}")
 
 
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise UnbleedError(f"--weights {text!r}: use comma-separated numbers, e.g. 1,0.5") from None
+    if not all(math.isfinite(v) for v in values):
+        raise UnbleedError(f"--weights {text!r}: weights must be finite numbers")
+    return values
+
+
 def _generate(prompt, method, model, tokens, seed, steps, height, width, guidance_scale, negative_prompt, scheduler,
-              window, refine_steps, refine_iters, step_size, step_schedule, option, out, save_attention, as_json,
-              batch_size, device, dtype, allow_pickle) -> None:
+              window, refine_steps, refine_iters, step_size, step_schedule, option, weights, layout, out,
+              save_attention, as_json, batch_size, device, dtype, allow_pickle) -> None:
     from .methods import make_method
     from .models import load_model
     from .output import save_result
@@ -149,7 +168,12 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
         raise UnbleedError(f"--batch-size {batch_size} must be ≥ 1")
     if not prompt.strip():
         raise UnbleedError("PROMPT is empty: give the text to draw")
-    guide = make_method(method, parse_options(option))
+    options = parse_options(option)
+    if layout:
+        if "astar" not in method.split("+"):
+            raise UnbleedError("--layout gives A-STAR's boxes: use it with --method astar")
+        options["astar.layout" if "+" in method else "layout"] = ";".join(layout)
+    guide = make_method(method, options, parse_weights(weights))
     schedule = None
     if guide is not None:
         schedule = guide.default_schedule(steps)

@@ -145,6 +145,7 @@ def generate(
     latent_hw = tuple(latents.shape[-2:])
     request = method.map_request(pipe.unet) if method is not None else None
     picture_request = _attention_request(pipe, method) if save_attention else None
+    value_sets = method.value_sets(pipe, prompt, groups, embeds, batch, do_cfg) if method is not None else None
     picture_idx = _picture_indices(groups)[1]
     memory: dict[str, Any] = {"num_steps": len(timesteps),
                               "prompt_length": min(len(pipe.tokenizer(prompt).input_ids),
@@ -153,7 +154,7 @@ def generate(
 
     with attention_store(pipe.unet) as store:
         for i, t in enumerate(timesteps):
-            rec = StepTrace(step=i, timestep=int(t), guided=method is not None and schedule.guided(i))
+            rec = StepTrace(step=i, timestep=int(t), guided=method is not None and method.guides and schedule.guided(i))
             if rec.guided:
                 memory["step"] = i
                 latents = _guide(pipe, store, method, request, schedule, groups, latents, t, cond, latent_hw,
@@ -163,7 +164,7 @@ def generate(
             keep = save_attention and not rec.guided and picture_idx
             ctx = (store.capture((picture_request,), latent_hw, slice(batch, None) if do_cfg else slice(None))
                    if keep else contextlib.nullcontext())
-            with ctx:
+            with ctx, store.values(value_sets):
                 noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
             if keep:
                 rec.maps = _pool(store.maps(picture_request), picture_idx)

@@ -100,6 +100,12 @@ class Method:
 
     name: ClassVar[str] = "method"
     needs_groups: ClassVar[bool] = True
+    guides: ClassVar[bool] = True  # False: no latent updates (StructureDiffusion changes the conditioning instead)
+
+    def value_sets(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
+                   do_cfg: bool) -> list[torch.Tensor] | None:
+        """Extra cross-attention value inputs for the denoising passes (see :meth:`AttentionStore.values`)."""
+        return None
 
     def map_request(self, unet) -> MapRequest:
         raise NotImplementedError

@@ -1,0 +1,64 @@
+"""StructureDiffusion (Feng et al., "Training-Free Structured Diffusion Guidance for Compositional Text-to-Image
+Synthesis", ICLR 2023) — a baseline that changes the conditioning instead of the latent.
+
+Each noun phrase is encoded on its own and its token embeddings are spliced into a copy of the full prompt's
+embedding at the phrase's span (sec. 3.2, "align" sequences); in every cross-attention layer the probabilities come
+from the full prompt's keys and the output is the mean over the value sets — the full embedding and each spliced
+copy (Eq. 4–5). The unconditional half of classifier-free guidance is left as is. No optimisation.
+
+Choices: the noun phrases are the parser's entities with their attributes (the span from the first attribute to
+the entity's last piece), where the paper uses a constituency parser's NPs (it also keeps the full prompt as one
+value set, as we do); a phrase that re-tokenises to a different length than its span is cut to the shorter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..tokens import Entity
+from .base import Method, Schedule
+
+
+def splice(full: torch.Tensor, phrase: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """A copy of ``full`` ``[B, 77, d]`` with positions ``start…start+length−1`` taken from the phrase's own
+    encoding ``phrase`` ``[B, 77, d]`` (its tokens 1…length; 0 is start-of-text)."""
+    out = full.clone()
+    out[:, start:start + length] = phrase[:, 1:1 + length]
+    return out
+
+
+@dataclass
+class StructureDiffusion(Method):
+    """StructureDiffusion. No options beyond the token groups (its noun phrases)."""
+
+    name: ClassVar[str] = "structure"
+    guides: ClassVar[bool] = False
+
+    def map_request(self, unet):
+        from .attend_excite import AttendExcite
+
+        return AttendExcite().map_request(unet)  # only for --save-attention pictures
+
+    def default_schedule(self, num_steps: int) -> Schedule:
+        return Schedule(window=(0, 0))
+
+    def loss(self, maps, groups, state):  # pragma: no cover - never called: guides is False
+        raise NotImplementedError
+
+    def value_sets(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
+                   do_cfg: bool) -> list[torch.Tensor]:
+        ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
+        uncond, cond = (embeds[:batch], embeds[batch:]) if do_cfg else (None, embeds)
+        sets = [embeds]
+        for entity in groups:
+            span = sorted({*entity.indices, *(i for a in entity.attributes for i in a.indices)})
+            start, end = span[0], span[-1]
+            text = pipe.tokenizer.decode(ids[start:end + 1])
+            n_phrase = len(pipe.tokenizer(text).input_ids) - 2
+            phrase, _ = pipe.encode_prompt(text, embeds.device, batch, False)
+            spliced = splice(cond, phrase.to(cond.dtype), start, min(end - start + 1, n_phrase))
+            sets.append(torch.cat([uncond, spliced]) if do_cfg else spliced)
+        return sets
