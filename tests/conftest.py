@@ -21,6 +21,19 @@ def fresh_tiny():
 
 
 @pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    """A local folder with the full-size SD 1.x architecture and random weights (about 30 s to write)."""
+    from unbleed.models import save_random_sd
+
+    return save_random_sd(tmp_path_factory.mktemp("sd1") / "sd1-random")
+
+
+@pytest.fixture(scope="session")
+def sd1(sd1_folder):
+    return load_model(str(sd1_folder))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny):
     return tiny.tokenizer
 

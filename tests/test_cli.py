@@ -81,6 +81,12 @@ def test_save_attention_writes_a_grid(tmp_path):
     (["--scheduler", "foo"], ["--scheduler 'foo'"]),
     (["--model", "./no/such/folder"], ["no such folder"]),
     (["--steps", "0"], ["--steps 0"]),
+    (["--method", "ela+attend-excite", "--weights", "1"], ["1 weight(s) for 2 methods"]),
+    (["--method", "ela+attend-excite", "--weights", "1,x"], ["--weights '1,x'"]),
+    (["--method", "ela+ela"], ["compose distinct"]),
+    (["--method", "ela", "--weights", "1"], ["--weights is for composed"]),
+    (["--method", "ela", "--layout", "cat=0,0,1,1"], ["use it with --method astar"]),
+    (["--method", "ela+attend-excite", "-o", "astar.lam=1"], ["not one of the composed methods"]),
     (["--device", "cuda:7"], ["--device"]),
 ])
 def test_bad_inputs_give_one_clear_line(args, needles, tmp_path):

@@ -5,7 +5,7 @@ import torch
 from unbleed import generate, make_method, token_groups
 from unbleed.errors import UnbleedError
 from unbleed.methods import Schedule
-from unbleed.models import build_tiny_pipeline, load_model, save_random_sd
+from unbleed.models import build_tiny_pipeline, load_model
 
 
 def test_tiny_is_deterministic_and_uses_the_real_tokenizer():
@@ -35,13 +35,8 @@ def test_hub_id_shapes():
         load_model("a/b/c")
 
 
-@pytest.fixture(scope="session")
-def sd1_folder(tmp_path_factory):
-    return save_random_sd(tmp_path_factory.mktemp("sd1") / "sd1-random")
-
-
-def test_full_size_sd1_architecture_loads_and_runs(sd1_folder):
-    pipe = load_model(str(sd1_folder))
+def test_full_size_sd1_architecture_loads_and_runs(sd1):
+    pipe = sd1
     assert sum(p.numel() for p in pipe.unet.parameters()) > 850e6  # SD 1.x's 860M-parameter UNet
     prompt = "a cat and a frog"
     ela = make_method("ela")

@@ -8,9 +8,10 @@ from .base import Method, Schedule, group_map, scaled_steps
 from .compose import Composite
 from .ela import ELA
 from .structure import StructureDiffusion
+from .syngen import SynGen
 
 METHODS: dict[str, type[Method] | None] = {
-    "sd": None, "ela": ELA, "attend-excite": AttendExcite, "structure": StructureDiffusion,
+    "sd": None, "ela": ELA, "attend-excite": AttendExcite, "syngen": SynGen, "structure": StructureDiffusion,
 }
 
 
@@ -53,5 +54,5 @@ def make_method(name: str, options: dict[str, str] | None = None,
     return Composite(methods=[METHODS[n].from_options(per[n]) for n in names], weights=tuple(weights or ()))
 
 
-__all__ = ["METHODS", "Method", "Schedule", "ELA", "AttendExcite", "StructureDiffusion", "Composite", "make_method", "group_map",
+__all__ = ["METHODS", "Method", "Schedule", "ELA", "AttendExcite", "StructureDiffusion", "SynGen", "Composite", "make_method", "group_map",
            "scaled_steps"]
