@@ -70,6 +70,16 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
     return layers
 
 
+def forward_order(layer: CrossAttentionLayer) -> tuple[int, ...]:
+    """Sort key giving the order in which the UNet runs its cross-attention layers (down, mid, up)."""
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[layer.block.split(".")[0]]
+    return (rank, *(int(n) for n in re.findall(r"\.(\d+)", layer.key)))
+
+
+class StopForward(Exception):
+    """Raised by the capture processor after the last layer a truncated pass needs (caught by the sampler)."""
+
+
 def blocks_with_cross_attention(unet) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"down": [], "mid": [], "up": []}
     for layer in cross_attention_layers(unet):
@@ -126,6 +136,7 @@ class AttentionStore:
         self.latent_hw: tuple[int, int] | None = None
         self.records: dict[str, list[torch.Tensor]] = {}
         self.value_sets: list[torch.Tensor] | None = None  # StructureDiffusion: several value inputs, one key
+        self.stop_key: str | None = None  # truncated pass: the last layer to run
 
     @contextlib.contextmanager
     def values(self, value_sets: list[torch.Tensor] | None):
@@ -147,17 +158,26 @@ class AttentionStore:
 
     @contextlib.contextmanager
     def capture(self, requests: MapRequest | tuple[MapRequest, ...], latent_hw: tuple[int, int],
-                batch_slice: slice = slice(None)):
-        """Within the block, record the layers of ``requests`` (for ``batch_slice`` of the UNet batch)."""
+                batch_slice: slice = slice(None), truncate: bool = False):
+        """Within the block, record the layers of ``requests`` (for ``batch_slice`` of the UNet batch).
+
+        With ``truncate`` the UNet stops (:class:`StopForward`) right after the last of those layers: a guided
+        pass needs nothing after it, since the loss reads only the maps.
+        """
         requests = requests if isinstance(requests, tuple) else (requests,)
+        chosen = [l for r in requests for l in self.select(r)]
         self.records = {}
-        self.wanted = {l.key for r in requests for l in self.select(r)}
+        self.wanted = {l.key for l in chosen}
+        self.stop_key = max(chosen, key=forward_order).key if truncate else None
         self.latent_hw = tuple(latent_hw)
         self.batch_slice = batch_slice
         try:
             yield self
+        except StopForward:
+            pass
         finally:
             self.wanted = set()
+            self.stop_key = None
 
     def record(self, key: str, probs: torch.Tensor, heads: int) -> None:
         batch = probs.shape[0] // heads
@@ -220,6 +240,8 @@ class CaptureProcessor:
         probs = attn.get_attention_scores(query, key, attention_mask)
         if self.key in self.store.wanted:
             self.store.record(self.key, probs, attn.heads)
+            if self.key == self.store.stop_key:
+                raise StopForward
         if value_sets is None:
             hidden_states = torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(encoder_hidden_states)))
         else:

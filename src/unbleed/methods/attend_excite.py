@@ -33,7 +33,8 @@ from .base import Method, Schedule, scaled_steps
 
 
 def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """The official A&E smoothing kernel: a product of ``exp(−((x − μ)/(2σ))²)`` per axis, normalised to sum 1."""
+    """The official A&E smoothing kernel: a product of ``exp(−((x − μ)/(2σ))²)`` per axis, normalised to sum 1.
+    Shared by every method that uses A&E's map preprocessing (Divide & Bind, A-STAR)."""
     grid = torch.arange(size, dtype=torch.float32)
     mean = (size - 1) / 2
     g = torch.exp(-(((grid - mean) / (2 * sigma)) ** 2))
@@ -41,12 +42,21 @@ def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
     return k / k.sum()
 
 
-def smooth(maps: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """Gaussian-smooth ``[B, n, h, w]`` maps with reflect padding (as the official code)."""
-    b, n, h, w = maps.shape
+def smooth(x: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """Smooth every ``[h, w]`` map of ``x`` ``[..., h, w]`` with :func:`gaussian_kernel` and reflect padding (as the
+    official code; replicate padding where a side is too short to reflect). ``size=1`` is the identity."""
+    if size <= 1:
+        return x
     pad = size // 2
-    x = F.pad(maps.reshape(b * n, 1, h, w), (pad, pad, pad, pad), mode="reflect")
-    return F.conv2d(x, gaussian_kernel(size, sigma).to(maps)[None, None]).reshape(b, n, h, w)
+    h, w = x.shape[-2:]
+    flat = F.pad(x.reshape(-1, 1, h, w), (pad, pad, pad, pad), mode="reflect" if min(h, w) > pad else "replicate")
+    return F.conv2d(flat, gaussian_kernel(size, sigma).to(x)[None, None]).reshape(x.shape)
+
+
+def token_probs(maps: torch.Tensor, last: int, temperature: float = 100.0) -> torch.Tensor:
+    """``[B, tokens, h, w]`` → ``[B, last − 1, h, w]``: columns ``1…last−1``, ×temperature, softmax over them.
+    Token ``i`` is column ``i − 1`` of the result (A&E sec. 3.1)."""
+    return torch.softmax(maps[:, 1:last] * temperature, dim=1)
 
 
 def excite_loss(max_attention: torch.Tensor) -> torch.Tensor:
@@ -92,7 +102,7 @@ class AttendExcite(Method):
 
     def max_attention(self, maps: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """``[B, subjects]``: each subject's maximum (smoothed, token-softmaxed) attention."""
-        probs = torch.softmax(maps[:, 1:state["last"]] * self.temperature, dim=1)
+        probs = token_probs(maps, state["last"], self.temperature)
         subject = torch.stack([probs[:, [i - 1 for i in idx]].mean(1) for idx in state["subjects"]], 1)
         if self.smooth:
             subject = smooth(subject, self.kernel_size, self.sigma)
