@@ -273,6 +273,61 @@ def parse(
         err.print("dropped: " + ", ".join(d["text"] for d in result.dropped), highlight=False)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", "--model", help="Hub id, local folder, or tiny."),
+    methods: str = typer.Option("sd,ela,attend-excite", "--methods", help="Comma-separated methods to time."),
+    prompt: str = typer.Option("a cat and a frog", "--prompt"),
+    height: Optional[int] = typer.Option(None, "--height"),
+    width: Optional[int] = typer.Option(None, "--width"),
+    steps: int = typer.Option(4, "--steps"),
+    repeats: int = typer.Option(3, "--repeats", help="Timed repetitions per method (after one warm-up)."),
+    window: Optional[str] = typer.Option(None, "--window", help="Guided steps START:END (default: all)."),
+    refine_steps: Optional[str] = typer.Option(None, "--refine-steps", help="STEP:THRESHOLD list (default: none)."),
+    reference: bool = typer.Option(True, "--reference/--no-reference",
+                                   help="Also time diffusers' StableDiffusionAttendAndExcitePipeline."),
+    truncate: bool = typer.Option(True, "--truncate/--no-truncate",
+                                  help="Stop guided UNet passes after the last layer a method reads."),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Median seconds, ratio to sd and peak memory of each method, interleaved in one process."""
+    try:
+        from .bench import speed
+        from .models import load_model
+
+        _quiet_libraries()
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        if steps < 1:
+            raise UnbleedError(f"--steps {steps} must be ≥ 1")
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        with err.status(f"loading model {model}…"):
+            pipe = load_model(model, device=device, dtype=dtype)
+        with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as bar:
+            task = bar.add_task("bench", total=None)
+            figures = speed(pipe, names, prompt=prompt, steps=steps, height=height, width=width, repeats=repeats,
+                            window=parse_window(window, steps), refine=parse_refine(refine_steps, {}),
+                            reference=reference, truncate=truncate,
+                            progress=lambda text: bar.update(task, description=text))
+    except UnbleedError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps(figures) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("method", "median s", "× sd", "peak MB",
+                  title=f"{model} · {height or 'default'}×{width or 'default'} px · {steps} steps")
+    for name, f in figures.items():
+        table.add_row(name, f"{f['seconds']:.3f}", f"{f['ratio']:.2f}", f"{f['peak_mb']:.0f}")
+    Console().print(table)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

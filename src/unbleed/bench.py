@@ -1,0 +1,145 @@
+"""``unbleed bench speed``: time methods against plain sampling and diffusers' Attend-and-Excite, in one process.
+
+Every method runs on the same model, prompt and seed; runs are interleaved (rep 1: sd, ela, …; rep 2: sd, ela, …)
+after one untimed warm-up each, so drifts of a noisy machine hit all methods alike. Reported per method: the
+median wall time of a whole generation (text encoding, denoising, VAE decoding), its ratio to ``sd``'s median,
+and the peak memory above the run's starting point — CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
+process's resident set size sampled every 2 ms (``psutil``), which is coarser.
+
+The reference ``diffusers-attend-excite`` is diffusers' ``StableDiffusionAttendAndExcitePipeline`` on the same
+components, with the same guided steps (``max_iter_to_alter``), refinement thresholds and step size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from .errors import UnbleedError
+from .methods import Schedule, make_method
+from .sampler import default_size, generate
+from .tokens import token_groups
+
+REFERENCE = "diffusers-attend-excite"
+
+
+class PeakMemory:
+    """Peak memory (MB) above the start, while the ``with`` block runs."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self._base = self._peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self._proc.memory_info().rss)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, self._proc.memory_info().rss)
+        self.peak_mb = max(0.0, (peak - self._base) / 2**20)
+        return False
+
+
+def _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, schedule: Schedule):
+    """A runner for diffusers' own A&E pipeline on ``pipe``'s components (processors restored afterwards)."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    from .attention import level_of, resolve_block, size_at_level
+
+    parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ae = StableDiffusionAttendAndExcitePipeline(**parts, requires_safety_checker=False)
+    ae.set_progress_bar_config(disable=True)
+    latent = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    attn_res = size_at_level(latent, level_of(pipe.unet, resolve_block(pipe.unet, "up-1")))
+    indices = [e.indices[0] for e in groups]
+    thresholds = {k: 1 - v for k, v in schedule.refine.items()}  # A&E's thresholds are on max attention
+
+    def run():
+        originals = dict(pipe.unet.attn_processors)
+        try:
+            ae(prompt, token_indices=indices, num_inference_steps=steps, height=height, width=width,
+               generator=torch.Generator("cpu").manual_seed(seed), max_iter_to_alter=schedule.window[1],
+               thresholds=thresholds, scale_factor=int(schedule.step_size), attn_res=attn_res)
+        finally:
+            pipe.unet.set_attn_processor(originals)
+
+    return run
+
+
+def speed(pipe, methods: list[str], prompt: str = "a cat and a frog", steps: int = 4, height: int | None = None,
+          width: int | None = None, repeats: int = 3, seed: int = 0, window: tuple[int, int] | None = None,
+          refine: dict[int, float] | None = None, reference: bool = True, truncate: bool = True,
+          progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """Median seconds, ratio to ``sd`` and peak memory per method (see the module docstring).
+
+    Every step is guided (``window=(0, steps)``) and nothing is refined unless ``window``/``refine`` say otherwise.
+    """
+    if repeats < 1:
+        raise UnbleedError(f"--repeats {repeats} must be ≥ 1")
+    height, width = height or default_size(pipe), width or default_size(pipe)
+    names = list(dict.fromkeys(["sd", *methods]))
+    groups = token_groups(pipe.tokenizer, prompt, None)
+    runners: dict[str, Callable[[], None]] = {}
+    schedule = Schedule(window=window or (0, steps), refine=dict(refine or {}), max_refine_iters=20)
+    for name in names:
+        method = make_method(name)
+        sched = None
+        if method is not None:
+            sched = method.default_schedule(steps)
+            sched.window, sched.refine = schedule.window, dict(schedule.refine)
+
+        def run(method=method, sched=sched):
+            generate(pipe, prompt, method=method, groups=groups, seeds=[seed], num_inference_steps=steps,
+                     height=height, width=width, schedule=sched, truncate=truncate)
+
+        runners[name] = run
+    if reference:
+        runners[REFERENCE] = _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, schedule)
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    peaks: dict[str, float] = {n: 0.0 for n in runners}
+    device = pipe._execution_device
+    for rep in range(repeats + 1):  # rep 0 warms up
+        for name, run in runners.items():
+            if progress:
+                progress(f"{'warm-up' if rep == 0 else f'repeat {rep}/{repeats}'}: {name}")
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - t0
+            if rep:
+                times[name].append(elapsed)
+                peaks[name] = max(peaks[name], mem.peak_mb)
+    base = statistics.median(times["sd"])
+    return {n: {"seconds": round(statistics.median(t), 4), "ratio": round(statistics.median(t) / base, 3),
+                "peak_mb": round(peaks[n], 1)} for n, t in times.items()}
