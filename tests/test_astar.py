@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from unbleed import token_groups
-from unbleed.attention import attention_store
 from unbleed.errors import UnbleedError
 from unbleed.methods.astar import (AStar, astar_loss, box_mask, entity_maps, match_layout, normalized_loss,
                                    parse_layout, retention_loss, segregation_loss, soft_overlap)
@@ -13,7 +12,7 @@ from unbleed.methods.attend_excite import smooth
 from unbleed.methods.ela import binarize
 from unbleed.tokens import Entity
 
-from conftest import blob
+from conftest import blob, one_update
 
 PROMPT = "a cat and a frog"  # <sot> a cat and a frog <eot>: cat = 2, frog = 5, prompt_length = 7
 CAT, FROG = Entity("cat", (2,)), Entity("frog", (5,))
@@ -293,27 +292,10 @@ def test_map_request_is_every_layer_at_up1s_level(tiny):
 # ---------------------------------------------------------------- on the tiny model
 
 def test_one_update_lowers_the_astar_loss(tiny):
-    astar = AStar()
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
-    request = astar.map_request(tiny.unet)
-    cond, _ = tiny.encode_prompt(PROMPT, tiny.device, 2, False)
-    g = torch.Generator().manual_seed(0)
-    z_prev, z = torch.randn(2, 2, 4, 16, 16, generator=g)
-    memory = {"prompt_length": len(tiny.tokenizer(PROMPT).input_ids), "num_steps": 50}
+    astar, memory = AStar(), {}
+    one_update(tiny, astar, groups, PROMPT, alpha=0.0, t=820, seed=1, memory=memory)  # the "previous" guided step
     assert memory["prompt_length"] == 7
-    with torch.enable_grad(), attention_store(tiny.unet) as store:
-        def maps_at(latent, t):
-            with store.capture(request, (16, 16)):
-                tiny.unet(latent, t, encoder_hidden_states=cond)
-                return store.maps(request)
-
-        astar.prepare_step(maps_at(z_prev, 820).detach(), groups, memory)  # the "previous" guided step
-        z0 = z.clone().requires_grad_(True)
-        maps = maps_at(z0, 800)
-        state = astar.prepare_step(maps.detach(), groups, memory)
-        assert state["valid"].all()  # retention is in the loss
-        before = astar.loss(maps, groups, state)
-        (grad,) = torch.autograd.grad(before.sum(), z0)
-        assert grad.abs().sum() > 0
-        after = astar.loss(maps_at(z0.detach() - 200.0 * grad, 800), groups, state)
+    before, after, state = one_update(tiny, astar, groups, PROMPT, alpha=200.0, memory=memory)
+    assert state["valid"].all()  # retention is in the loss
     assert (after < before - 1e-4).all(), (before, after)  # ≈ 1e-3 lower here; float noise is ≈ 1e-6

@@ -11,6 +11,8 @@ from unbleed.methods.attend_excite import AttendExcite, excite_loss, gaussian_ke
 from unbleed.models import load_model
 from unbleed.tokens import Entity
 
+from conftest import one_update
+
 PROMPT = "a cat and a frog"
 
 
@@ -46,24 +48,9 @@ def test_loss_on_hand_made_maps():
 def test_one_update_lowers_the_loss(tiny):
     ae = make_method("attend-excite", {"temperature": "1"})  # the random tiny model's maps are flat at ×100
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
-    request = ae.map_request(tiny.unet)
-    cond, _ = tiny.encode_prompt(PROMPT, tiny.device, 1, False)
-    from unbleed.attention import attention_store
-
-    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.enable_grad(), attention_store(tiny.unet) as store:
-        def maps_at(latent):
-            with store.capture(request, (16, 16)):
-                tiny.unet(latent, 500, encoder_hidden_states=cond)
-                return store.maps(request)
-
-        z0 = z.clone().requires_grad_(True)
-        maps = maps_at(z0)
-        state = ae.prepare_step(maps.detach(), groups, {"prompt_length": 7})
-        before = ae.loss(maps, groups, state)
-        (grad,) = torch.autograd.grad(before.sum(), z0)
-        after = ae.loss(maps_at(z0.detach() - 50 * grad), groups, state)
+    before, after, _ = one_update(tiny, ae, groups, PROMPT, alpha=50.0, batch=1, t=500)
     assert after.item() < before.item()
+
 
 
 def _diffusers_ae(seed, steps, thresholds, max_iter_to_alter):

@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
-from unbleed.attention import MapRequest, attention_store
+from unbleed.attention import MapRequest
 from unbleed.errors import UnbleedError
 from unbleed.methods.attend_excite import gaussian_kernel
 from unbleed.methods.attend_excite import smooth as gaussian_smooth
 from unbleed.methods.divide_bind import DivideBind, binding_divergence, divide_bind_loss, jensen_shannon, total_variation
 from unbleed.sampler import generate
 from unbleed.tokens import Entity, TokenGroup, token_groups
+
+from conftest import one_update
 
 LN3 = math.log(3)
 
@@ -294,25 +296,10 @@ def test_one_update_lowers_the_divide_bind_loss(tiny, options):
     db = DivideBind.from_options(options)
     groups = token_groups(tiny.tokenizer, PROMPT, "red:cat,blue:frog")
     assert [e.attributes[0].text for e in groups] == ["red", "blue"]
-    request = db.map_request(tiny.unet)
-    cond, _ = tiny.encode_prompt(PROMPT, tiny.device, 2, False)
-    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    memory = {"step": 10, "num_steps": 50, "prompt_length": len(tiny.tokenizer(PROMPT).input_ids)}
-    with torch.enable_grad(), attention_store(tiny.unet) as store:
-        def maps_at(latent):
-            with store.capture(request, (16, 16)):
-                tiny.unet(latent, 800, encoder_hidden_states=cond)
-                return tuple(store.maps(r) for r in request)
-
-        z0 = z.clone().requires_grad_(True)
-        maps = maps_at(z0)
-        state = db.prepare_step(tuple(m.detach() for m in maps), groups, memory)
-        before = db.loss(maps, groups, state)
-        _, bind = db.terms(maps, groups, state)
-        assert (bind > 0).all()  # the binding term is in the graph
-        (grad,) = torch.autograd.grad(before.sum(), z0)
-        after = db.loss(maps_at(z0.detach() - 50.0 * grad), groups, state)
+    before, after, state = one_update(tiny, db, groups, PROMPT, alpha=50.0, memory={"step": 10})
+    assert state["bind_weight"] == 5.0  # step 10 of 50: the binding term is in the loss
     assert (after < before).all(), (before, after)
+
 
 
 def test_sampler_refines_while_the_smallest_tv_is_below_the_threshold(tiny):

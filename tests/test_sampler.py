@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from unbleed import generate, make_method, token_groups
-from unbleed.attention import MapRequest, attention_store, level_of
+from unbleed.attention import MapRequest, level_of
 from unbleed.errors import UnbleedError
 from unbleed.methods import Method, Schedule
 from unbleed.models import set_scheduler
+
+from conftest import one_update
 
 PROMPT = "a cat and a frog"
 
@@ -59,26 +61,10 @@ def test_ela_changes_the_image_and_batch_equals_single_seeds(tiny):
 
 
 def test_one_update_lowers_the_ela_loss(tiny):
-    ela = make_method("ela")
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
-    request = ela.map_request(tiny.unet)
-    cond, _ = tiny.encode_prompt(PROMPT, tiny.device, 2, False)
-    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    t = 800
-    with torch.enable_grad(), attention_store(tiny.unet) as store:
-        def loss_at(latent):
-            with store.capture(request, (16, 16)):
-                tiny.unet(latent, t, encoder_hidden_states=cond)
-                maps = store.maps(request)
-            return maps
-
-        z0 = z.clone().requires_grad_(True)
-        maps = loss_at(z0)
-        state = ela.prepare_step(maps.detach(), groups, {})
-        before = ela.loss(maps, groups, state)
-        (grad,) = torch.autograd.grad(before.sum(), z0)
-        after = ela.loss(loss_at(z0.detach() - 50.0 * grad), groups, state)
+    before, after, _ = one_update(tiny, make_method("ela"), groups, PROMPT, alpha=50.0)
     assert (after < before).all(), (before, after)
+
 
 
 @dataclass

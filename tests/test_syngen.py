@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from unbleed import generate
-from unbleed.attention import MapRequest, attention_store
+from unbleed.attention import MapRequest
 from unbleed.errors import UnbleedError
 from unbleed.methods.syngen import (SynGen, kl, pair_losses, symmetric_kl, syngen_loss, syngen_pairs,
                                     to_distributions)
 from unbleed.tokens import Entity, TokenGroup, parse_token_spec
+
+from conftest import one_update
 
 LN3 = math.log(3)
 
@@ -206,29 +208,12 @@ PROMPT = "a blue bag and a yellow clock"
 
 
 def test_one_update_lowers_the_syngen_loss(tiny):
-    method = SynGen()
     groups = parse_token_spec(tiny.tokenizer, PROMPT, "blue:bag,yellow:clock")
-    memory = {"prompt_length": len(tiny.tokenizer(PROMPT).input_ids)}
-    assert memory["prompt_length"] == 9
-    request = method.map_request(tiny.unet)
-    cond, _ = tiny.encode_prompt(PROMPT, tiny.device, 2, False)
-    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    t = 800
-    with torch.enable_grad(), attention_store(tiny.unet) as store:
-        def maps_at(latent):
-            with store.capture(request, (16, 16)):
-                tiny.unet(latent, t, encoder_hidden_states=cond)
-                return store.maps(request)
-
-        z0 = z.clone().requires_grad_(True)
-        maps = maps_at(z0)
-        state = method.prepare_step(maps.detach(), groups, memory)
-        assert len(state["pairs"]) == 2
-        before = method.loss(maps, groups, state)
-        (grad,) = torch.autograd.grad(before.sum(), z0)
-        assert grad.abs().max() > 0
-        after = method.loss(maps_at(z0.detach() - 20.0 * grad), groups, state)
+    memory = {}
+    before, after, state = one_update(tiny, SynGen(), groups, PROMPT, alpha=20.0, memory=memory)
+    assert memory["prompt_length"] == 9 and len(state["pairs"]) == 2
     assert (after < before).all(), (before, after)
+
 
 
 def test_sampler_runs_syngen_and_no_pair_leaves_the_image_alone(tiny):

@@ -67,7 +67,8 @@ class PeakMemory:
         return False
 
 
-def _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, schedule: Schedule):
+def _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, schedule: Schedule,
+                             output_type: str = "pil"):
     """A runner for diffusers' own A&E pipeline on ``pipe``'s components (processors restored afterwards)."""
     from diffusers import StableDiffusionAttendAndExcitePipeline
 
@@ -88,7 +89,8 @@ def _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, s
         try:
             ae(prompt, token_indices=indices, num_inference_steps=steps, height=height, width=width,
                generator=torch.Generator("cpu").manual_seed(seed), max_iter_to_alter=schedule.window[1],
-               thresholds=thresholds, scale_factor=int(schedule.step_size), attn_res=attn_res)
+               thresholds=thresholds, scale_factor=int(schedule.step_size), attn_res=attn_res,
+               output_type=output_type)
         finally:
             pipe.unet.set_attn_processor(originals)
 
@@ -98,11 +100,14 @@ def _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, s
 def speed(pipe, methods: list[str], prompt: str = "a cat and a frog", steps: int = 4, height: int | None = None,
           width: int | None = None, repeats: int = 3, seed: int = 0, window: tuple[int, int] | None = None,
           refine: dict[int, float] | None = None, reference: bool = True, truncate: bool = True,
-          progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+          decode: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
     """Median seconds, ratio to ``sd`` and peak memory per method (see the module docstring).
 
     Every step is guided (``window=(0, steps)``) and nothing is refined unless ``window``/``refine`` say otherwise.
+    ``decode=False`` stops every pipeline at the final latents (no VAE decoding), which isolates the denoising
+    loop — the part guidance slows down.
     """
+    output_type = "pil" if decode else "latent"
     if repeats < 1:
         raise UnbleedError(f"--repeats {repeats} must be ≥ 1")
     height, width = height or default_size(pipe), width or default_size(pipe)
@@ -119,11 +124,12 @@ def speed(pipe, methods: list[str], prompt: str = "a cat and a frog", steps: int
 
         def run(method=method, sched=sched):
             generate(pipe, prompt, method=method, groups=groups, seeds=[seed], num_inference_steps=steps,
-                     height=height, width=width, schedule=sched, truncate=truncate)
+                     height=height, width=width, schedule=sched, truncate=truncate, output_type=output_type)
 
         runners[name] = run
     if reference:
-        runners[REFERENCE] = _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, schedule)
+        runners[REFERENCE] = _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, schedule,
+                                                      output_type)
     times: dict[str, list[float]] = {n: [] for n in runners}
     peaks: dict[str, float] = {n: 0.0 for n in runners}
     device = pipe._execution_device

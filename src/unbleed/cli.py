@@ -292,6 +292,8 @@ def bench_speed(
                                    help="Also time diffusers' StableDiffusionAttendAndExcitePipeline."),
     truncate: bool = typer.Option(True, "--truncate/--no-truncate",
                                   help="Stop guided UNet passes after the last layer a method reads."),
+    decode: bool = typer.Option(True, "--decode/--no-decode",
+                                help="Include the VAE decoding in the timed runs (--no-decode times the loop only)."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
@@ -312,7 +314,7 @@ def bench_speed(
             task = bar.add_task("bench", total=None)
             figures = speed(pipe, names, prompt=prompt, steps=steps, height=height, width=width, repeats=repeats,
                             window=parse_window(window, steps), refine=parse_refine(refine_steps, {}),
-                            reference=reference, truncate=truncate,
+                            reference=reference, truncate=truncate, decode=decode,
                             progress=lambda text: bar.update(task, description=text))
     except UnbleedError as e:
         _fail(str(e))

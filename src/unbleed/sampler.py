@@ -159,7 +159,8 @@ def generate(
 
     with attention_store(pipe.unet) as store:
         for i, t in enumerate(timesteps):
-            rec = StepTrace(step=i, timestep=int(t), guided=method is not None and method.guides and schedule.guided(i))
+            guided = method is not None and method.guides and schedule.guided(i)
+            rec = StepTrace(step=i, timestep=int(t), guided=guided)
             if rec.guided:
                 memory["step"] = i
                 latents = _guide(pipe, store, method, request, schedule, groups, latents, t, cond, latent_hw,
@@ -181,8 +182,12 @@ def generate(
             if callback is not None:
                 callback(i, len(timesteps), rec)
 
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generators)[0]
-    images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * batch)
+    if output_type == "latent":
+        images = latents
+    else:
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                generator=generators)[0]
+        images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * batch)
     params = {
         "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height, "width": width,
         "negative_prompt": negative_prompt, "eta": eta, "scheduler": type(pipe.scheduler).__name__,
