@@ -26,13 +26,15 @@ def test_every_method_runs_from_the_cli_on_tiny(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", GUIDED)
-def test_every_method_runs_on_the_full_size_sd1_architecture(name, sd1):
-    method = make_method(name)
-    res = generate(sd1, PROMPT, method=method, groups=token_groups(sd1.tokenizer, PROMPT, None), seeds=[0],
-                   num_inference_steps=1, height=128, width=128, output_type="np",
-                   schedule=Schedule(window=(0, 1) if method.guides else (0, 0)))
-    assert res.images.shape == (1, 128, 128, 3) and np.isfinite(res.images).all()
-    assert all(np.isfinite(r.loss).all() for r in res.trace if r.guided)
+def test_every_method_runs_from_the_cli_on_a_full_size_sd1_folder(name, sd1_folder, tmp_path):
+    res = CliRunner().invoke(app, ["generate", PROMPT, "--model", str(sd1_folder), "--method", name, "--steps", "1",
+                                   "--height", "128", "--width", "128", "--window", "0:1", "--refine-steps", "none",
+                                   "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)[0]
+    assert rec["model"] == str(sd1_folder) and Image.open(rec["path"]).size == (128, 128)
+    assert all(np.isfinite(g["loss"]) for g in rec["guidance"])
+    assert len(rec["guidance"]) == (1 if make_method(name).guides else 0)
 
 
 def test_composition_sums_weighted_losses(tiny):
