@@ -205,7 +205,6 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, scheduler)
-    pipe._unbleed_model = spec  # recorded in every image's metadata
     return pipe
 
 
