@@ -10,19 +10,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .console import err
+from .console import fail as _fail
 from .errors import UnbleedError
+from .shapes.cli import app as shapes_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fix concept bleeding in Stable Diffusion without training (ELA and peers).")
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def parse_window(text: str | None, num_steps: int) -> tuple[int, int] | None:
@@ -275,6 +271,7 @@ def parse(
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(shapes_app, name="shapes", help="The shapes world: render, detect, detect-check.")
 
 
 @bench_app.command("speed")

@@ -1,0 +1,146 @@
+"""The shapes world: vocabulary, scenes, captions, held-out split and the renderer."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from unbleed.errors import UnbleedError
+from unbleed.shapes.render import render, template_mask
+from unbleed.shapes.world import (BACKGROUND, COLOURS, HELDOUT, MARGIN, SHAPES, SIZE_RANGE, TRAIN_COMBOS, caption,
+                                  heldout_prompts, parse_caption, parse_relations, sample_scene, scene_from_caption,
+                                  train_prompts, vertical_relation)
+
+
+def test_vocabulary_is_single_clip_tokens():
+    from unbleed.models import load_clip_tokenizer
+
+    tok = load_clip_tokenizer()
+    words = list(SHAPES) + list(COLOURS) + ["a", "an", "and", "next", "to", "with", "above", "below"]
+    for w in words:
+        assert tok.tokenize(w) == [w + "</w>"], w
+
+
+def test_palette_is_far_apart_and_background_distinct():
+    rgb = {**COLOURS, "background": BACKGROUND}
+    for (a, ca), (b, cb) in itertools.combinations(rgb.items(), 2):
+        assert np.linalg.norm(np.subtract(ca, cb)) > 80, (a, b)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_sample_scene_is_deterministic_and_valid(seed):
+    a, b = sample_scene(seed), sample_scene(seed)
+    assert a == b
+    assert 1 <= len(a.objects) <= 3
+    assert len({o.colour for o in a.objects}) == len(a.objects) == len({o.shape for o in a.objects})
+    gap = MARGIN * a.size
+    for o in a.objects:
+        assert SIZE_RANGE[0] * a.size <= o.size <= SIZE_RANGE[1] * a.size
+        left, top, right, bottom = o.box
+        assert left >= gap - 1e-9 and top >= gap - 1e-9 and right <= a.size - gap + 1e-9 and bottom <= a.size - gap + 1e-9
+    for p, q in itertools.combinations(a.objects, 2):
+        pb, qb = p.box, q.box
+        assert pb[0] >= qb[2] + gap or qb[0] >= pb[2] + gap or pb[1] >= qb[3] + gap or qb[1] >= pb[3] + gap
+
+
+def test_sample_scene_n_objects_and_errors():
+    assert len(sample_scene(1, n_objects=3).objects) == 3
+    with pytest.raises(UnbleedError):
+        sample_scene(1, n_objects=4)
+    with pytest.raises(UnbleedError):
+        sample_scene(1, split="validation")
+
+
+def test_render_is_deterministic_antialiased_and_faithful():
+    scene = sample_scene(7, n_objects=2)
+    a, b = render(scene), render(scene)
+    assert a.mode == "RGB" and a.size == (64, 64)
+    assert a.tobytes() == b.tobytes()
+    assert render(sample_scene(8, n_objects=2)).tobytes() != a.tobytes()
+    arr = np.asarray(a).reshape(-1, 3)
+    pure = [tuple(c) for c in COLOURS.values()] + [BACKGROUND]
+    colours = {tuple(p) for p in arr}
+    assert {tuple(COLOURS[o.colour]) for o in scene.objects} <= colours  # object interiors are exact
+    assert any(c not in pure for c in colours)  # antialiased edges blend colours
+    o = scene.objects[0]
+    assert tuple(np.asarray(a)[int(o.y), int(o.x)]) == COLOURS[o.colour] or o.shape in ("star", "heart")
+
+
+def test_render_texture_is_seeded_and_background_only():
+    scene = sample_scene(3, n_objects=1)
+    plain = np.asarray(render(scene))
+    t1, t2 = np.asarray(render(scene, texture=4, seed=1)), np.asarray(render(scene, texture=4, seed=1))
+    assert (t1 == t2).all() and (t1 != plain).any()
+    o = scene.objects[0]
+    assert (t1[int(o.y) - 1:int(o.y) + 2, int(o.x) - 1:int(o.x) + 2] ==
+            plain[int(o.y) - 1:int(o.y) + 2, int(o.x) - 1:int(o.x) + 2]).all() or o.shape in ("star", "heart")
+
+
+def test_templates_fill_their_box_and_differ():
+    masks = {s: template_mask(s, 20, 20) for s in SHAPES}
+    for s, m in masks.items():
+        assert m.shape == (20, 20)
+        ys, xs = np.nonzero(m)  # spans its box (a pointed apex may miss the half-coverage mark by a pixel)
+        assert ys.max() - ys.min() >= 18 and xs.max() - xs.min() >= 18, s
+    for a, b in itertools.combinations(SHAPES, 2):
+        iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
+        assert iou < 0.9, (a, b, iou)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_caption_round_trip(seed):
+    scene = sample_scene(seed, split="all")
+    text = caption(scene, seed)
+    assert parse_caption(text) == scene.pairs
+    for a, rel, b in parse_relations(text):  # relations in captions are faithful
+        by = {(o.colour, o.shape): o for o in scene.objects}
+        assert vertical_relation(by[a], by[b]) if rel == "above" else vertical_relation(by[b], by[a])
+
+
+def test_captions_use_every_template():
+    texts = [caption(sample_scene(s, n_objects=2), s) for s in range(300)]
+    for word in (" and ", " next to ", " with ", " above ", " below "):
+        assert any(word in t for t in texts), word
+    assert ", " in caption(sample_scene(0, n_objects=3))
+
+
+def test_parse_caption_is_robust():
+    assert parse_caption("An ORANGE cross, next to a Red Circle.") == [("orange", "cross"), ("red", "circle")]
+    assert parse_caption("a green star with a yellow heart!") == [("green", "star"), ("yellow", "heart")]
+    assert parse_caption("a purple triangle above an orange cross") == [("purple", "triangle"), ("orange", "cross")]
+    assert parse_caption("two white squares") == [("white", "square")]
+    for bad in ("a dog", "", "a red", "circle"):
+        with pytest.raises(UnbleedError) as e:
+            parse_caption(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_scene_from_caption_honours_relations():
+    for seed in range(10):
+        s = scene_from_caption("a purple triangle above an orange cross", seed)
+        assert s.pairs == [("purple", "triangle"), ("orange", "cross")]
+        assert vertical_relation(s.objects[0], s.objects[1])
+        s = scene_from_caption("a red heart below a blue square", seed)
+        assert vertical_relation(s.objects[1], s.objects[0])
+    with pytest.raises(UnbleedError):
+        scene_from_caption("a red circle, a blue square, a green star and a black heart")
+
+
+def test_heldout_split():
+    all_combos = {(c, s) for c in COLOURS for s in SHAPES}
+    assert HELDOUT <= all_combos and set(TRAIN_COMBOS) == all_combos - HELDOUT
+    assert 0.15 <= len(HELDOUT) / len(all_combos) <= 0.25
+    assert {c for c, _ in TRAIN_COMBOS} == set(COLOURS) and {s for _, s in TRAIN_COMBOS} == set(SHAPES)
+    for seed in range(300):
+        assert not set(sample_scene(seed, split="train").pairs) & HELDOUT
+    train, held = train_prompts(200, seed=1), heldout_prompts(200, seed=1)
+    assert train == train_prompts(200, seed=1) and train != train_prompts(200, seed=2)
+    for p in train:
+        pairs = parse_caption(p)
+        assert len(pairs) == 2 and not set(pairs) & HELDOUT
+    for p in held:
+        pairs = parse_caption(p)
+        assert len(pairs) == 2 and set(pairs) & HELDOUT
+    assert not set(train) & set(held)
