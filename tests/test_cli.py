@@ -143,3 +143,12 @@ def test_generate_without_tokens_uses_the_parse(tmp_path):
 def test_generate_without_entities_is_one_line(tmp_path):
     one_line_error(runner.invoke(app, ["generate", "the and of", "--model", "tiny", "--steps", "2", "--method",
                                        "ela", "--out", str(tmp_path)]), "found no entity")
+
+
+def test_words_past_the_token_limit_warn_in_one_line(tmp_path):
+    prompt = "a cat " + "and a dog " * 30 + "and a frog"
+    res = runner.invoke(app, ["generate", prompt, "--model", "tiny", "--steps", "1", "--method", "ela",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    warns = [l for l in res.stderr.splitlines() if "77-token limit" in l]
+    assert len(warns) == 1 and warns[0].startswith("warning: ") and warns[0].endswith("frog")

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .console import err
@@ -68,9 +69,15 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``warning: …`` line on stderr (no source line, no file path)."""
+    err.print(Text.assemble(("warning: ", "yellow"), str(message)), highlight=False, soft_wrap=True)
+
+
 def _quiet_libraries() -> None:
     import logging
 
+    warnings.showwarning = _show_warning
     for name in ("transformers", "diffusers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
