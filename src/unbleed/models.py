@@ -227,7 +227,7 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool):
                                f"you trust them")
         try:
             return _from_pretrained(str(path), kwargs)
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             raise UnbleedError(f"--model {spec}: could not load the folder as a Stable Diffusion pipeline "
                                f"({_first_line(err)})") from None
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
