@@ -28,7 +28,7 @@ import torch
 
 from .attention import AttentionStore, MapRequest, attention_store, resolve_block, level_of
 from .errors import UnbleedError
-from .methods import Method, Schedule
+from .methods import Method, Schedule, group_map
 from .tokens import Entity
 
 
@@ -81,7 +81,8 @@ def _attention_request(pipe, method: Method | None) -> MapRequest:
     return MapRequest(blocks=(up1,), out_level=level_of(pipe.unet, up1))
 
 
-def _picture_indices(groups: list[Entity]) -> tuple[list[str], list[tuple[int, ...]]]:
+def picture_groups(groups: list[Entity]) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Rows of the attention pictures: each entity, then its attributes — names and token indices."""
     names, idx = [], []
     for e in groups:
         names.append(e.text)
@@ -93,7 +94,7 @@ def _picture_indices(groups: list[Entity]) -> tuple[list[str], list[tuple[int, .
 
 
 def _pool(maps: torch.Tensor, indices: list[tuple[int, ...]]) -> torch.Tensor:
-    return torch.stack([maps[:, list(i)].mean(1) for i in indices], 1).detach().cpu()
+    return torch.stack([group_map(maps, i) for i in indices], 1).detach().cpu()
 
 
 @torch.no_grad()
@@ -151,7 +152,7 @@ def generate(
     request = method.map_request(pipe.unet) if method is not None else None
     picture_request = _attention_request(pipe, method) if save_attention else None
     value_sets = method.value_sets(pipe, prompt, groups, embeds, batch, do_cfg) if method is not None else None
-    picture_idx = _picture_indices(groups)[1]
+    picture_idx = picture_groups(groups)[1]
     memory: dict[str, Any] = {"num_steps": len(timesteps),
                               "prompt_length": min(len(pipe.tokenizer(prompt).input_ids),
                                                    pipe.tokenizer.model_max_length)}

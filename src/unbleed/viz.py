@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .sampler import Result
+from .sampler import Result, picture_groups
 
 # inferno at 0, .25, .5, .75, 1 (matplotlib's values), linearly interpolated
 _INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
@@ -51,10 +51,7 @@ def attention_grid(result: Result, sample: int, image: Image.Image, title: str, 
     recorded = [r for r in result.trace if r.maps is not None]
     by_step = {r.step: r for r in recorded}
     columns = _columns([r.step for r in recorded], max_columns)
-    names = []
-    for e in result.groups:
-        names.append(e.text)
-        names.extend(f"{a.text} ({e.text})" for a in e.attributes)
+    names = picture_groups(result.groups)[0]
     visual_names = list(dict.fromkeys(k for r in recorded for k in r.visuals))
     rows = [(n, "map", i) for i, n in enumerate(names)] + [(n, "visual", n) for n in visual_names]
     font = ImageFont.load_default()

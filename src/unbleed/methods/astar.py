@@ -51,8 +51,8 @@ import torch
 from ..attention import MapRequest, level_of, resolve_block
 from ..errors import UnbleedError
 from ..tokens import Entity
-from .base import Method, Schedule, group_map, scaled_steps
-from .attend_excite import smooth
+from .base import Method, Schedule, scaled_steps
+from .attend_excite import subject_maps
 from .ela import binarize
 
 EPS = 1e-8
@@ -73,8 +73,7 @@ def entity_maps(maps: torch.Tensor, groups: list[Entity], prompt_length: int, sc
     """``maps`` ``[B, 77, h, w]`` (raw probabilities) → ``A_m`` ``[B, n, h, w]``: softmax of ``scale ×`` the text
     columns over those columns, smoothed, each entity the mean of its pieces' maps."""
     cols = text_columns(prompt_length, maps.shape[1], normalize_eot)
-    text = smooth(torch.softmax(scale * maps[:, cols], dim=1), kernel, sigma)  # column k is token k + 1
-    return torch.stack([group_map(text, tuple(i - cols.start for i in e.indices)) for e in groups], 1)
+    return subject_maps(maps, [e.indices for e in groups], cols.stop, scale, kernel, sigma)
 
 
 # ---------------------------------------------------------------- losses (Eqs. 2–4)

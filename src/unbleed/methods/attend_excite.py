@@ -59,6 +59,16 @@ def token_probs(maps: torch.Tensor, last: int, temperature: float = 100.0) -> to
     return torch.softmax(maps[:, 1:last] * temperature, dim=1)
 
 
+def subject_maps(maps: torch.Tensor, subjects: list[tuple[int, ...]], last: int, temperature: float = 100.0,
+                 kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """A&E's map preprocessing, shared by Divide & Bind and A-STAR: ``[B, 77, h, w]`` raw probabilities →
+    ``[B, len(subjects), h, w]``: :func:`token_probs`, each subject the mean of its pieces' columns, smoothed
+    (``kernel_size=1``: not smoothed)."""
+    probs = token_probs(maps, last, temperature)
+    out = torch.stack([probs[:, [i - 1 for i in idx]].mean(1) for idx in subjects], 1)
+    return smooth(out, kernel_size, sigma)
+
+
 def excite_loss(max_attention: torch.Tensor) -> torch.Tensor:
     """Eq. 1: ``max_s max(0, 1 − max A_s)`` per sample; ``max_attention`` is ``[B, subjects]``."""
     return (1 - max_attention).clamp_min(0).amax(-1)
@@ -102,10 +112,8 @@ class AttendExcite(Method):
 
     def max_attention(self, maps: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """``[B, subjects]``: each subject's maximum (smoothed, token-softmaxed) attention."""
-        probs = token_probs(maps, state["last"], self.temperature)
-        subject = torch.stack([probs[:, [i - 1 for i in idx]].mean(1) for idx in state["subjects"]], 1)
-        if self.smooth:
-            subject = smooth(subject, self.kernel_size, self.sigma)
+        subject = subject_maps(maps, state["subjects"], state["last"], self.temperature,
+                               self.kernel_size if self.smooth else 1, self.sigma)
         return subject.flatten(-2).amax(-1)
 
     def loss(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:

@@ -61,8 +61,7 @@ import torch.nn.functional as F
 from ..attention import MapRequest, cross_attention_layers, level_of, resolve_block
 from ..errors import UnbleedError
 from ..tokens import Entity
-from .attend_excite import token_probs
-from .attend_excite import smooth as gaussian_smooth
+from .attend_excite import subject_maps
 from .base import Method, Schedule, scaled_steps
 
 REFERENCE_STEPS = 50  # the official schedule's step count; step options are given at 50 steps
@@ -251,9 +250,7 @@ class DivideBind(Method):
 
     def _processed(self, maps: torch.Tensor, groups: list[tuple[int, ...]], last: int) -> torch.Tensor:
         """``[B, len(groups), h, w]``: each group's token-softmaxed map (mean over its pieces), smoothed."""
-        probs = token_probs(maps, last, self.temperature)
-        out = torch.stack([probs[:, [i - 1 for i in idx]].mean(1) for idx in groups], 1)
-        return gaussian_smooth(out, self.kernel_size, self.sigma) if self.smooth else out
+        return subject_maps(maps, groups, last, self.temperature, self.kernel_size if self.smooth else 1, self.sigma)
 
     def _attribute_source(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Raw maps for the attribute tokens: the finer levels nearest-resized to the object size and averaged
