@@ -59,6 +59,29 @@ def parse_refine(text: str | None, defaults: dict[int, float]) -> dict[int, floa
     return out
 
 
+def build_schedule(guide, steps: int, window: str | None = None, refine_steps: str | None = None,
+                   refine_iters: int | None = None, step_size: float | None = None,
+                   step_schedule: str | None = None):
+    """The method's default schedule for ``steps`` with the schedule flags applied (``None`` for plain SD)."""
+    if guide is None:
+        return None
+    schedule = guide.default_schedule(steps)
+    win = parse_window(window, steps)
+    if win is not None:
+        schedule.window = win
+        schedule.refine = {k: v for k, v in schedule.refine.items() if win[0] <= k < win[1]}
+    refine = parse_refine(refine_steps, guide.default_schedule(steps).refine)
+    if refine is not None:
+        schedule.refine = refine
+    if refine_iters is not None:
+        schedule.max_refine_iters = refine_iters
+    if step_size is not None:
+        schedule.step_size = step_size
+    if step_schedule is not None:
+        schedule.step_schedule = step_schedule
+    return schedule.validate(steps)
+
+
 def parse_options(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -177,24 +200,8 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
             raise UnbleedError("--layout gives A-STAR's boxes: use it with --method astar")
         options["astar.layout" if "+" in method else "layout"] = ";".join(layout)
     guide = make_method(method, options, parse_weights(weights))
-    schedule = None
-    if guide is not None:
-        schedule = guide.default_schedule(steps)
-        win = parse_window(window, steps)
-        if win is not None:
-            schedule.window = win
-            schedule.refine = {k: v for k, v in schedule.refine.items() if win[0] <= k < win[1]}
-        refine = parse_refine(refine_steps, guide.default_schedule(steps).refine)
-        if refine is not None:
-            schedule.refine = refine
-        if refine_iters is not None:
-            schedule.max_refine_iters = refine_iters
-        if step_size is not None:
-            schedule.step_size = step_size
-        if step_schedule is not None:
-            schedule.step_schedule = step_schedule
-        schedule.validate(steps)
-    elif any(v is not None for v in (window, refine_steps, refine_iters, step_size, step_schedule)):
+    schedule = build_schedule(guide, steps, window, refine_steps, refine_iters, step_size, step_schedule)
+    if guide is None and any(v is not None for v in (window, refine_steps, refine_iters, step_size, step_schedule)):
         err.print("note: --method sd does no guidance; the schedule options are ignored")
     with err.status(f"loading model {model}…"):
         pipe = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
@@ -332,6 +339,136 @@ def bench_speed(
     for name, f in figures.items():
         table.add_row(name, f"{f['seconds']:.3f}", f"{f['ratio']:.2f}", f"{f['peak_mb']:.0f}")
     Console().print(table)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``64`` → seeds 0…63; ``0,5,7`` → those; ``10:20`` → 10…19."""
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        elif ":" in text:
+            a, b = text.split(":")
+            seeds = list(range(int(a), int(b)))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UnbleedError(f"--seeds {text!r}: give a count (64 → seeds 0…63), distinct seeds 0,5,7, or a range 10:20")
+    return seeds
+
+
+class _Bar:
+    """Rich progress with ETA for the evaluation commands (``status`` → ``start(total)`` → ``step(done)``)."""
+
+    def __init__(self, progress: Progress, label: str):
+        self.progress, self.label, self.task = progress, label, None
+
+    def status(self, text: str) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(text, total=None)
+        self.progress.update(self.task, description=text)
+
+    def start(self, total: int) -> None:
+        self.status(self.label)
+        self.progress.update(self.task, total=total, completed=0)
+
+    def step(self, done: float) -> None:
+        self.progress.update(self.task, completed=done)
+
+
+def _bar_columns():
+    return (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+
+
+@app.command()
+def sweep(
+    suite: str = typer.Option(..., "--suite",
+                              help="attend-excite[:animals|animals_objects|objects], dvmp[:N], cc500, abc6k, "
+                                   "geneval[:TAG], animal-scene, color-obj-scene, multi-object, or PATH.txt/.jsonl."),
+    methods: str = typer.Option("sd,ela", "--methods", help="Comma-separated methods, e.g. sd,ela,attend-excite."),
+    seeds: str = typer.Option("64", "--seeds", help="A count (64 → seeds 0…63), a list 0,5,7, or a range 10:20."),
+    model: str = typer.Option("CompVis/stable-diffusion-v1-4", "--model", help="Hub id, local folder, or tiny."),
+    out: str = typer.Option(..., "--out", help="Run folder (created; an existing one is resumed)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts of the suite."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (default: the model's)."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", "-g", help="Classifier-free guidance scale."),
+    scheduler: str = typer.Option("default", "--scheduler", help="default (the model's), ddim, pndm, euler, …"),
+    option: list[str] = typer.Option([], "--option", "-o",
+                                     help="Method option KEY=VALUE (ela.lam=0.3 for one method); repeat."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Seeds per sampler call (results do not depend on it)."),
+    clip_model: str = typer.Option("openai/clip-vit-base-patch16", "--clip-model",
+                                   help="CLIP for the similarities: hub id, local folder, or tiny."),
+    caption_model: str = typer.Option("Salesforce/blip-image-captioning-base", "--caption-model",
+                                      help="BLIP captioner for text–text similarity: hub id, folder, tiny, or none."),
+    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Score each image as it is made."),
+    device: str = typer.Option("auto", "--device", help="auto (Accelerate's device for this process), cpu, cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow pickled (.bin) weights; they can run code when loaded."),
+) -> None:
+    """Generate prompt × seed × method into a run folder with one record per image (resumable; run it under
+    `accelerate launch -m unbleed sweep …` for one process per GPU)."""
+    try:
+        from .eval.sweep import SweepConfig, finish, run_sweep
+
+        _quiet_libraries()
+        warnings.filterwarnings("ignore", module="diffusers")
+        cfg = SweepConfig(suite=suite, methods=[m.strip() for m in methods.split(",") if m.strip()],
+                          seeds=parse_seeds(seeds), model=model, out=out, limit=limit, steps=steps, height=height,
+                          width=width, guidance_scale=guidance_scale, scheduler=scheduler, options=list(option),
+                          batch_size=batch_size, clip_model=clip_model,
+                          caption_model=None if caption_model.lower() == "none" else caption_model,
+                          metrics=metrics, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        with Progress(*_bar_columns(), console=err) as progress:
+            bar = _Bar(progress, "sweep")
+            summary = run_sweep(cfg, progress=bar)
+    except UnbleedError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; rerun the same command to resume (finished images are recorded in {out})")
+    from accelerate import PartialState
+
+    state = PartialState()
+    tag = f"[process {summary['process']}/{summary['processes']}] " if summary["processes"] > 1 else ""
+    err.print(f"{tag}{summary['made']} images made, {summary['skipped']} already done, {summary['failed']} failed "
+              f"in {summary['seconds']:.1f} s → {summary['records']}", highlight=False, soft_wrap=True, markup=False)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        total = finish(cfg)
+        err.print(f"sweep {suite}: {total} records in {out} (expected "
+                  f"{len(cfg.methods) * len(cfg.seeds)} per prompt); next: unbleed report {out}",
+                  highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="The run folder of an unbleed sweep."),
+    out: Optional[str] = typer.Option(None, "--out", help="Report folder (default RUN/report)."),
+    grid_seeds: int = typer.Option(8, "--grid-seeds", help="Seeds (columns) per image grid."),
+    cell: int = typer.Option(128, "--cell", help="Pixel size of a grid cell."),
+) -> None:
+    """A Table-1-shaped table (Markdown + CSV), bar plots and per-prompt image grids of a sweep."""
+    try:
+        from .eval.report import make_report
+
+        if grid_seeds < 1 or cell < 8:
+            raise UnbleedError("--grid-seeds must be ≥ 1 and --cell ≥ 8")
+        with Progress(*_bar_columns(), console=err) as progress:
+            summary = make_report(run, out, max_grid_seeds=grid_seeds, cell=cell, progress=_Bar(progress, "grids"))
+    except UnbleedError as e:
+        _fail(str(e))
+    if "table" in summary:
+        sys.stdout.write(summary["table"])
+    else:
+        err.print("note: no record has metrics (swept with --no-metrics?): grids only", highlight=False)
+    err.print(f"report of {summary['records']} records ({summary['scored']} scored, {summary['failed']} failed): "
+              f"{'table, ' if 'table' in summary else ''}{len(summary['plots'])} plots, {summary['grids']} grids "
+              f"in {summary['out']}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -20,7 +20,7 @@ import torch
 from .errors import UnbleedError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the ELA paper's model
-OFFLINE_MODELS = ("tiny",)
+OFFLINE_MODELS = ("tiny", "shapes")
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
@@ -180,6 +180,17 @@ def set_scheduler(pipe, name: str | None) -> None:
         raise UnbleedError(f"--scheduler {name} needs a package that is not installed ({_first_line(err)})") from None
 
 
+def _shapes_folder() -> Path:
+    """The trained shapes-world model shipped in the package (``unbleed shapes train`` makes it)."""
+    from .shapes.model import shipped_model_path
+
+    path = shipped_model_path()
+    if not (path / "model_index.json").is_file():
+        raise UnbleedError(f"--model shapes: the trained shapes model is missing from the package ({path}): "
+                           f"train one with 'unbleed shapes train --out RUN' and pass --model RUN/pipeline")
+    return path
+
+
 def _has_weights(folder: Path, suffixes: tuple[str, ...]) -> bool:
     return any(p.suffix in suffixes for p in folder.rglob("*") if p.is_file())
 
@@ -188,13 +199,15 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
                allow_pickle: bool = False, scheduler: str | None = None, seed: int = 0):
     """Load a model as a ``StableDiffusionPipeline`` on ``device``; inference only (weights frozen).
 
-    ``spec`` is ``tiny``, a local diffusers folder, or a hub id (resolved from the local cache first).
+    ``spec`` is ``tiny``, ``shapes`` (the shipped shapes-world model), a local diffusers folder, or a hub id (resolved from the local cache first).
     Raises :class:`UnbleedError` with one line naming the fix when the model cannot be had.
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if spec == "tiny":
         pipe = build_tiny_pipeline(seed=seed)
+    elif spec == "shapes":
+        pipe = _load_pretrained(str(_shapes_folder()), torch_dtype, allow_pickle=False)
     else:
         pipe = _load_pretrained(spec, torch_dtype, allow_pickle)
     pipe.to(device=dev)

@@ -250,24 +250,31 @@ def scene_from_caption(text: str, seed: int = 0, size: int = 64) -> Scene:
 
 # ----------------------------------------------------------------------------------------------- prompts
 
-def _prompts(n: int, seed: int, split: str) -> list[str]:
-    rng = np.random.default_rng(seed)
+def _prompts(n: int, seed: int, split: str, objects: int = 2) -> list[str]:
+    if not 1 <= objects <= 3:
+        raise UnbleedError(f"--objects {objects}: a prompt names 1 to 3 objects")
+    rng = np.random.default_rng(seed if objects == 2 else [seed, objects])
     out = []
     for _ in range(n):
-        a, b = sample_pairs(rng, 2, split)
-        conn = ("and", "next to", "with")[rng.integers(3)]
-        out.append(f"{noun_phrase(*a)} {conn} {noun_phrase(*b)}")
+        pairs = sample_pairs(rng, objects, split)
+        if objects == 2:
+            conn = ("and", "next to", "with")[rng.integers(3)]
+            out.append(f"{noun_phrase(*pairs[0])} {conn} {noun_phrase(*pairs[1])}")
+        else:
+            phrases = [noun_phrase(*p) for p in pairs]
+            out.append(phrases[0] if objects == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1])
     return out
 
 
-def train_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` two-object prompts whose objects are all training combinations (distinct colours and shapes)."""
-    return _prompts(n, seed, "train")
+def train_prompts(n: int, seed: int = 0, objects: int = 2) -> list[str]:
+    """``n`` prompts of ``objects`` objects (default two), all training combinations (distinct colours and
+    shapes)."""
+    return _prompts(n, seed, "train", objects)
 
 
-def heldout_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` two-object prompts each containing at least one held-out combination."""
-    return _prompts(n, seed, "heldout")
+def heldout_prompts(n: int, seed: int = 0, objects: int = 2) -> list[str]:
+    """``n`` prompts of ``objects`` objects (default two), each containing at least one held-out combination."""
+    return _prompts(n, seed, "heldout", objects)
 
 
 def with_objects(scene: Scene, objects: list[Obj]) -> Scene:

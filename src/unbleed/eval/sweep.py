@@ -1,0 +1,306 @@
+"""``unbleed sweep``: prompt × seed × method → images and one JSON record per image; resumable, crash-safe and
+data-parallel under Hugging Face Accelerate (``accelerate launch -m unbleed sweep …``).
+
+Design (every step survives SIGKILL at any moment):
+
+* The work list is deterministic: the suite's prompts (``--limit`` first ones) × ``--methods`` × the seeds cut into
+  batches of ``--batch-size``. A *job* is one image, keyed by ``(prompt, seed, method)``; a *unit* is one batch of
+  seeds of one (prompt, method), run as one ``sampler.generate`` call.
+* Units are dealt round-robin over the processes by their position in the full list (unit ``i`` → process
+  ``i mod N``), so every job belongs to exactly one process and only that process writes its record.
+* Each process appends to its own ``records-pK.jsonl``. An image is written under a temporary name and moved into
+  place with ``os.replace``; only then is its record line appended, flushed and fsync'ed. A record therefore
+  always points at a complete image; an image without a record is simply made again (same seed, same bytes).
+* On start each process reads every records file (a truncated last line — a kill mid-write — is ignored), skips
+  the jobs already recorded, cuts its own file back to its last complete line and empties its temporary folder.
+* One pipeline (and one set of metric models) per process, loaded once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UnbleedError
+from .suites import Prompt, load_suite
+
+MANIFEST = "sweep.json"
+# Options that change the images: a run folder keeps them fixed (methods, seeds and --limit may grow).
+FIXED = ("suite", "model", "steps", "height", "width", "guidance_scale", "scheduler", "options", "clip_model",
+         "caption_model", "metrics")
+
+
+@dataclass
+class SweepConfig:
+    suite: str
+    methods: list[str]
+    seeds: list[int]
+    model: str
+    out: str
+    limit: int | None = None
+    steps: int = 50
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float = 7.5
+    scheduler: str = "default"
+    options: list[str] = field(default_factory=list)
+    batch_size: int = 4
+    clip_model: str = "openai/clip-vit-base-patch16"
+    caption_model: str | None = "Salesforce/blip-image-captioning-base"
+    metrics: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class Unit:
+    prompt_index: int
+    prompt: Prompt
+    method: str
+    seeds: tuple[int, ...]
+
+
+def job_key(prompt: str, seed: int, method: str) -> str:
+    return json.dumps([prompt, int(seed), method], ensure_ascii=False)
+
+
+def work_list(prompts: list[Prompt], methods: list[str], seeds: list[int], batch_size: int) -> list[Unit]:
+    """Every unit of the sweep, in a fixed order (prompt-major, then method, then seed batch)."""
+    batches = [tuple(seeds[i:i + batch_size]) for i in range(0, len(seeds), batch_size)]
+    return [Unit(i, p, m, b) for i, p in enumerate(prompts) for m in methods for b in batches]
+
+
+def shard(units: list[Unit], index: int, count: int) -> list[Unit]:
+    """Process ``index`` of ``count``'s units: every ``count``-th one of the full list, from ``index``."""
+    return units[index::count]
+
+
+def read_records(run: str | Path) -> list[dict]:
+    """Every complete record of a run folder (all processes' files), the first of any repeated key."""
+    out, seen = [], set()
+    for path in sorted(Path(run).glob("records-*.jsonl")):
+        with open(path, "rb") as fh:
+            data = fh.read()
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a line cut short by a kill (only ever the last one of a file)
+            if isinstance(rec, dict) and "key" in rec and rec["key"] not in seen:
+                seen.add(rec["key"])
+                out.append(rec)
+    return out
+
+
+def repair(path: Path) -> None:
+    """Cut a records file back to its last complete line (what a kill mid-append leaves behind)."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _check_manifest(run: Path, cfg: SweepConfig) -> None:
+    """Write ``sweep.json`` on a fresh run; on a resumed one, refuse options that would change the images."""
+    path = run / MANIFEST
+    mine = {k: v for k, v in asdict(cfg).items() if k in FIXED}
+    if path.is_file():
+        try:
+            theirs = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            theirs = None
+        if isinstance(theirs, dict):
+            diff = [k for k in FIXED if k in theirs and theirs[k] != mine[k]]
+            if diff:
+                k = diff[0]
+                raise UnbleedError(f"--out {run}: this run folder was started with {k}={theirs[k]!r}, not "
+                                   f"{mine[k]!r}: rerun with the same options to resume, or pick a new --out")
+            return
+    tmp = run / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({**mine, "methods": cfg.methods, "seeds": cfg.seeds}, indent=2))
+    os.replace(tmp, path)
+
+
+def _append(fh, record: dict) -> None:
+    fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def image_name(prompt_index: int, method: str, seed: int) -> str:
+    """``NNNN-METHOD-sSEED.png`` with NNNN the prompt's index in the suite (never from the prompt's text)."""
+    return f"{prompt_index:04d}-{method}-s{seed}.png"
+
+
+def validate(cfg: SweepConfig) -> list[Prompt]:
+    """Check every option before any model loads; return the prompts."""
+    from ..methods import make_method
+    from ..cli import parse_options
+
+    if not cfg.methods:
+        raise UnbleedError("--methods is empty: give a comma-separated list, e.g. --methods sd,ela")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise UnbleedError(f"--methods {','.join(cfg.methods)}: a method is named twice")
+    for m in cfg.methods:
+        if "/" in m or m.startswith("."):
+            raise UnbleedError(f"--methods: {m!r} is not a method name")
+        make_method(m, None)
+    parse_options(cfg.options)
+    if not cfg.seeds:
+        raise UnbleedError("--seeds: give a count (--seeds 64 → seeds 0…63) or a list (--seeds 0,5,7)")
+    if cfg.steps < 1:
+        raise UnbleedError(f"--steps {cfg.steps} must be ≥ 1")
+    if cfg.batch_size < 1:
+        raise UnbleedError(f"--batch-size {cfg.batch_size} must be ≥ 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UnbleedError(f"--limit {cfg.limit} must be ≥ 1")
+    prompts = load_suite(cfg.suite)
+    return prompts[:cfg.limit] if cfg.limit else prompts
+
+
+def _method_options(method: str, options: dict[str, str]) -> dict[str, str]:
+    """``-o`` options that apply to ``method`` (``ela.lam=…`` only to ela; plain keys to methods that have them)."""
+    from ..methods import METHODS
+
+    names = method.split("+")
+    out = {}
+    for key, value in options.items():
+        target, _, name = key.rpartition(".")
+        if target:
+            if target in names:
+                out[key if len(names) > 1 else name] = value
+        elif any(METHODS.get(n) is not None and name.replace("-", "_") in METHODS[n].__dataclass_fields__
+                 for n in names):
+            out[key] = value
+    return out
+
+
+def run_sweep(cfg: SweepConfig, progress=None) -> dict:
+    """Run this process's share of the sweep; return a summary (counts, seconds, paths)."""
+    import torch
+    from accelerate import PartialState
+
+    from ..cli import parse_options
+    from ..methods import make_method
+    from ..models import load_model
+    from ..output import save_result
+    from ..sampler import generate
+    from ..tokens import token_groups
+
+    prompts = validate(cfg)
+    # CPU-only machines: cpu=True lets Accelerate form its multi-CPU (gloo) group under a torchrun-style launch
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    index, count = state.process_index, state.num_processes
+    run = Path(cfg.out)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "images").mkdir(exist_ok=True)
+    except OSError as err:
+        raise UnbleedError(f"--out {cfg.out}: cannot create the folder ({err.strerror})") from None
+    if state.is_main_process:
+        _check_manifest(run, cfg)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        _check_manifest(run, cfg)
+
+    mine = shard(work_list(prompts, cfg.methods, cfg.seeds, cfg.batch_size), index, count)
+    own = run / f"records-p{index}.jsonl"
+    repair(own)
+    done = {r["key"] for r in read_records(run)}
+    todo = [(u, [s for s in u.seeds if job_key(u.prompt.text, s, u.method) not in done]) for u in mine]
+    todo = [(u, seeds) for u, seeds in todo if seeds]
+    n_images = sum(len(s) for _, s in todo)
+    summary = {"process": index, "processes": count, "assigned": sum(len(u.seeds) for u in mine),
+               "skipped": sum(len(u.seeds) for u in mine) - n_images, "made": 0, "failed": 0, "seconds": 0.0,
+               "records": str(own)}
+    tmp_dir = run / ".tmp" / f"p{index}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if not todo:
+        return summary
+
+    t_start = time.perf_counter()
+    device = str(state.device) if cfg.device == "auto" else cfg.device
+    if progress:
+        progress.status(f"loading model {cfg.model}…")
+    pipe = load_model(cfg.model, device=device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
+                      scheduler=cfg.scheduler)
+    scorer = None
+    if cfg.metrics:
+        from .metrics import Scorer
+
+        if progress:
+            progress.status(f"loading metric models {cfg.clip_model}, {cfg.caption_model}…")
+        scorer = Scorer.load(cfg.clip_model, cfg.caption_model, device=pipe.device, allow_pickle=cfg.allow_pickle)
+    options = parse_options(cfg.options)
+    guides = {m: make_method(m, _method_options(m, options)) for m in cfg.methods}
+    groups_cache: dict[str, list] = {}
+    if progress:
+        progress.label = f"sweep p{index}/{count}" if count > 1 else "sweep"
+        progress.start(n_images)
+    with open(own, "ab") as fh:
+        for unit, seeds in todo:
+            prompt, method = unit.prompt.text, unit.method
+            guide = guides[method]
+            base = {"suite": cfg.suite, "prompt_index": unit.prompt_index, "prompt": prompt,
+                    "category": unit.prompt.category, "method": method, "model": cfg.model, "process": index}
+            try:
+                groups = []
+                if guide is not None:
+                    if prompt not in groups_cache:
+                        groups_cache[prompt] = token_groups(pipe.tokenizer, prompt, None)
+                    groups = groups_cache[prompt]
+                t0 = time.perf_counter()
+
+                def on_step(i, total, rec, done_images=summary["made"] + summary["failed"]):
+                    if progress:
+                        progress.step(done_images + len(seeds) * (i + 1) / total)
+
+                result = generate(pipe, prompt, method=guide, groups=groups, seeds=seeds,
+                                  num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                  height=cfg.height, width=cfg.width, callback=on_step)
+                seconds_gen = time.perf_counter() - t0
+            except UnbleedError as err:  # e.g. a prompt with no noun for a guided method: recorded, not retried
+                for s in seeds:
+                    _append(fh, {"key": job_key(prompt, s, method), **base, "seed": s, "error": str(err)})
+                summary["failed"] += len(seeds)
+                if progress:
+                    progress.step(summary["made"] + summary["failed"])
+                continue
+            t1 = time.perf_counter()
+            metrics = scorer.score(result.images, prompt) if scorer is not None else [None] * len(seeds)
+            seconds_metrics = time.perf_counter() - t1
+            records = save_result(result, prompt, method, cfg.model, tmp_dir)
+            for rec, metric in zip(records, metrics):
+                seed = rec["seed"]
+                final = run / "images" / image_name(unit.prompt_index, method, seed)
+                os.replace(rec.pop("path"), final)
+                _append(fh, {"key": job_key(prompt, seed, method), **base, "seed": seed,
+                             "image": str(final.relative_to(run)), "metrics": metric,
+                             "seconds": round((seconds_gen + seconds_metrics) / len(seeds), 3),
+                             "params": {k: v for k, v in rec.items() if k not in base and k != "seed"}})
+                summary["made"] += 1
+            if progress:
+                progress.step(summary["made"] + summary["failed"])
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    summary["seconds"] = round(time.perf_counter() - t_start, 2)
+    del pipe, scorer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return summary
+
+
+def finish(cfg: SweepConfig) -> int:
+    """After every process is done: the number of records in the run folder (called on the main process)."""
+    return len(read_records(cfg.out))

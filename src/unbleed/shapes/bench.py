@@ -1,0 +1,149 @@
+"""``unbleed shapes bench``: every method on the same shapes-world prompts and seeds, scored by the exact detector.
+
+For each prompt the token groups come from the prompt parser (as ``unbleed generate`` without ``--tokens``), every
+contender generates one image per seed (seeds ``0 … K−1``, one batch), and :func:`unbleed.shapes.detect.detect`
+gives the verdicts. Figures per contender are fractions of images:
+
+* ``success`` — every requested object present once, in its colour, separate (no leak, no fused blob);
+* ``missing`` — some requested object is absent (and not merged into a fused blob);
+* ``leak`` — a requested shape carries another requested object's colour, or a shape is two-coloured;
+* ``fused`` — a blob that is two requested objects merged (no single shape, or two requested colours);
+
+and ``seconds``, the contender's total generation wall time (detection excluded), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UnbleedError
+from ..methods.base import Method, Schedule
+from .world import COLOURS, SHAPES, heldout_prompts, parse_caption, train_prompts
+
+VERDICTS = ("success", "missing", "leak", "fused")
+_CONNECTORS = {"a", "an", "and", "next", "to", "with", "above", "below"}
+
+
+@dataclass
+class Contender:
+    """One row of the benchmark: a label, a method (``None`` = plain sampling) and its schedule."""
+
+    label: str
+    method: Method | None
+    schedule: Schedule | None = None
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One caption per line in the world's vocabulary (blank lines and ``#`` comments skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnbleedError(f"--prompts-file {str(path)!r}: cannot read it ({type(e).__name__}): give a UTF-8 text "
+                           f"file with one caption per line") from None
+    prompts = []
+    vocab = set(COLOURS) | set(SHAPES) | _CONNECTORS
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        words = [w for w in text.lower().replace(",", " ").split()]
+        unknown = [w for w in words if w not in vocab and w.rstrip("s") not in vocab and w[:-2] not in vocab]
+        if unknown:
+            raise UnbleedError(f"--prompts-file {path.name} line {n}: {unknown[0]!r} is not in the shapes world's "
+                               f"vocabulary: use colours {', '.join(COLOURS)}, shapes {', '.join(SHAPES)} and "
+                               f"'and', 'next to', 'with', 'above', 'below'")
+        pairs = parse_caption(text)
+        if len(pairs) > 3:
+            raise UnbleedError(f"--prompts-file {path.name} line {n}: {len(pairs)} objects; the world holds 1 to 3")
+        prompts.append(text)
+    if not prompts:
+        raise UnbleedError(f"--prompts-file {path.name}: no caption in it; write one caption per line")
+    return prompts
+
+
+def bench_prompts(split: str, n: int, prompts_file: str | Path | None = None, seed: int = 0,
+                  objects: int = 2) -> list[str]:
+    """The benchmark's prompts: ``n`` captions of ``objects`` objects (default two) from ``split`` (``train`` |
+    ``heldout``), or a file's."""
+    if prompts_file is not None:
+        prompts = read_prompts_file(prompts_file)
+        return prompts[:n] if n else prompts
+    if n < 1:
+        raise UnbleedError(f"--prompts {n}: use at least 1")
+    if split == "train":
+        return train_prompts(n, seed, objects)
+    if split == "heldout":
+        return heldout_prompts(n, seed, objects)
+    raise UnbleedError(f"--split {split!r}: use train or heldout")
+
+
+def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list[int], *, steps: int = 50,
+              guidance_scale: float = 7.5, out: str | Path | None = None,
+              progress: Callable[[str, str], None] | None = None) -> dict:
+    """Run every contender on every prompt and seed; returns ``{label: {success, missing, leak, fused, seconds,
+    images}}`` and, with ``out``, writes per-prompt grids, a bar plot, ``results.json`` and ``records.jsonl``."""
+    from ..sampler import generate
+    from ..tokens import token_groups
+    from .detect import detect
+
+    if not contenders:
+        raise UnbleedError("--methods: name at least one method")
+    labels = [c.label for c in contenders]
+    if len(set(labels)) != len(labels):
+        raise UnbleedError(f"--methods {','.join(labels)}: each method once")
+    out = Path(out) if out is not None else None
+    if out is not None:
+        (out / "grids").mkdir(parents=True, exist_ok=True)
+    counts = {c.label: dict.fromkeys(VERDICTS, 0) for c in contenders}
+    seconds = dict.fromkeys(labels, 0.0)
+    records = []
+    for p, prompt in enumerate(prompts):
+        groups = token_groups(pipe.tokenizer, prompt, None)
+        rows = []
+        for c in contenders:
+            if progress:
+                progress(prompt, c.label)
+            t0 = time.perf_counter()
+            result = generate(pipe, prompt, method=c.method, groups=groups, seeds=seeds,
+                              num_inference_steps=steps, guidance_scale=guidance_scale, schedule=c.schedule)
+            seconds[c.label] += time.perf_counter() - t0
+            for seed, image in zip(seeds, result.images):
+                verdict = detect(image, prompt)
+                for v in VERDICTS:
+                    counts[c.label][v] += bool(verdict[v])
+                records.append({"prompt": prompt, "method": c.label, "seed": seed,
+                                **{v: bool(verdict[v]) for v in VERDICTS}})
+            rows.append((c.label, list(result.images)))
+        if out is not None:
+            _grid(rows, seeds, prompt).save(out / "grids" / f"{p:04d}.png")
+    n = len(prompts) * len(seeds)
+    figures = {c: {**{v: counts[c][v] / n for v in VERDICTS}, "seconds": round(seconds[c], 2), "images": n}
+               for c in labels}
+    if out is not None:
+        from ..plots import bar_plot
+
+        bar_plot({v: {c: figures[c][v] for c in labels} for v in VERDICTS}, out / "bench.png",
+                 title=f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds", ylabel="fraction of images")
+        (out / "results.json").write_text(json.dumps({"figures": figures, "prompts": prompts, "seeds": seeds,
+                                                      "steps": steps, "guidance_scale": guidance_scale}, indent=1))
+        with open(out / "records.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return figures
+
+
+def _grid(rows, seeds, prompt):
+    from PIL import Image
+
+    from ..plots import image_grid
+
+    big = [(label, [im.resize((128, 128), Image.NEAREST) for im in images]) for label, images in rows]
+    return image_grid(big, col_labels=[f"seed {s}" for s in seeds], title=prompt)
+
+
+__all__ = ["Contender", "VERDICTS", "bench_prompts", "read_prompts_file", "run_bench"]

@@ -1,0 +1,350 @@
+"""``unbleed shapes train``: train the shapes model from scratch, seeded, checkpointed and resumable.
+
+Recipe (two phases, one command):
+
+1. **VAE** (``vae_steps``): the :class:`~diffusers.AutoencoderKL` learns to reconstruct rendered scenes
+   (L1 + MSE with object pixels weighted 10× the background, KL weight 1e-6 as in latent-diffusion
+   autoencoders). Its latents' standard deviation then sets
+   ``scaling_factor`` (SD's convention: unit-variance latents for the UNet).
+2. **Diffusion** (``steps``): text encoder and UNet trained jointly from scratch on the frozen VAE's latents,
+   SD 1.x's objective (ε-prediction, the scaled-linear 1000-step schedule), Min-SNR-γ loss weights (Hang et al.
+   2023, γ = 5), AdamW with linear warm-up then constant learning rate, gradient clipping at 1, an EMA of the
+   weights (the EMA is what gets exported), and 10 % of captions dropped to "" for classifier-free guidance.
+
+Data come from the world (:mod:`unbleed.shapes.world`, split ``train``: held-out colour–shape pairs never
+appear) rendered on the fly: step ``k``'s batch is a pure function of ``(seed, phase, k)``, and the noise comes
+from a torch generator whose state is checkpointed, so a resumed run continues exactly where it stopped.
+The caption distribution is ``p_objects`` (1, 2, 3 objects; default mostly single objects), which is what makes
+plain sampling good at one object and unreliable at two.
+
+A checkpoint (every ``checkpoint_every`` steps, and at the end) is ``OUT/checkpoint/`` — ``state.safetensors``
+(weights, EMA, optimiser moments, generator state) and ``state.json`` (step counters, config) — replaced
+atomically, so a run killed at any moment resumes from the last complete one; and ``OUT/pipeline/``, the EMA
+weights as an SD pipeline folder (fp16 safetensors) that ``--model OUT/pipeline`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnbleedError
+from .model import ARCHS, Arch, IMAGE_SIZE, build_components, make_pipeline, noise_schedule
+from .render import render
+from .world import BACKGROUND, caption, sample_scene
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 6000  # diffusion steps (total, including those already done when resuming)
+    vae_steps: int = 1500
+    batch: int = 64
+    vae_batch: int = 16
+    lr: float = 1e-3
+    vae_lr: float = 2e-3
+    warmup: int = 200
+    ema: float = 0.999
+    p_objects: tuple[float, float, float] = (0.5, 0.4, 0.1)
+    p_uncond: float = 0.1
+    min_snr: float = 5.0
+    seed: int = 0
+    arch: str = "default"
+    checkpoint_every: int = 250
+
+    # settings that may change when a run is resumed (the rest must match the checkpoint); ``vae_steps`` only
+    # while the VAE phase is running and not below the steps it has done
+    RESUMABLE = ("steps", "checkpoint_every", "vae_steps")
+
+    def validate(self) -> "TrainConfig":
+        if self.arch not in ARCHS:
+            raise UnbleedError(f"--arch {self.arch!r} is unknown: use one of {', '.join(ARCHS)}")
+        for name in ("steps", "vae_steps", "batch", "vae_batch", "checkpoint_every"):
+            if getattr(self, name) < (1 if name in ("batch", "vae_batch", "checkpoint_every") else 0):
+                raise UnbleedError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range: use a "
+                                   f"positive number")
+        p = self.p_objects
+        if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
+            raise UnbleedError(f"--p-objects {','.join(map(str, p))}: give three probabilities (1, 2, 3 objects) "
+                               f"that sum to 1")
+        if not 0 <= self.p_uncond < 1:
+            raise UnbleedError(f"--p-uncond {self.p_uncond}: use a probability in [0, 1)")
+        return self
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+PHASES = {"vae": 0, "diffusion": 1, "scale": 2}
+
+def scene_batch(cfg: TrainConfig, phase: str, step: int, n: int) -> tuple[torch.Tensor, list[str]]:
+    """Step ``step``'s batch of ``phase`` ("vae" | "diffusion"): images in [-1, 1] and captions (some ""),
+    a pure function of ``(cfg.seed, phase, step)``."""
+    rng = np.random.default_rng([cfg.seed, PHASES[phase], step])
+    images, texts = [], []
+    for _ in range(n):
+        k = int(rng.choice(3, p=cfg.p_objects)) + 1
+        scene = sample_scene(rng, n_objects=k, size=IMAGE_SIZE, split="train")
+        images.append(np.asarray(render(scene)))
+        text = caption(scene, rng)
+        texts.append("" if rng.random() < cfg.p_uncond else text)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, texts
+
+
+@lru_cache(maxsize=4096)
+def _token_ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True).input_ids)
+
+
+def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    return torch.tensor([_token_ids(tokenizer, t) for t in texts])
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+class Trainer:
+    """Holds the networks, optimisers and counters; :meth:`run` trains up to ``cfg.steps``."""
+
+    def __init__(self, out: str | os.PathLike, cfg: TrainConfig, device: torch.device):
+        self.out = Path(out)
+        self.cfg = cfg.validate()
+        self.device = device
+        parts = build_components(ARCHS[cfg.arch], seed=cfg.seed)
+        self.tokenizer, self.scheduler = parts["tokenizer"], parts["scheduler"]
+        self.text_encoder, self.unet, self.vae = (parts[k].to(device) for k in ("text_encoder", "unet", "vae"))
+        self.ema = {k: v.detach().clone() for k, v in self._diffusion_params()}
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW([p for _, p in self._diffusion_params()], lr=cfg.lr, weight_decay=0.0)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.vae_step = 0
+        self.step = 0
+        self.scaled = False  # scaling_factor measured on the trained VAE
+        self.noise = noise_schedule()
+        self.alphas_cumprod = self.noise.alphas_cumprod.to(device)
+
+    def _diffusion_params(self):
+        for prefix, module in (("text_encoder", self.text_encoder), ("unet", self.unet)):
+            for name, p in module.named_parameters():
+                yield f"{prefix}.{name}", p
+
+    # --- checkpoints
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save(self) -> None:
+        """Write the checkpoint atomically (new folder, then rename) and export the EMA pipeline."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, module in (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae)):
+            for k, v in module.state_dict().items():
+                tensors[f"model.{prefix}.{k}"] = v
+        for k, v in self.ema.items():
+            tensors[f"ema.{k}"] = v
+        groups = {}
+        for name, opt in (("opt", self.opt), ("vae_opt", self.vae_opt)):
+            sd = opt.state_dict()
+            for idx, st in sd["state"].items():
+                for k, v in st.items():
+                    tensors[f"{name}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            groups[name] = sd["param_groups"]
+        tensors["rng.torch"] = self.gen.get_state()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"step": self.step, "vae_step": self.vae_step, "scaled": self.scaled, "config": self.cfg.to_dict(),
+                "arch": ARCHS[self.cfg.arch].to_dict(), "param_groups": groups,
+                "scaling_factor": float(self.vae.config.scaling_factor)}
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        old = self.out / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.ckpt_dir.exists():
+            self.ckpt_dir.rename(old)
+        tmp.rename(self.ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self.export(self.out / "pipeline")
+
+    def load(self) -> bool:
+        """Resume from ``OUT/checkpoint`` (or the previous one, if a save was interrupted); False when none."""
+        from safetensors.torch import load_file
+
+        folder = self.ckpt_dir if (self.ckpt_dir / "state.json").is_file() else self.out / "checkpoint.old"
+        if not (folder / "state.json").is_file():
+            return False
+        meta = json.loads((folder / "state.json").read_text())
+        saved = meta["config"]
+        for k, v in self.cfg.to_dict().items():
+            if k in TrainConfig.RESUMABLE:
+                continue
+            if (list(v) if isinstance(v, tuple) else v) != saved.get(k):
+                raise UnbleedError(f"{self.out}: the checkpoint was trained with {k}={saved.get(k)!r}, not {v!r}: "
+                                   f"resume with the same settings (only --steps may change), or use a new --out")
+        if self.cfg.vae_steps != saved["vae_steps"] and (meta["scaled"] or meta["vae_step"] > self.cfg.vae_steps):
+            raise UnbleedError(f"{self.out}: --vae-steps {self.cfg.vae_steps}: the VAE phase of this run "
+                               f"{'is over' if meta['scaled'] else 'is past it'} ({meta['vae_step']} steps done): "
+                               f"resume with --vae-steps {saved['vae_steps']}")
+        tensors = load_file(str(folder / "state.safetensors"))
+        for prefix, module in (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae)):
+            module.load_state_dict({k[len(f"model.{prefix}."):]: v for k, v in tensors.items()
+                                    if k.startswith(f"model.{prefix}.")})
+        self.ema = {k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
+        for name, opt in (("opt", self.opt), ("vae_opt", self.vae_opt)):
+            state: dict[int, dict] = {}
+            for k, v in tensors.items():
+                if k.startswith(name + "."):
+                    _, idx, key = k.split(".", 2)
+                    state.setdefault(int(idx), {})[key] = v.to(self.device) if key != "step" else v
+            opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+        self.gen.set_state(tensors["rng.torch"])
+        self.step, self.vae_step, self.scaled = meta["step"], meta["vae_step"], meta["scaled"]
+        self.vae.register_to_config(scaling_factor=meta["scaling_factor"])
+        return True
+
+    def export(self, path: Path, dtype: torch.dtype = torch.float16) -> Path:
+        """The EMA weights as an SD pipeline folder (safetensors in ``dtype``)."""
+        import copy
+
+        text_encoder, unet = copy.deepcopy(self.text_encoder), copy.deepcopy(self.unet)
+        own = dict(text_encoder=text_encoder, unet=unet)
+        with torch.no_grad():
+            for key, v in self.ema.items():
+                prefix, name = key.split(".", 1)
+                own[prefix].get_parameter(name).copy_(v)
+        pipe = make_pipeline({"tokenizer": self.tokenizer, "text_encoder": text_encoder, "unet": unet,
+                              "vae": copy.deepcopy(self.vae), "scheduler": self.scheduler})
+        pipe.to(dtype=dtype)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "unbleed_shapes.json").write_text(json.dumps(
+            {"step": self.step, "vae_step": self.vae_step, "config": self.cfg.to_dict(),
+             "arch": ARCHS[self.cfg.arch].to_dict()}, indent=1))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        return path
+
+    # --- training
+
+    def vae_update(self) -> float:
+        cfg = self.cfg
+        x, _ = scene_batch(cfg, "vae", self.vae_step, cfg.vae_batch)
+        x = x.to(self.device)
+        lr = cfg.vae_lr * min(1.0, (self.vae_step + 1) / max(1, cfg.warmup))
+        for g in self.vae_opt.param_groups:
+            g["lr"] = lr
+        post = self.vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=self.gen).to(self.device)
+        rec = self.vae.decode(z).sample
+        # object pixels weigh 10x the background: they are ~15 % of the image and all that matters
+        bg = torch.tensor(BACKGROUND, device=x.device).view(1, 3, 1, 1) / 127.5 - 1
+        w = 1 + 9 * ((x - bg).abs().amax(1, keepdim=True) > 0.02).float()
+        err = rec - x
+        loss = ((w * (err.abs() + err.pow(2))).sum() / (3 * w.sum()) + 1e-6 * post.kl().mean())
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+        self.vae_opt.step()
+        self.vae_step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def set_scaling_factor(self, n: int = 256) -> float:
+        """SD's convention: ``scaling_factor = 1 / std`` of the VAE's latents (measured on ``n`` scenes)."""
+        x, _ = scene_batch(self.cfg, "scale", 0, n)
+        std = float(self.vae.encode(x.to(self.device)).latent_dist.mean.std())
+        self.vae.register_to_config(scaling_factor=1.0 / std)
+        self.scaled = True
+        return 1.0 / std
+
+    def diffusion_update(self) -> float:
+        cfg = self.cfg
+        x, texts = scene_batch(cfg, "diffusion", self.step, cfg.batch)
+        x = x.to(self.device)
+        with torch.no_grad():
+            post = self.vae.encode(x).latent_dist
+            z = (post.mean + post.std * torch.randn(post.mean.shape, generator=self.gen).to(self.device))
+            z = z * self.vae.config.scaling_factor
+        noise = torch.randn(z.shape, generator=self.gen).to(self.device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (z.shape[0],), generator=self.gen).to(self.device)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        ids = token_ids(self.tokenizer, texts).to(self.device)
+        lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        cond = self.text_encoder(ids)[0]
+        pred = self.unet(noisy, t, cond).sample
+        snr = a.view(-1) / (1 - a.view(-1))
+        weight = torch.clamp(snr, max=cfg.min_snr) / snr  # Min-SNR-γ for ε-prediction
+        loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in self._diffusion_params()], 1.0)
+        self.opt.step()
+        self.step += 1
+        decay = min(cfg.ema, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for k, p in self._diffusion_params():
+                self.ema[k].lerp_(p.detach(), 1 - decay)
+        return loss.item()
+
+    def run(self, progress=None, log=None) -> dict:
+        """Train both phases up to the configured step counts, checkpointing as it goes.
+
+        ``progress(phase, done, total, loss)`` is called after every step; ``log`` is a file for JSON lines."""
+        cfg = self.cfg
+        started = time.time()
+        phases = (("vae", cfg.vae_steps, self.vae_update), ("diffusion", cfg.steps, self.diffusion_update))
+        for phase, total, update in phases:
+            counter = "vae_step" if phase == "vae" else "step"
+            if phase == "diffusion" and not self.scaled:
+                self.set_scaling_factor()
+            self.vae.requires_grad_(phase == "vae")
+            running = None
+            while getattr(self, counter) < total:
+                loss = update()
+                running = loss if running is None else 0.98 * running + 0.02 * loss
+                done = getattr(self, counter)
+                if progress:
+                    progress(phase, done, total, running)
+                if log and (done % 50 == 0 or done == total):
+                    log.write(json.dumps({"phase": phase, "step": done, "loss": round(running, 5),
+                                          "seconds": round(time.time() - started, 1)}) + "\n")
+                    log.flush()
+                if done % cfg.checkpoint_every == 0 or done == total:
+                    self.save()
+        return {"step": self.step, "vae_step": self.vae_step, "seconds": time.time() - started,
+                "scaling_factor": float(self.vae.config.scaling_factor)}
+
+
+def train(out: str | os.PathLike, cfg: TrainConfig, device: str | None = "auto", progress=None) -> dict:
+    """Train (or resume) into ``out``; returns the final counters. See the module docstring for the recipe."""
+    from ..models import resolve_device
+
+    trainer = Trainer(out, cfg, resolve_device(device))
+    resumed = trainer.load()
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    with open(trainer.out / "log.jsonl", "a") as log:
+        result = trainer.run(progress=progress, log=log)
+    result["resumed"] = resumed
+    return result
+
+
+__all__ = ["TrainConfig", "Trainer", "scene_batch", "token_ids", "train"]

@@ -1,0 +1,227 @@
+"""Sweeps: work list and shards, crash-safe resume (in process and under SIGKILL), Accelerate with 2 processes,
+and the report."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from unbleed.cli import app
+from unbleed.errors import UnbleedError
+from unbleed.eval import sweep as W
+from unbleed.eval.suites import Prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ARGS = ["--suite", "attend-excite:animals", "--limit", "3", "--seeds", "2", "--methods", "sd,attend-excite",
+        "--model", "tiny", "--steps", "2", "--height", "64", "--width", "64", "--clip-model", "tiny",
+        "--caption-model", "tiny", "--batch-size", "2", "--device", "cpu"]
+
+
+def lines_of(run):
+    """Every line of every records file, parsed (a test fails on any malformed line)."""
+    out = []
+    for path in sorted(Path(run).glob("records-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def assert_complete(run, n=12):
+    recs = lines_of(run)
+    keys = [r["key"] for r in recs]
+    assert len(keys) == n == len(set(keys)), sorted(keys)
+    for r in recs:
+        assert (Path(run) / r["image"]).is_file()
+        assert set(r["metrics"]) >= {"clip_full", "clip_min_entity", "text_text", "caption"}
+    assert {(r["prompt_index"], r["method"], r["seed"]) for r in recs} == \
+        {(i, m, s) for i in range(3) for m in ("sd", "attend-excite") for s in (0, 1)}
+    assert not list(Path(run, ".tmp").rglob("*.png"))
+    return recs
+
+
+def test_work_list_and_shards_partition_the_jobs():
+    prompts = [Prompt("a cat and a dog", "animals"), Prompt("a red car", "objects")]
+    units = W.work_list(prompts, ["sd", "ela"], list(range(5)), batch_size=2)
+    assert len(units) == 2 * 2 * 3 and units[0] == W.Unit(0, prompts[0], "sd", (0, 1))
+    keys = [W.job_key(u.prompt.text, s, u.method) for u in units for s in u.seeds]
+    assert len(keys) == len(set(keys)) == 20
+    for count in (1, 2, 3):
+        shards = [W.shard(units, i, count) for i in range(count)]
+        assert sorted((u for s in shards for u in s), key=units.index) == units
+        assert sum(len(s) for s in shards) == len(units)
+
+
+def test_read_records_tolerates_a_truncated_last_line_and_repair_cuts_it(tmp_path):
+    good = [{"key": f"k{i}", "v": i} for i in range(3)]
+    path = tmp_path / "records-p0.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in good) + b'{"key": "k3", "v"')
+    (tmp_path / "records-p1.jsonl").write_text(json.dumps({"key": "k0", "v": 99}) + "\n")
+    recs = W.read_records(tmp_path)
+    assert [r["key"] for r in recs] == ["k0", "k1", "k2"] and recs[0]["v"] == 0  # first of a repeated key
+    W.repair(path)
+    assert path.read_bytes().endswith(b"\n") and len(path.read_text().splitlines()) == 3
+    W.repair(path)  # idempotent
+    assert len(path.read_text().splitlines()) == 3
+
+
+def config(out, **kw):
+    base = dict(suite="attend-excite:animals", methods=["sd", "syngen"], seeds=[0, 1], model="tiny",
+                out=str(out), limit=2, steps=2, height=64, width=64, batch_size=2, metrics=False, device="cpu")
+    return W.SweepConfig(**{**base, **kw})
+
+
+def test_sweep_resumes_after_a_crash_with_every_record_once(tmp_path, monkeypatch, tiny):
+    import unbleed.models
+
+    loads = []
+    monkeypatch.setattr(unbleed.models, "load_model", lambda spec, **kw: loads.append(spec) or tiny)
+    cfg = config(tmp_path / "run")
+    real_append, calls = W._append, []
+
+    def crashing_append(fh, record):
+        calls.append(record["key"])
+        if len(calls) == 4:  # killed while writing the 4th record: half a line on disk, no newline
+            fh.write(json.dumps(record).encode()[:25])
+            fh.flush()
+            raise KeyboardInterrupt
+        real_append(fh, record)
+
+    monkeypatch.setattr(W, "_append", crashing_append)
+    with pytest.raises(KeyboardInterrupt):
+        W.run_sweep(cfg)
+    monkeypatch.setattr(W, "_append", real_append)
+    assert loads == ["tiny"]  # one pipeline per process, not one per image
+    own = tmp_path / "run" / "records-p0.jsonl"
+    assert not own.read_bytes().endswith(b"\n") and len(W.read_records(tmp_path / "run")) == 3
+    # the 4th image is in place without its record: it is made again (same bytes), then recorded
+    summary = W.run_sweep(cfg)
+    assert summary["skipped"] == 3 and summary["made"] == 5
+    recs = lines_of(tmp_path / "run")
+    assert len(recs) == 8 == len({r["key"] for r in recs})
+    assert W.run_sweep(cfg)["made"] == 0  # a third start has nothing to do
+    rec = next(r for r in recs if r["method"] == "syngen" and r["seed"] == 1)
+    assert rec["category"] == "animals" and rec["params"]["steps"] == 2 and rec["params"]["tokens"]
+    assert rec["metrics"] is None  # --no-metrics (the metrics are checked in the Accelerate run below)
+    image = Image.open(tmp_path / "run" / rec["image"])
+    assert image.info["prompt"] == rec["prompt"] and json.loads(image.info["unbleed"])["seed"] == 1
+    assert Path(rec["image"]).name == "0000-syngen-s1.png"  # the prompt's index, never its text
+    # the image equals the sampler's own output for that seed alone
+    from unbleed.methods import make_method
+    from unbleed.sampler import generate
+    from unbleed.tokens import token_groups
+
+    pipe = tiny
+    alone = generate(pipe, rec["prompt"], method=make_method("syngen"), seeds=[1], num_inference_steps=2,
+                     groups=token_groups(pipe.tokenizer, rec["prompt"], None), height=64, width=64).images[0]
+    assert np.array_equal(np.asarray(alone), np.asarray(image.convert("RGB")))
+    # growing the sweep (one more seed) keeps what is done and adds only the new jobs
+    assert W.run_sweep(config(tmp_path / "run", seeds=[0, 1, 2]))["made"] == 4
+    assert len(lines_of(tmp_path / "run")) == 12
+    # options that change the images are refused on a resumed run folder
+    with pytest.raises(UnbleedError, match=r"started with steps=2, not 3: rerun with the same options"):
+        W.run_sweep(config(tmp_path / "run", steps=3))
+    with pytest.raises(UnbleedError, match=r"started with metrics=False, not True"):
+        W.run_sweep(config(tmp_path / "run", metrics=True))
+
+
+def test_sweep_cli_errors_are_one_line(tmp_path):
+    runner = CliRunner()
+    for args, needle in ((["--suite", "nope"], "--suite nope: unknown suite"),
+                         (["--suite", "dvmp", "--methods", "sd,magic"], "--method 'magic' is unknown"),
+                         (["--suite", "dvmp", "--seeds", "x"], "--seeds 'x'")):
+        res = runner.invoke(app, ["sweep", *args, "--out", str(tmp_path / "r"), "--model", "tiny"])
+        assert res.exit_code == 2, res.output
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    res = runner.invoke(app, ["report", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "no such folder" in res.stderr
+
+
+def launch(out, **popen):
+    """``accelerate launch`` with 2 processes on CPU. ``--cpu`` alone starts one process (Accelerate's CPU
+    multi-process mode needs MPI), so the torchrun launcher (``--multi_gpu``) runs the two CPU processes."""
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 500),
+           "-m", "unbleed", "sweep", *ARGS, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_accelerate_two_processes_then_report(tmp_path):
+    run = tmp_path / "run"
+    proc = launch(run)
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output
+    recs = assert_complete(run)
+    assert sorted(p.name for p in run.glob("records-*.jsonl")) == ["records-p0.jsonl", "records-p1.jsonl"]
+    assert {r["process"] for r in recs} == {0, 1}
+    assert f"12 records in {run}" in output
+    res = CliRunner().invoke(app, ["report", str(run), "--cell", "48"])
+    assert res.exit_code == 0, res.output
+    report = run / "report"
+    table = (report / "table.md").read_text()
+    assert "| sd |" in table and "| attend-excite |" in table and "animals · min. entity" in table
+    with open(report / "table.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 3 and all(int(r["n"]) == 6 for r in rows)
+    sd_full = [r["metrics"]["clip_full"] for r in recs if r["method"] == "sd"]
+    row = next(r for r in rows if r["method"] == "sd" and r["metric"] == "clip_full")
+    assert float(row["mean"]) == pytest.approx(np.mean(sd_full), abs=1e-6)
+    assert float(row["std"]) == pytest.approx(np.std(sd_full), abs=1e-6)
+    for key in ("clip_full", "clip_min_entity", "text_text"):
+        assert Image.open(report / f"bar-{key}.png").format == "PNG"
+    grids = sorted(p.name for p in (report / "grids").iterdir())
+    assert grids == ["0000.png", "0001.png", "0002.png"]
+    grid = Image.open(report / "grids" / "0000.png")
+    assert grid.width > 2 * 48 and grid.height > 2 * 48  # 2 rows (methods) × 2 columns (seeds)
+
+
+def kill_tree(pid):
+    """SIGKILL the launcher and every process under it, by id (torchrun's workers run in their own sessions, so
+    a process-group kill would leave them running)."""
+    import psutil
+
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    for p in reversed(procs):  # workers first, then the agents
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in procs]
+
+
+def test_sigkill_mid_sweep_then_rerun_gives_every_record_once(tmp_path):
+    import psutil
+
+    run = tmp_path / "run"
+    proc = launch(run)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.stat().st_size for p in run.glob("records-*.jsonl")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        pids = kill_tree(proc.pid)
+    finally:
+        proc.wait(timeout=30)
+    time.sleep(1)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    before = len(W.read_records(run))
+    assert 1 <= before < 12
+    proc = launch(run)
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output
+    assert_complete(run)
+    import re
+
+    assert sum(int(n) for n in re.findall(r"(\d+) images made", output)) == 12 - before  # only the missing ones

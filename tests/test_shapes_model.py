@@ -1,0 +1,194 @@
+"""The shapes model: training (seeded, checkpointed, resumable), the SD-format export, and the bench."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from unbleed.errors import UnbleedError
+from unbleed.models import load_model
+from unbleed.shapes.cli import app
+from unbleed.shapes.train import TrainConfig, Trainer, scene_batch, train
+from unbleed.shapes.world import HELDOUT, parse_caption
+
+SMALL = dict(arch="test", vae_steps=3, steps=4, batch=4, vae_batch=2, warmup=2, checkpoint_every=2)
+runner = CliRunner()
+
+
+def small(**kw) -> TrainConfig:
+    return TrainConfig(**{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes-run")
+    result = train(out, small(), device="cpu")
+    return out, result
+
+
+def state(out):
+    return load_file(str(out / "checkpoint" / "state.safetensors"))
+
+
+def test_batches_are_deterministic_and_train_split_only():
+    cfg = small(p_objects=(0.0, 1.0, 0.0), p_uncond=0.0)
+    x1, t1 = scene_batch(cfg, "diffusion", 7, 16)
+    x2, t2 = scene_batch(cfg, "diffusion", 7, 16)
+    assert torch.equal(x1, x2) and t1 == t2
+    assert x1.shape == (16, 3, 64, 64) and float(x1.min()) >= -1 and float(x1.max()) <= 1
+    assert all(len(parse_caption(t)) == 2 for t in t1)
+    many = [t for s in range(20) for t in scene_batch(small(), "diffusion", s, 16)[1] if t]
+    assert not {p for t in many for p in parse_caption(t)} & HELDOUT
+    assert scene_batch(cfg, "diffusion", 8, 16)[1] != t1
+
+
+def test_empty_captions_follow_p_uncond():
+    texts = [t for s in range(10) for t in scene_batch(small(p_uncond=0.5), "diffusion", s, 20)[1]]
+    assert 0.3 < texts.count("") / len(texts) < 0.7
+
+
+def test_train_writes_a_pipeline_that_the_loader_runs(trained):
+    out, result = trained
+    assert result["step"] == 4 and result["vae_step"] == 3 and not result["resumed"]
+    pipe = load_model(str(out / "pipeline"))
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    assert type(pipe.tokenizer).__name__.startswith("CLIPTokenizer") and pipe.tokenizer.vocab_size == 49408
+    levels = {layer.level for layer in __import__("unbleed.attention", fromlist=["x"]).cross_attention_layers(pipe.unet)}
+    assert {0, 1} <= levels  # cross-attention at >= 2 resolutions
+    # exported weights are the EMA, in fp16; the VAE's scaling factor was measured
+    assert all(str(f).endswith(".safetensors") for f in (out / "pipeline" / "unet").glob("*.safetensors"))
+    assert abs(pipe.vae.config.scaling_factor - 0.18215) > 1e-6
+    from unbleed.methods import make_method
+    from unbleed.sampler import generate
+    from unbleed.tokens import token_groups
+
+    prompt = "a red circle and a blue square"
+    res = generate(pipe, prompt, method=make_method("ela"), groups=token_groups(pipe.tokenizer, prompt, None),
+                   seeds=[0], num_inference_steps=3)
+    assert res.images[0].size == (64, 64)
+
+
+def test_resume_continues_exactly(tmp_path, trained):
+    out, _ = trained
+    half = tmp_path / "half"
+    train(half, small(steps=2), device="cpu")
+    assert json.loads((half / "checkpoint" / "state.json").read_text())["step"] == 2
+    result = train(half, small(), device="cpu")
+    assert result["resumed"] and result["step"] == 4
+    a, b = state(out), state(half)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run differs from a straight one"
+
+
+def test_interrupted_save_falls_back_to_previous_checkpoint(tmp_path, trained):
+    out, _ = trained
+    run = tmp_path / "run"
+    train(run, small(steps=2), device="cpu")
+    (run / "checkpoint").rename(run / "checkpoint.old")  # killed between the two renames of a save
+    trainer = Trainer(run, small(), torch.device("cpu"))
+    assert trainer.load() and trainer.step == 2
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(run, small(steps=2), device="cpu")
+    with pytest.raises(UnbleedError, match="lr=0.001.*resume with the same settings"):
+        train(run, small(lr=0.5), device="cpu")
+
+
+def test_vae_loss_goes_down():
+    trainer = Trainer("/nonexistent-not-written", small(), torch.device("cpu"))
+    losses = [trainer.vae_update() for _ in range(30)]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_diffusion_loss_goes_down_on_a_fixed_batch(monkeypatch):
+    trainer = Trainer("/nonexistent-not-written", small(lr=3e-3, warmup=1), torch.device("cpu"))
+    trainer.set_scaling_factor(8)
+    batch = scene_batch(trainer.cfg, "diffusion", 0, 4)
+    monkeypatch.setattr("unbleed.shapes.train.scene_batch", lambda *a: batch)
+    gen_state = trainer.gen.get_state()
+    first = []
+    for _ in range(3):  # same noise each time: only the weights change
+        trainer.gen.set_state(gen_state)
+        first.append(trainer.diffusion_update())
+    for _ in range(40):
+        trainer.gen.set_state(gen_state)
+        last = trainer.diffusion_update()
+    assert last < 0.7 * first[0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(p_objects=(0.5, 0.5, 0.5)), "--p-objects"),
+    (dict(arch="huge"), "--arch 'huge' is unknown"),
+    (dict(batch=0), "--batch 0"),
+    (dict(p_uncond=1.0), "--p-uncond"),
+])
+def test_bad_config(bad, message):
+    with pytest.raises(UnbleedError, match=message):
+        small(**bad).validate()
+
+
+def test_cli_train_bad_input_is_one_line(tmp_path):
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--p-objects", "1,x,0"])
+    assert res.exit_code == 2 and "--p-objects" in res.output and "Traceback" not in res.output
+
+
+def test_bench_cli(trained, tmp_path):
+    out, _ = trained
+    res = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--methods", "sd,ela", "--prompts", "2",
+                              "--seeds", "2", "--steps", "3", "--split", "train", "--json", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    assert list(figures) == ["sd", "ela"]
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 2 * 2
+    for method, f in figures.items():
+        assert set(f) == {"success", "missing", "leak", "fused", "seconds"} and f["seconds"] > 0
+        mine = [r for r in records if r["method"] == method]
+        for v in ("success", "missing", "leak", "fused"):
+            assert f[v] == sum(r[v] for r in mine) / len(mine)
+    assert (tmp_path / "bench.png").is_file() and len(list((tmp_path / "grids").glob("*.png"))) == 2
+
+
+def test_bench_prompts_file_and_errors(trained, tmp_path):
+    out, _ = trained
+    good = tmp_path / "p.txt"
+    good.write_text("# two captions\na red circle\n\na green star next to a yellow heart\n")
+    res = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--methods", "sd", "--prompts-file",
+                              str(good), "--seeds", "1", "--steps", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["sd"]["seconds"] > 0
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\na pink circle and a blue square\n")
+    for args, message in [
+        (["--prompts-file", str(bad)], "line 2: 'pink' is not in the shapes world's vocabulary"),
+        (["-o", "lam=0.3"], "prefix the option with one of the --methods"),
+        (["--split", "test"], "--split 'test': use train or heldout"),
+        (["--methods", "sd,nope"], "nope"),
+    ]:
+        res = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--prompts", "1", "--seeds", "1",
+                                  "--steps", "2", *args])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_bench_prompts_by_split_and_object_count():
+    from unbleed.shapes.bench import bench_prompts
+    from unbleed.shapes.world import train_prompts
+
+    singles = bench_prompts("heldout", 20, objects=1)
+    assert all(len(parse_caption(p)) == 1 and parse_caption(p)[0] in HELDOUT for p in singles)
+    triples = bench_prompts("train", 10, objects=3)
+    assert all(len(parse_caption(p)) == 3 and not set(parse_caption(p)) & HELDOUT for p in triples)
+    assert bench_prompts("train", 5) == train_prompts(5)
+    with pytest.raises(UnbleedError, match="--objects 4"):
+        bench_prompts("train", 5, objects=4)
+
+
+def test_missing_shipped_model_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr("unbleed.shapes.model.shipped_model_path", lambda: tmp_path)
+    with pytest.raises(UnbleedError, match="unbleed shapes train"):
+        load_model("shapes")
