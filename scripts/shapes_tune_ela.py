@@ -21,14 +21,11 @@ from unbleed.shapes.bench import VERDICTS, Contender, bench_prompts, run_bench
 CONFIGS: dict[str, tuple[dict[str, str], dict]] = {
     "ela (defaults)": ({}, {}),
     "binarize=mean": ({"binarize": "mean"}, {}),
-    "binarize=norm:0.5": ({"binarize": "norm:0.5"}, {}),
+    "window=first 20%": ({}, {"window": "fraction:0.2"}),
     "lam=0.2": ({"lam": "0.2"}, {}),
     "lam=0.8": ({"lam": "0.8"}, {}),
     "layers=up-2": ({"layers": "up-2"}, {}),
-    "layers=up-1,up-2": ({"layers": "up-1,up-2"}, {}),
-    "step_size=5": ({}, {"step_size": 5.0}),
     "step_size=60": ({}, {"step_size": 60.0}),
-    "window=first 20%": ({}, {"window": "fraction:0.2"}),
     "no refinement": ({}, {"refine_steps": "none"}),
 }
 

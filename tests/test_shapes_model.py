@@ -192,3 +192,67 @@ def test_missing_shipped_model_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr("unbleed.shapes.model.shipped_model_path", lambda: tmp_path)
     with pytest.raises(UnbleedError, match="unbleed shapes train"):
         load_model("shapes")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model("shapes")
+
+
+def test_shipped_model_is_sd_format_and_small(shipped):
+    from unbleed.attention import cross_attention_layers
+    from unbleed.shapes.model import shipped_model_path
+
+    folder = shipped_model_path()
+    size = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    assert size <= 25 * 2**20 and not list(folder.rglob("*.bin"))
+    info = json.loads((folder / "unbleed_shapes.json").read_text())
+    assert info["step"] >= 1000 and info["vae_step"] >= 1000
+    assert shipped.unet.dtype == torch.float32  # fp16 on disk, fp32 on the CPU
+    assert {layer.level for layer in cross_attention_layers(shipped.unet)} == {0, 1, 2}
+    assert shipped.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+
+
+def test_generate_with_the_shipped_model_from_the_cli(tmp_path):
+    from PIL import Image
+
+    from unbleed.cli import app as main_app
+
+    res = runner.invoke(main_app, ["generate", "a red circle and a blue square", "--model", "shapes", "--method",
+                                   "ela", "--steps", "10", "--seed", "0", "--seed", "1", "--out", str(tmp_path),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    records = json.loads(res.stdout[res.stdout.index("["):])
+    assert [r["seed"] for r in records] == [0, 1]
+    assert [g["text"] for g in records[0]["tokens"]] == ["circle", "square"]
+    image = Image.open(records[0]["path"])
+    assert image.size == (64, 64) and json.loads(image.text["unbleed"])["model"] == "shapes"
+
+
+def test_shipped_model_draws_single_objects(shipped):
+    """Plain sampling on single objects: the calibration target is >= 90 % (docs/shapes.md has the measured
+    figure); this guards against a broken export with a low floor on 12 prompts x 2 seeds."""
+    from unbleed.sampler import generate
+    from unbleed.shapes.bench import bench_prompts
+    from unbleed.shapes.detect import detect
+
+    ok = []
+    for prompt in bench_prompts("train", 12, objects=1):
+        result = generate(shipped, prompt, seeds=[0, 1], num_inference_steps=20)
+        ok += [detect(image, prompt)["success"] for image in result.images]
+    assert sum(ok) / len(ok) >= 0.3
+
+
+def test_warm_start_from_an_exported_pipeline(trained, tmp_path):
+    out, _ = trained
+    exported = load_model(str(out / "pipeline"))
+    trainer = Trainer(tmp_path / "warm", small(steps=6), torch.device("cpu"))
+    trainer.warm_start(out / "pipeline")
+    assert trainer.step == 4 and trainer.vae_step == 3 and trainer.scaled
+    for name, p in exported.unet.named_parameters():
+        assert torch.equal(trainer.unet.get_parameter(name), p)
+    assert trainer._lr(1.0, 4) == 0.5  # warm-up restarts (warmup=2)
+    result = train(tmp_path / "warm2", small(steps=6), device="cpu", init_from=out / "pipeline")
+    assert result["step"] == 6 and not result["resumed"]
+    with pytest.raises(UnbleedError, match="another architecture"):
+        Trainer(tmp_path / "x", small(arch="default"), torch.device("cpu")).warm_start(out / "pipeline")

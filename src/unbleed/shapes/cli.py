@@ -189,7 +189,7 @@ def bench(
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoint/, pipeline/ (the model), log.jsonl. "
                              "An existing run there is resumed."),
-    steps: int = typer.Option(6000, "--steps", help="Diffusion training steps in total (raise it to train on)."),
+    steps: int = typer.Option(4000, "--steps", help="Diffusion training steps in total (raise it to train on)."),
     vae_steps: int = typer.Option(1500, "--vae-steps", help="VAE training steps (first phase)."),
     batch: int = typer.Option(64, "--batch", help="Diffusion batch size."),
     vae_batch: int = typer.Option(16, "--vae-batch", help="VAE batch size."),
@@ -205,6 +205,8 @@ def train(
     arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model) or test."),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", help="Steps between checkpoints."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from an exported pipeline's "
+                                             "weights (e.g. src/unbleed/data/shapes_model) instead of random ones."),
 ) -> None:
     """Train the shapes model (VAE, then text encoder + UNet), resumable: run the same command again to continue."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -229,7 +231,7 @@ def train(
                     tasks[phase] = bar.add_task(phase, total=total, completed=done - 1, loss=loss)
                 bar.update(tasks[phase], completed=done, loss=loss)
 
-            result = run_train(out, cfg, device=device, progress=progress)
+            result = run_train(out, cfg, device=device, progress=progress, init_from=init_from)
     except UnbleedError as e:
         _fail(str(e))
     err.print(f"{'resumed and ' if result['resumed'] else ''}trained to step {result['step']} (VAE {result['vae_step']}) "

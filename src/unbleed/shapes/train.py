@@ -46,7 +46,7 @@ from .world import BACKGROUND, caption, sample_scene
 
 @dataclass
 class TrainConfig:
-    steps: int = 6000  # diffusion steps (total, including those already done when resuming)
+    steps: int = 4000  # diffusion steps (total, including those already done when resuming)
     vae_steps: int = 1500
     batch: int = 64
     vae_batch: int = 16
@@ -132,6 +132,7 @@ class Trainer:
         self.vae_step = 0
         self.step = 0
         self.scaled = False  # scaling_factor measured on the trained VAE
+        self.warmup_from = 0  # the step the learning-rate warm-up starts at (a warm start restarts it)
         self.noise = noise_schedule()
         self.alphas_cumprod = self.noise.alphas_cumprod.to(device)
 
@@ -165,7 +166,8 @@ class Trainer:
             groups[name] = sd["param_groups"]
         tensors["rng.torch"] = self.gen.get_state()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        meta = {"step": self.step, "vae_step": self.vae_step, "scaled": self.scaled, "config": self.cfg.to_dict(),
+        meta = {"step": self.step, "vae_step": self.vae_step, "scaled": self.scaled,
+                "warmup_from": self.warmup_from, "config": self.cfg.to_dict(),
                 "arch": ARCHS[self.cfg.arch].to_dict(), "param_groups": groups,
                 "scaling_factor": float(self.vae.config.scaling_factor)}
         tmp = self.out / "checkpoint.tmp"
@@ -214,6 +216,7 @@ class Trainer:
             opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
         self.gen.set_state(tensors["rng.torch"])
         self.step, self.vae_step, self.scaled = meta["step"], meta["vae_step"], meta["scaled"]
+        self.warmup_from = meta.get("warmup_from", 0)
         self.vae.register_to_config(scaling_factor=meta["scaling_factor"])
         return True
 
@@ -246,7 +249,7 @@ class Trainer:
         cfg = self.cfg
         x, _ = scene_batch(cfg, "vae", self.vae_step, cfg.vae_batch)
         x = x.to(self.device)
-        lr = cfg.vae_lr * min(1.0, (self.vae_step + 1) / max(1, cfg.warmup))
+        lr = cfg.vae_lr * min(1.0, (self.vae_step + 1) / max(1, cfg.warmup))  # never warm-started
         for g in self.vae_opt.param_groups:
             g["lr"] = lr
         post = self.vae.encode(x).latent_dist
@@ -286,7 +289,7 @@ class Trainer:
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         ids = token_ids(self.tokenizer, texts).to(self.device)
-        lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
+        lr = self._lr(cfg.lr, self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
         cond = self.text_encoder(ids)[0]
@@ -334,12 +337,49 @@ class Trainer:
                 "scaling_factor": float(self.vae.config.scaling_factor)}
 
 
-def train(out: str | os.PathLike, cfg: TrainConfig, device: str | None = "auto", progress=None) -> dict:
-    """Train (or resume) into ``out``; returns the final counters. See the module docstring for the recipe."""
+    def warm_start(self, folder: str | os.PathLike) -> None:
+        """Start from an exported pipeline's weights (e.g. the shipped model) instead of a random init.
+
+        Weights, EMA, the VAE's scaling factor and the step counters come from the folder; the optimiser moments
+        and the generator do not (an export has none), so this continues training but is not an exact resume —
+        the learning-rate warm-up restarts to protect the fresh moments."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        folder = Path(folder)
+        try:
+            info = json.loads((folder / "unbleed_shapes.json").read_text())
+            same = Arch.from_dict(info["arch"]) == ARCHS[self.cfg.arch]
+            parts = {"text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True),
+                     "unet": UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True),
+                     "vae": AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)}
+        except (OSError, KeyError, ValueError) as err:
+            raise UnbleedError(f"--init-from {folder}: not a pipeline exported by 'unbleed shapes train' "
+                               f"({type(err).__name__})") from None
+        if not same:
+            raise UnbleedError(f"--init-from {folder}: it has another architecture than --arch {self.cfg.arch}")
+        for name, module in (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae)):
+            module.load_state_dict({k: v.float() for k, v in parts[name].state_dict().items()})
+        self.vae.register_to_config(scaling_factor=parts["vae"].config.scaling_factor)
+        self.ema = {k: v.detach().clone() for k, v in self._diffusion_params()}
+        self.vae_step, self.step, self.scaled = self.cfg.vae_steps, int(info["step"]), True
+        self.warmup_from = self.step
+
+    def _lr(self, base: float, step: int) -> float:
+        return base * min(1.0, (step - self.warmup_from + 1) / max(1, self.cfg.warmup))
+
+
+def train(out: str | os.PathLike, cfg: TrainConfig, device: str | None = "auto", progress=None,
+          init_from: str | os.PathLike | None = None) -> dict:
+    """Train (or resume) into ``out``; returns the final counters. See the module docstring for the recipe.
+
+    ``init_from``: a fresh run starts from that exported pipeline's weights (:meth:`Trainer.warm_start`)."""
     from ..models import resolve_device
 
     trainer = Trainer(out, cfg, resolve_device(device))
     resumed = trainer.load()
+    if init_from is not None and not resumed:
+        trainer.warm_start(init_from)
     trainer.out.mkdir(parents=True, exist_ok=True)
     with open(trainer.out / "log.jsonl", "a") as log:
         result = trainer.run(progress=progress, log=log)
