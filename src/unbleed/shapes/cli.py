@@ -157,17 +157,14 @@ def bench(
         with Progress(*columns, console=err) as bar:
             task = bar.add_task("bench", total=len(texts) * len(contenders))
 
-            def progress(prompt, label):
-                bar.update(task, description=f"{label}: {prompt}", advance=0)
+            started = [0]  # (prompt, method) runs started so far
 
-            def advance(prompt, label, _state={"n": 0}):
-                if _state["n"]:
-                    bar.advance(task)
-                _state["n"] += 1
-                progress(prompt, label)
+            def progress(prompt, label):
+                bar.update(task, completed=started[0], description=f"{label}: {prompt}")
+                started[0] += 1
 
             figures = run_bench(pipe, contenders, texts, list(range(seeds)), steps=steps,
-                                guidance_scale=guidance_scale, out=out, progress=advance)
+                                guidance_scale=guidance_scale, out=out, progress=progress)
             bar.update(task, completed=len(texts) * len(contenders))
     except UnbleedError as e:
         _fail(str(e))

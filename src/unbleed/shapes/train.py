@@ -26,17 +26,15 @@ weights as an SD pipeline folder (fp16 safetensors) that ``--model OUT/pipeline`
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UnbleedError
 from .model import ARCHS, Arch, IMAGE_SIZE, build_components, make_pipeline, noise_schedule
