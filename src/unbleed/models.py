@@ -207,7 +207,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
     if spec == "tiny":
         pipe = build_tiny_pipeline(seed=seed)
     elif spec == "shapes":
-        pipe = _load_pretrained(str(_shapes_folder()), torch_dtype, allow_pickle=False)
+        # the folder ships without a tokenizer: it is the package's CLIP one (no second copy of the vocabulary)
+        pipe = _load_pretrained(str(_shapes_folder()), torch_dtype, allow_pickle=False,
+                                tokenizer=load_clip_tokenizer())
     else:
         pipe = _load_pretrained(spec, torch_dtype, allow_pickle)
     pipe.to(device=dev)
@@ -221,9 +223,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
     return pipe
 
 
-def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool):
+def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **components):
     kwargs = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
-                  use_safetensors=None if allow_pickle else True)
+                  use_safetensors=None if allow_pickle else True, **components)
     path = Path(spec).expanduser()
     if path.is_file():
         raise UnbleedError(f"--model {spec}: single-file checkpoints are not supported; convert it to a diffusers "
