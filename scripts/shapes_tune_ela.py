@@ -25,6 +25,7 @@ CONFIGS: dict[str, tuple[dict[str, str], dict]] = {
     "lam=0.2": ({"lam": "0.2"}, {}),
     "lam=0.8": ({"lam": "0.8"}, {}),
     "layers=up-2": ({"layers": "up-2"}, {}),
+    "step_size=5": ({}, {"step_size": 5.0}),
     "step_size=60": ({}, {"step_size": 60.0}),
     "no refinement": ({}, {"refine_steps": "none"}),
 }

@@ -126,6 +126,7 @@ def test_diffusion_loss_goes_down_on_a_fixed_batch(monkeypatch):
     (dict(arch="huge"), "--arch 'huge' is unknown"),
     (dict(batch=0), "--batch 0"),
     (dict(p_uncond=1.0), "--p-uncond"),
+    (dict(lr_decay="linear"), "--lr-decay 'linear'"),
 ])
 def test_bad_config(bad, message):
     with pytest.raises(UnbleedError, match=message):
@@ -229,18 +230,23 @@ def test_generate_with_the_shipped_model_from_the_cli(tmp_path):
     assert image.size == (64, 64) and json.loads(image.text["unbleed"])["model"] == "shapes"
 
 
-def test_shipped_model_draws_single_objects(shipped):
-    """Plain sampling on single objects: the calibration target is >= 90 % (docs/shapes.md has the measured
-    figure); this guards against a broken export with a low floor on 12 prompts x 2 seeds."""
+def test_shipped_model_draws_single_objects_and_fails_pairs_more_often(shipped):
+    """Plain sampling: the calibration (docs/shapes.md, 50 steps: 92 % of single objects, 48.5 % of held-out
+    pairs) in a quick form — 12 prompts x 2 seeds at 20 steps measured 0.83 and 0.08 (session 3). Guards against
+    a broken export or a retrained model that no longer leaves anything to fix."""
     from unbleed.sampler import generate
     from unbleed.shapes.bench import bench_prompts
     from unbleed.shapes.detect import detect
 
-    ok = []
-    for prompt in bench_prompts("train", 12, objects=1):
-        result = generate(shipped, prompt, seeds=[0, 1], num_inference_steps=20)
-        ok += [detect(image, prompt)["success"] for image in result.images]
-    assert sum(ok) / len(ok) >= 0.3
+    rates = {}
+    for objects, split in ((1, "train"), (2, "heldout")):
+        ok = []
+        for prompt in bench_prompts(split, 12, objects=objects):
+            result = generate(shipped, prompt, seeds=[0, 1], num_inference_steps=20)
+            ok += [detect(image, prompt)["success"] for image in result.images]
+        rates[objects] = sum(ok) / len(ok)
+    assert rates[1] >= 0.7, rates
+    assert rates[2] <= rates[1] - 0.3, rates
 
 
 def test_warm_start_from_an_exported_pipeline(trained, tmp_path):
@@ -256,3 +262,28 @@ def test_warm_start_from_an_exported_pipeline(trained, tmp_path):
     assert result["step"] == 6 and not result["resumed"]
     with pytest.raises(UnbleedError, match="another architecture"):
         Trainer(tmp_path / "x", small(arch="default"), torch.device("cpu")).warm_start(out / "pipeline")
+
+
+def test_cosine_learning_rate_decay():
+    trainer = Trainer("/nonexistent-not-written", small(steps=104, warmup=4, lr_decay="cosine"), torch.device("cpu"))
+    lrs = [trainer._lr(1.0, s) for s in range(104)]
+    assert lrs[0] == pytest.approx(0.25)  # warm-up: 1/4 of the (not yet decayed) rate
+    assert lrs[52] == pytest.approx(0.5)  # half-way down the cosine
+    assert lrs[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 103 / 104)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # decreasing after the warm-up
+    trainer.warmup_from = 100  # a warm start anneals over its own steps
+    trainer.cfg.steps = 300
+    assert trainer._lr(1.0, 200) == pytest.approx(0.5) and trainer._lr(1.0, 99 + 4) == pytest.approx(
+        0.5 * (1 + np.cos(np.pi * 3 / 200)))
+
+
+def test_resume_may_switch_to_cosine_decay_and_reads_older_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    train(run, small(steps=2), device="cpu")
+    meta_path = run / "checkpoint" / "state.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["lr_decay"]  # a checkpoint written before the option existed
+    meta_path.write_text(json.dumps(meta))
+    assert Trainer(run, small(), torch.device("cpu")).load()
+    result = train(run, small(lr_decay="cosine"), device="cpu")
+    assert result["resumed"] and result["step"] == 4

@@ -193,6 +193,8 @@ def train(
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate after warm-up (text encoder + UNet)."),
     vae_lr: float = typer.Option(2e-3, "--vae-lr", help="AdamW learning rate of the VAE."),
     warmup: int = typer.Option(200, "--warmup", help="Linear learning-rate warm-up steps."),
+    lr_decay: str = typer.Option("constant", "--lr-decay", help="After warm-up: constant, or cosine (down to 0 at "
+                                 "--steps, from the run's start; for a warm start, from --init-from's step)."),
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the exported weights."),
     p_objects: str = typer.Option("0.5,0.4,0.1", "--p-objects",
                                   help="Caption distribution: probabilities of 1, 2 and 3 objects."),
@@ -216,7 +218,7 @@ def train(
         except ValueError:
             raise UnbleedError(f"--p-objects {p_objects!r}: give three comma-separated probabilities") from None
         cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
-                          warmup=warmup, ema=ema, p_objects=probs, p_uncond=p_uncond, min_snr=min_snr, seed=seed,
+                          warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond, min_snr=min_snr, seed=seed,
                           arch=arch, checkpoint_every=checkpoint_every).validate()
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())

@@ -26,6 +26,7 @@ weights as an SD pipeline folder (fp16 safetensors) that ``--model OUT/pipeline`
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -42,6 +43,9 @@ from .render import render
 from .world import BACKGROUND, caption, sample_scene
 
 
+LR_DECAYS = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 4000  # diffusion steps (total, including those already done when resuming)
@@ -51,6 +55,7 @@ class TrainConfig:
     lr: float = 1e-3
     vae_lr: float = 2e-3
     warmup: int = 200
+    lr_decay: str = "constant"  # "constant" after warm-up, or "cosine" from the warm-up's start down to 0 at ``steps``
     ema: float = 0.999
     p_objects: tuple[float, float, float] = (0.5, 0.4, 0.1)
     p_uncond: float = 0.1
@@ -59,9 +64,10 @@ class TrainConfig:
     arch: str = "default"
     checkpoint_every: int = 250
 
-    # settings that may change when a run is resumed (the rest must match the checkpoint); ``vae_steps`` only
+    # settings that may change when a run is resumed (the rest must match the checkpoint; a changed ``lr_decay``
+    # applies from the resumed step on, on the same curve as if it had been set from the start); ``vae_steps`` only
     # while the VAE phase is running and not below the steps it has done
-    RESUMABLE = ("steps", "checkpoint_every", "vae_steps")
+    RESUMABLE = ("steps", "checkpoint_every", "vae_steps", "lr_decay")
 
     def validate(self) -> "TrainConfig":
         if self.arch not in ARCHS:
@@ -74,6 +80,8 @@ class TrainConfig:
         if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
             raise UnbleedError(f"--p-objects {','.join(map(str, p))}: give three probabilities (1, 2, 3 objects) "
                                f"that sum to 1")
+        if self.lr_decay not in LR_DECAYS:
+            raise UnbleedError(f"--lr-decay {self.lr_decay!r}: use one of {', '.join(LR_DECAYS)}")
         if not 0 <= self.p_uncond < 1:
             raise UnbleedError(f"--p-uncond {self.p_uncond}: use a probability in [0, 1)")
         return self
@@ -364,7 +372,13 @@ class Trainer:
         self.warmup_from = self.step
 
     def _lr(self, base: float, step: int) -> float:
-        return base * min(1.0, (step - self.warmup_from + 1) / max(1, self.cfg.warmup))
+        """Linear warm-up over ``warmup`` steps from ``warmup_from``, then constant or (``lr_decay="cosine"``)
+        half a cosine from ``warmup_from`` to 0 at ``steps``, so a warm start anneals over its own steps."""
+        lr = base * min(1.0, (step - self.warmup_from + 1) / max(1, self.cfg.warmup))
+        if self.cfg.lr_decay == "cosine":
+            span = max(1, self.cfg.steps - self.warmup_from)
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup_from) / span)))
+        return lr
 
 
 def train(out: str | os.PathLike, cfg: TrainConfig, device: str | None = "auto", progress=None,
