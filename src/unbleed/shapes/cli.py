@@ -218,8 +218,8 @@ def train(
         except ValueError:
             raise UnbleedError(f"--p-objects {p_objects!r}: give three comma-separated probabilities") from None
         cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
-                          warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond, min_snr=min_snr, seed=seed,
-                          arch=arch, checkpoint_every=checkpoint_every).validate()
+                          warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond,
+                          min_snr=min_snr, seed=seed, arch=arch, checkpoint_every=checkpoint_every).validate()
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err) as bar:

@@ -8,8 +8,10 @@ Recipe (two phases, one command):
    ``scaling_factor`` (SD's convention: unit-variance latents for the UNet).
 2. **Diffusion** (``steps``): text encoder and UNet trained jointly from scratch on the frozen VAE's latents,
    SD 1.x's objective (ε-prediction, the scaled-linear 1000-step schedule), Min-SNR-γ loss weights (Hang et al.
-   2023, γ = 5), AdamW with linear warm-up then constant learning rate, gradient clipping at 1, an EMA of the
-   weights (the EMA is what gets exported), and 10 % of captions dropped to "" for classifier-free guidance.
+   2023, γ = 5), AdamW with linear warm-up then a constant (``lr_decay="constant"``) or cosine-annealed
+   learning rate (the shipped model: constant to step 4,000, then cosine to 0 at 10,000), gradient clipping at 1,
+   an EMA of the weights (the EMA is what gets exported), and 10 % of captions dropped to "" for classifier-free
+   guidance.
 
 Data come from the world (:mod:`unbleed.shapes.world`, split ``train``: held-out colour–shape pairs never
 appear) rendered on the fly: step ``k``'s batch is a pure function of ``(seed, phase, k)``, and the noise comes
