@@ -190,36 +190,35 @@ def tiny_blip(seed: int = 0):
     return model, tokenizer, processor
 
 
-def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", allow_pickle: bool = False):
-    """``(model, tokenizer, image_processor)`` of a CLIP model: ``tiny``, a local folder, or a hub id."""
+def _load(flag: str, spec: str, tiny, model_class: str, tokenizer_class: str, processor_class: str,
+          device: str | torch.device, allow_pickle: bool):
+    """``(model, tokenizer, image_processor)``: ``tiny()`` for ``tiny``, else transformers classes by name from a
+    local folder or a hub id (safetensors unless ``allow_pickle``); a failure is one line naming ``flag``."""
     if spec == "tiny":
-        model, tokenizer, processor = tiny_clip()
+        model, tokenizer, processor = tiny()
     else:
-        from transformers import CLIPModel, CLIPTokenizer
+        import transformers
 
         try:
-            model = CLIPModel.from_pretrained(spec, use_safetensors=None if allow_pickle else True)
-            tokenizer = CLIPTokenizer.from_pretrained(spec)
-            processor = _image_processor("CLIPImageProcessor").from_pretrained(spec)
+            model = getattr(transformers, model_class).from_pretrained(
+                spec, use_safetensors=None if allow_pickle else True)
+            tokenizer = getattr(transformers, tokenizer_class).from_pretrained(spec)
+            processor = _image_processor(processor_class).from_pretrained(spec)
         except Exception as err:  # hub / file errors come as many types
-            raise _load_error("--clip-model", spec, err, allow_pickle) from None
+            raise _load_error(flag, spec, err, allow_pickle) from None
     return model.to(device).eval().requires_grad_(False), tokenizer, processor
+
+
+def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """``(model, tokenizer, image_processor)`` of a CLIP model: ``tiny``, a local folder, or a hub id."""
+    return _load("--clip-model", spec, tiny_clip, "CLIPModel", "CLIPTokenizer", "CLIPImageProcessor", device,
+                 allow_pickle)
 
 
 def load_captioner(spec: str = DEFAULT_CAPTIONER, device: str | torch.device = "cpu", allow_pickle: bool = False):
     """``(model, tokenizer, image_processor)`` of a BLIP captioner: ``tiny``, a local folder, or a hub id."""
-    if spec == "tiny":
-        model, tokenizer, processor = tiny_blip()
-    else:
-        from transformers import AutoTokenizer, BlipForConditionalGeneration
-
-        try:
-            model = BlipForConditionalGeneration.from_pretrained(spec, use_safetensors=None if allow_pickle else True)
-            tokenizer = AutoTokenizer.from_pretrained(spec)
-            processor = _image_processor("BlipImageProcessor").from_pretrained(spec)
-        except Exception as err:
-            raise _load_error("--caption-model", spec, err, allow_pickle) from None
-    return model.to(device).eval().requires_grad_(False), tokenizer, processor
+    return _load("--caption-model", spec, tiny_blip, "BlipForConditionalGeneration", "AutoTokenizer",
+                 "BlipImageProcessor", device, allow_pickle)
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
