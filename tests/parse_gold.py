@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from importlib.resources import files
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
+BENCH = files("unbleed") / "data" / "benchmarks"  # the package's copies (SOURCES.md there: origins, licences)
 COLOURS = ("red|green|blue|yellow|purple|orange|white|black|brown|pink|gray|grey|gold|golden|silver")
 TEMPLATE = re.compile(rf"^(?:an? )?(?:({COLOURS}) )?(.+?) (?:and|with) (?:an? )?(?:({COLOURS}) )?(.+?)\.?$", re.I)
 
 
-def bench_file(name: str) -> Path:
+def bench_file(name: str):
     path = BENCH / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the benchmark prompts live in ../shared/benchmarks/")
+        raise FileNotFoundError(f"{path} is missing: the benchmark prompts ship in src/unbleed/data/benchmarks/")
     return path
 
 

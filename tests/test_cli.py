@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import tempfile
 import subprocess
 import sys
 
@@ -72,7 +74,14 @@ def test_save_attention_writes_a_grid(tmp_path):
     (["--method", "elx"], ["--method 'elx' is unknown"]),
     (["--height", "100"], ["--height 100"]),
     (["--method", "ela", "--tokens", "cat", "--window", "5"], ["--window '5'"]),
-    (["--method", "ela", "--tokens", "cat", "--window", "0:9"], ["--window 0:9 is outside"]),
+    (["--method", "ela", "--tokens", "cat", "--window", "0:9"], ["--window 0:9: END 9 is outside the 2 steps"]),
+    (["--method", "ela", "--tokens", "cat", "--steps", "50", "--window", "30:10"],
+     ["--window 30:10: START must be ≤ END"]),
+    (["--method", "ela", "--tokens", "cat", "--window", "-1:1"], ["--window -1:1: step indices must be ≥ 0"]),
+    (["--method", "ela", "--tokens", "cat", "--window", "0:x"], ["--window '0:x': END 'x' is not a step number"]),
+    (["--method", "ela", "--tokens", "cat", "--window", "a:1"], ["--window 'a:1': START 'a' is not a step number"]),
+    (["--seed", "18446744073709551616"], ["--seed 18446744073709551616: a seed must be from 0 to 2**64 − 1"]),
+    (["--seed", "0", "--seed", "-1"], ["--seed -1: a seed must be from 0 to 2**64 − 1"]),
     (["--method", "ela", "--tokens", "cat", "--refine-steps", "0:x"], ["--refine-steps '0:x'"]),
     (["--method", "ela", "--tokens", "cat", "--refine-steps", "1"], ["step 1 has no default threshold"]),
     (["--method", "ela", "--tokens", "cat", "-o", "lam"], ["KEY=VALUE"]),
@@ -152,3 +161,87 @@ def test_words_past_the_token_limit_warn_in_one_line(tmp_path):
     assert res.exit_code == 0, res.output
     warns = [l for l in res.stderr.splitlines() if "77-token limit" in l]
     assert len(warns) == 1 and warns[0].startswith("warning: ") and warns[0].endswith("frog")
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model must not load when --out cannot be written")
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-file"])
+def test_uncreatable_out_fails_before_the_model_loads(tmp_path, monkeypatch, where):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "sub" if where == "under-a-file" else tmp_path / "file"
+    monkeypatch.setattr("unbleed.models.load_model", _no_model)
+    one_line_error(run("--steps", "1", "--out", str(out)), f"--out {out}: ", "; choose a writable folder")
+
+
+def test_read_only_out_folder_fails_before_the_model_loads(tmp_path, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.access(out, os.W_OK):  # root writes anyway: let the probe meet what a read-only folder gives others
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr("unbleed.models.load_model", _no_model)
+    try:
+        one_line_error(run("--steps", "1", "--out", str(out)),
+                       f"--out {out}: cannot write in the folder (Permission denied); choose a writable folder")
+    finally:
+        out.chmod(0o755)
+
+
+def test_each_batch_is_written_as_it_is_done_and_a_write_failure_keeps_it(tmp_path, monkeypatch):
+    import unbleed.sampler
+    from PIL import Image as PILImage
+
+    events, sample, save = [], unbleed.sampler.generate, PILImage.Image.save
+
+    def sampled(*args, **kwargs):
+        events.append("sample")
+        return sample(*args, **kwargs)
+
+    def saved(self, *args, **kwargs):
+        events.append("save")
+        if events.count("save") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(unbleed.sampler, "generate", sampled)
+    monkeypatch.setattr(PILImage.Image, "save", saved)
+    res = run("--steps", "1", "--seed", "1", "--seed", "2", "--batch-size", "1", "--out", str(tmp_path), "--json")
+    assert res.exit_code == 2, res.output
+    assert events == ["sample", "save", "sample", "save"]  # batch 1 was on disk before batch 2 was sampled
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in res.stderr and lines[-1] == (
+        f"error: --out {tmp_path}: cannot write 0001-sd-s2.png (No space left on device); the images written "
+        f"before it are kept; free some space or choose a writable folder"), res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000-sd-s1.png"]  # kept; no partial second file
+    assert Image.open(tmp_path / "0000-sd-s1.png").info["seed"] == "1"
+    assert f"wrote {tmp_path / '0000-sd-s1.png'}" in res.stderr
+
+
+def test_raw_token_indices_out_of_range_name_tokens(tmp_path):
+    res = runner.invoke(app, ["generate", "a cat and a frog", "--model", "tiny", "--tokens", "0,40", "--steps", "1",
+                              "--out", str(tmp_path)])
+    one_line_error(res, "--tokens: index 0 is out of range", "1..5")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_repeated_attribute_binds_next_to_its_noun(tmp_path):
+    res = runner.invoke(app, ["generate", "a red cat and a red dog", "--model", "tiny", "--steps", "1", "--method",
+                              "ela", "--tokens", "red:cat,red:dog", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "tokens: cat=[3] ← red=[2]; dog=[7] ← red=[6]" in res.stderr
+
+
+@pytest.mark.parametrize("command", [["parse", "un chat et une grenouille"],
+                                     ["generate", "une grenouille et un chat", "--model", "tiny", "--steps", "1",
+                                      "--method", "ela"]])
+def test_non_english_prompt_warns_in_one_line(command, tmp_path):
+    extra = ["--out", str(tmp_path)] if command[0] == "generate" else []
+    res = runner.invoke(app, [*command, *extra])
+    assert res.exit_code == 0, res.output
+    warns = [l for l in res.stderr.splitlines() if "look English" in l]
+    assert len(warns) == 1 and warns[0].startswith("warning: ") and "--tokens" in warns[0], res.stderr

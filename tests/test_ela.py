@@ -169,5 +169,10 @@ def test_default_schedule_is_scaled_and_inside_the_window():
     assert s.window == (0, 25) and s.refine == {0: 0.2, 10: 0.1, 20: 0.05}
     s4 = ELA().default_schedule(4)
     assert s4.window == (0, 2) and all(0 <= k < 2 for k in s4.refine)
-    assert s.alpha(0, 50) == pytest.approx(20.0)
-    assert s.alpha(49, 50) == pytest.approx(20 * math.sqrt(0.5))
+    # Eq. 8: z' = z − ∇L, a unit step at every guided step
+    assert s.step_schedule == "constant" and s.alpha(0, 50) == 1.0 and s.alpha(24, 50) == 1.0
+    # A&E's schedule stays an option
+    from unbleed.cli import build_schedule
+
+    ae = build_schedule(ELA(), 50, step_size=20.0, step_schedule="sqrt-linear")
+    assert ae.alpha(0, 50) == pytest.approx(20.0) and ae.alpha(49, 50) == pytest.approx(20 * math.sqrt(0.5))

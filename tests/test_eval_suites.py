@@ -1,7 +1,9 @@
 """Prompt suites: counts against the benchmark files, DVMP determinism and vocabulary, user files, errors."""
 
+import hashlib
 import json
 import re
+from importlib.resources import files
 
 import pytest
 
@@ -117,11 +119,24 @@ def test_bad_suite_names(name, message):
         S.load_suite(name)
 
 
+def test_benchmarks_ship_with_the_package_and_match_sources(monkeypatch):
+    monkeypatch.delenv("UNBLEED_BENCHMARKS", raising=False)
+    folder = files("unbleed") / "data" / "benchmarks"
+    sources = (folder / "SOURCES.md").read_text(encoding="utf-8")
+    for name in sorted(set(S.FILES.values())):
+        assert S.benchmark_file(name) == folder / name  # read as package data, from nowhere else
+        row = next(line for line in sources.splitlines() if line.startswith(f"| {name} |"))
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() in row, f"{name} differs from SOURCES.md"
+        assert "MIT" in row
+
+
 def test_missing_benchmark_file_names_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr(S, "benchmark_dirs", lambda: [tmp_path])
-    with pytest.raises(UnbleedError, match=r"benchmark file CC-500.txt not found .*UNBLEED_BENCHMARKS="):
-        S.load_suite("cc500")
-    monkeypatch.undo()
     monkeypatch.setenv("UNBLEED_BENCHMARKS", str(tmp_path))
+    with pytest.raises(UnbleedError) as info:
+        S.load_suite("cc500")
+    assert str(info.value) == (f"benchmark file CC-500.txt not found in UNBLEED_BENCHMARKS={tmp_path}: put "
+                               f"CC-500.txt there, or unset UNBLEED_BENCHMARKS to use the copy shipped with unbleed")
     (tmp_path / "CC-500.txt").write_text("a blue cat and a red dog\n")
     assert [p.text for p in S.load_suite("cc500")] == ["a blue cat and a red dog"]
+    monkeypatch.delenv("UNBLEED_BENCHMARKS")
+    assert len(S.load_suite("cc500")) == 588

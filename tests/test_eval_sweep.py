@@ -123,9 +123,11 @@ def test_sweep_resumes_after_a_crash_with_every_record_once(tmp_path, monkeypatc
     alone = generate(pipe, rec["prompt"], method=make_method("syngen"), seeds=[1], num_inference_steps=2,
                      groups=token_groups(pipe.tokenizer, rec["prompt"], None), height=64, width=64).images[0]
     assert np.array_equal(np.asarray(alone), np.asarray(image.convert("RGB")))
-    # growing the sweep (one more seed) keeps what is done and adds only the new jobs
-    assert W.run_sweep(config(tmp_path / "run", seeds=[0, 1, 2]))["made"] == 4
+    # growing the sweep (one more seed) keeps what is done and adds only the new jobs; sweep.json records it
+    with pytest.warns(UserWarning, match=r"extending the run \(--seeds 0,1 → 0,1,2\)"):
+        assert W.run_sweep(config(tmp_path / "run", seeds=[0, 1, 2]))["made"] == 4
     assert len(lines_of(tmp_path / "run")) == 12
+    assert json.loads((tmp_path / "run" / W.MANIFEST).read_text())["seeds"] == [0, 1, 2]
     # options that change the images are refused on a resumed run folder
     with pytest.raises(UnbleedError, match=r"started with steps=2, not 3: rerun with the same options"):
         W.run_sweep(config(tmp_path / "run", steps=3))
@@ -133,11 +135,97 @@ def test_sweep_resumes_after_a_crash_with_every_record_once(tmp_path, monkeypatc
         W.run_sweep(config(tmp_path / "run", metrics=True))
 
 
+FAST = ["--suite", "attend-excite:animals", "--limit", "1", "--model", "tiny", "--steps", "1", "--height", "64",
+        "--width", "64", "--no-metrics", "--device", "cpu"]
+# another sweep's main process, as far as the lock goes: RUN/.lock flock'ed, with its pid in it
+HOLD = ("import fcntl, os, sys; fh = open(sys.argv[1], 'a+'); fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB); "
+        "fh.truncate(0); fh.write(str(os.getpid())); fh.flush(); print('locked', flush=True); sys.stdin.read()")
+
+
+def error_line(res):
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0][len("error: "):]
+
+
+def test_one_sweep_per_run_folder_and_a_stale_lock_blocks_nothing(tmp_path, monkeypatch, tiny):
+    import unbleed.models
+
+    monkeypatch.setattr(unbleed.models, "load_model", lambda spec, **kw: tiny)
+    runner, run = CliRunner(), tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / W.LOCK)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        res = runner.invoke(app, ["sweep", *FAST, "--methods", "sd", "--seeds", "1", "--out", str(run)])
+        assert error_line(res) == (f"--out {run}: another sweep (pid {holder.pid}) is running on this folder; "
+                                   f"wait for it to end or use another --out")
+        assert [p.name for p in run.iterdir()] == [W.LOCK]  # nothing written: no sweep.json, records, images
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without cleaning up: its lock file stays, and blocks nothing (the OS dropped the flock)
+    assert (run / W.LOCK).read_text() == str(holder.pid)
+    res = runner.invoke(app, ["sweep", *FAST, "--methods", "sd", "--seeds", "1", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert len(W.read_records(run)) == 1 and (run / W.LOCK).read_text().strip() == str(os.getpid())
+    held = W.lock_run(run)  # the helper a sweep takes it with: a second start, in process, is refused too
+    try:
+        with pytest.raises(UnbleedError, match=rf"another sweep \(pid {os.getpid()}\) is running"):
+            W.run_sweep(config(run))
+    finally:
+        held.close()
+    assert len(W.read_records(run)) == 1
+
+
+def test_sweep_cli_refuses_a_resume_that_drops_methods_or_seeds(tmp_path, monkeypatch, tiny):
+    import unbleed.models
+
+    monkeypatch.setattr(unbleed.models, "load_model", lambda spec, **kw: tiny)
+    runner, run = CliRunner(), tmp_path / "run"
+
+    def sweep(methods, seeds):
+        return runner.invoke(app, ["sweep", *FAST, "--methods", methods, "--seeds", seeds, "--out", str(run)])
+
+    assert sweep("sd", "2").exit_code == 0
+    manifest = (run / W.MANIFEST).read_text()
+    assert error_line(sweep("attend-excite", "2")) == (
+        f"--methods attend-excite: the run folder {run} was started with --methods sd and a resumed sweep keeps all "
+        f"of them: rerun with --methods sd (adding methods extends the run), or pick a new --out")
+    assert error_line(sweep("sd", "1")) == (
+        f"--seeds 1: the run folder {run} was started with --seeds 2 and a resumed sweep keeps all of them: rerun "
+        f"with --seeds 2 (adding seeds extends the run), or pick a new --out")
+    for seeds in ("0,5", "1:3"):
+        assert error_line(sweep("sd", seeds)).startswith(f"--seeds {seeds}: the run folder {run} was started with")
+    assert (run / W.MANIFEST).read_text() == manifest and len(W.read_records(run)) == 2
+    # the same lists resume; a longer one extends the run and is recorded, so the shorter one is refused after it
+    res = sweep("sd", "3")
+    assert res.exit_code == 0 and "1 images made, 2 already done" in res.stderr
+    assert "3 records in" in res.stderr and "expected 3 per prompt" in res.stderr
+    assert json.loads((run / W.MANIFEST).read_text())["seeds"] == [0, 1, 2]
+    assert error_line(sweep("sd", "2")).startswith("--seeds 2: the run folder")
+
+
+def test_sweep_config_seeds_follow_the_seed_rule(tmp_path):
+    for seeds in ([0, 2**64], [-1]):
+        with pytest.raises(UnbleedError, match=r"^--seeds -?\d+: a seed must be from 0 to 2"):
+            W.validate(config(tmp_path / "run", seeds=seeds))
+    assert W.validate(config(tmp_path / "run", seeds=[0, 2**64 - 1]))
+
+
 def test_sweep_cli_errors_are_one_line(tmp_path):
     runner = CliRunner()
     for args, needle in ((["--suite", "nope"], "--suite nope: unknown suite"),
                          (["--suite", "dvmp", "--methods", "sd,magic"], "--method 'magic' is unknown"),
-                         (["--suite", "dvmp", "--seeds", "x"], "--seeds 'x'")):
+                         (["--suite", "dvmp", "--seeds", "x"], "--seeds 'x'"),
+                         # the one seed rule of generate --seed: 0 … 2**64 − 1
+                         (["--suite", "dvmp", "--seeds", "0,18446744073709551616"],
+                          "--seeds 18446744073709551616: a seed must be from 0 to 2**64 − 1"),
+                         (["--suite", "dvmp", "--seeds", "0,-1"], "--seeds -1: a seed must be from 0 to 2**64 − 1"),
+                         (["--suite", "dvmp", "--seeds", "-2:1"], "--seeds -2: a seed must be from 0 to 2**64 − 1"),
+                         (["--suite", "dvmp", "--seeds", "18446744073709551617"], "--seeds '18446744073709551617'")):
         res = runner.invoke(app, ["sweep", *args, "--out", str(tmp_path / "r"), "--model", "tiny"])
         assert res.exit_code == 2, res.output
         lines = [line for line in res.stderr.splitlines() if line.strip()]
@@ -158,6 +246,15 @@ def launch(out, **popen):
 
 def test_accelerate_two_processes_then_report(tmp_path):
     run = tmp_path / "run"
+    run.mkdir()
+    held = W.lock_run(run)  # another sweep holds the folder: both processes stop with the line, none waits
+    try:
+        proc = launch(run)
+        output = proc.communicate(timeout=300)[0].decode()
+    finally:
+        held.close()
+    assert proc.returncode != 0 and f"error: --out {run}: another sweep (pid {os.getpid()})" in output, output
+    assert [p.name for p in run.iterdir()] == [W.LOCK]
     proc = launch(run)
     output = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, output

@@ -185,3 +185,30 @@ def test_offsets_without_a_fast_tokenizer_match(tokenizer, prompt):
     from unbleed.prompt import token_offsets
 
     assert token_offsets(_SlowTokenizer(tokenizer), prompt) == token_offsets(tokenizer, prompt)
+
+
+@pytest.mark.parametrize("prompt", ["un chat et une grenouille", "一只猫和一只青蛙", "кошка и собака",
+                                    "ein roter Hund und eine Katze", "un gato rojo y una rana verde"])
+def test_non_english_prompt_warns_in_one_line(tokenizer, prompt):
+    with pytest.warns(UserWarning, match="reads English .* does not look English.*pass --tokens") as caught:
+        parse(prompt, tokenizer)
+    assert all("\n" not in str(w.message) for w in caught)
+
+
+def test_english_benchmark_prompts_do_not_warn(tokenizer):
+    prompts = [p for _, p in attend_excite_prompts()] + cc500_prompts() + [
+        "cyberpunk city, neon lights, rain", "Tour de France cyclist", "Los Angeles skyline", "El Niño storm",
+        "a sign that says 猫", "a café and a naïve frog"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for p in prompts:
+            parse(p, tokenizer)
+    assert not [str(w.message) for w in caught if "look English" in str(w.message)]
+
+
+def test_accented_letters_parse_like_plain_ones(tokenizer):
+    prompt = "a café and a naïve frog"
+    # tokens: <s> a café and a na|ï|ve frog </s>
+    assert parse(prompt, tokenizer).tokens[5:9] == ["na", "Ã¯", "ve</w>", "frog</w>"]
+    assert groups(tokenizer, prompt) == [("café", (2,), []), ("frog", (8,), [("naïve", (5, 6, 7))])]
+    assert groups(tokenizer, "a cafe and a naive frog") == [("cafe", (2,), []), ("frog", (6,), [("naive", (5,))])]

@@ -134,8 +134,13 @@ def test_ela_runs_on_schedulers(fresh_tiny, scheduler):
 @pytest.mark.parametrize("kw, match", [
     (dict(num_inference_steps=0), "--steps 0"),
     (dict(seeds=[]), "at least one seed"),
+    (dict(seeds=[2**64]), "^seeds 18446744073709551616: a seed must be from 0 to 2"),
+    (dict(seeds=[-1]), "^seeds -1: a seed must be from 0 to 2"),
+    (dict(seeds=[0.5]), "^seeds 0.5: a seed is a whole number"),
     (dict(height=100), "multiple of 8"),
-    (dict(schedule=Schedule(window=(0, 9))), "--window 0:9 is outside"),
+    (dict(schedule=Schedule(window=(0, 9))), "--window 0:9: END 9 is outside the 4 steps"),
+    (dict(schedule=Schedule(window=(3, 1))), "--window 3:1: START must be ≤ END"),
+    (dict(schedule=Schedule(window=(-1, 2))), "--window -1:2: step indices must be ≥ 0"),
     (dict(schedule=Schedule(window=(0, 2), refine={3: 0.1})), "step 3 is outside the guidance window"),
     (dict(schedule=Schedule(window=(0, 2), step_schedule="cosine")), "--step-schedule"),
 ])
@@ -147,6 +152,47 @@ def test_bad_inputs(tiny, kw, match):
         generate(tiny, PROMPT, **base)
 
 
+def test_largest_seed_runs():
+    from unbleed.sampler import SEED_MAX, check_seeds
+
+    assert check_seeds([0, SEED_MAX]) == [0, 2**64 - 1]
+    torch.Generator("cpu").manual_seed(SEED_MAX)  # the rule's top is what torch takes, and one more it refuses
+    with pytest.raises((RuntimeError, ValueError)):
+        torch.Generator("cpu").manual_seed(SEED_MAX + 1)
+
+
 def test_method_without_groups_is_an_error(tiny):
     with pytest.raises(UnbleedError, match="needs token groups"):
         generate(tiny, PROMPT, method=make_method("ela"), seeds=[0], num_inference_steps=2)
+
+
+def make_entity(text, indices, attributes=()):
+    from unbleed import Entity, TokenGroup
+
+    return Entity(text, indices, [TokenGroup(t, i) for t, i in attributes])
+
+
+@pytest.mark.parametrize("groups, match", [
+    ([make_entity("cat", (40,))], "groups: token index 40 of 'cat' is outside the prompt's word tokens 1..5 of "
+                                  "'a cat and a frog'; use indices from unbleed.token_groups"),
+    ([make_entity("cat", (0,))], "token index 0 of 'cat' is outside .* 1..5"),
+    ([make_entity("cat", (-1,))], "token index -1 of 'cat' is outside .* 1..5"),
+    ([make_entity("cat", (99,))], "token index 99 of 'cat' is outside .* 1..5"),
+    ([make_entity("cat", (2,), [("red", (6,))])], "token index 6 of 'red' is outside .* 1..5"),
+    ([make_entity("cat", (True,))], "groups: token index True of 'cat' is not an int"),
+    ([make_entity("cat", (2.0,))], "groups: token index 2.0 of 'cat' is not an int"),
+    ([make_entity("cat", ())], "groups: 'cat' has token indices"),
+    ([("cat", (2,))], r"groups: \('cat', \(2,\)\) is not an unbleed.Entity"),
+])
+def test_groups_are_validated_before_sampling(tiny, groups, match):
+    with pytest.raises(UnbleedError, match=match):
+        generate(tiny, PROMPT, method=make_method("ela"), groups=groups, seeds=[0], num_inference_steps=1)
+    with pytest.raises(UnbleedError, match=match):  # also unguided (the groups of the attention pictures)
+        generate(tiny, PROMPT, groups=groups, seeds=[0], num_inference_steps=1, save_attention=True)
+
+
+def test_valid_groups_pass_the_check(tiny):
+    res = generate(tiny, PROMPT, method=make_method("ela"), groups=[make_entity("cat", (2,), [("a", (1,))]),
+                                                                    make_entity("frog", (5,))],
+                   seeds=[0], num_inference_steps=1, output_type="latent")
+    assert [g.indices for g in res.groups] == [(2,), (5,)]

@@ -104,6 +104,56 @@ def test_blank_image_and_bad_inputs():
         detect("/nonexistent/image.png", "a red circle")
 
 
+def states(result: dict) -> list[str]:
+    return [o["state"] for o in result["objects"]]
+
+
+FINER = ("neglected", "malformed", "wrong_shape", "recoloured", "duplicated")
+
+
+def flags(result: dict) -> set[str]:
+    return {k for k in FINER if result[k]}
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_finer_verdicts_on_rendered_scenes(noisy):
+    ok = run([RED_CIRCLE, BLUE_SQUARE], noisy=noisy)
+    assert states(ok) == ["present", "present"] and flags(ok) == set()
+    neglected = run([RED_CIRCLE], noisy=noisy)
+    assert states(neglected) == ["present", "neglected"] and flags(neglected) == {"neglected"}
+    # the square drawn stretched to 2:1 — its colour is there, in no shape of the world
+    stretched = run([RED_CIRCLE, Obj("square", "blue", 14, 44, 42, aspect=2.0)], noisy=noisy)
+    assert states(stretched) == ["present", "malformed"] and flags(stretched) == {"malformed"}
+    assert stretched["missing"] and not stretched["success"]
+    # a blue star instead of the blue square: a fall-back to another shape in the requested colour
+    fallback = run([RED_CIRCLE, Obj("star", "blue", 18, 44, 42)], noisy=noisy)
+    assert states(fallback) == ["present", "wrong_shape"] and flags(fallback) == {"wrong_shape"}
+    twice = run([RED_CIRCLE, BLUE_SQUARE, Obj("square", "blue", 14, 48, 12)], noisy=noisy)
+    assert states(twice) == ["present", "present"] and flags(twice) == {"duplicated"} and not twice["success"]
+    green = run([Obj("circle", "green", 20, 18, 20), BLUE_SQUARE], noisy=noisy)
+    assert states(green) == ["recoloured", "present"] and flags(green) == {"recoloured"}
+    leaked = run([Obj("circle", "blue", 20, 18, 20), BLUE_SQUARE], noisy=noisy)
+    assert states(leaked) == ["leaked", "present"] and leaked["leak"] and flags(leaked) == set()
+
+
+@pytest.mark.parametrize("dx", [11, -12])
+def test_fused_objects_are_fused_not_neglected(dx):
+    r = run([Obj("circle", "red", 20, 30, 30), Obj("square", "blue", 20, 30 + dx, 30)])
+    assert states(r) == ["fused", "fused"] and r["fused"] and flags(r) == set()
+
+
+def test_swapped_colours_leak_and_neglect():
+    # "a red circle and a blue square" drawn as one red square: the square took the circle's colour
+    r = run([Obj("square", "red", 18, 44, 42)])
+    assert states(r) == ["neglected", "leaked"] and r["neglected"] and r["leak"]
+
+
+def test_detect_check_covers_the_finer_kinds():
+    result = detect_check(300, seed=1)
+    assert {"malformed", "duplicated", "wrong_shape"} <= {k for k, v in result["by_kind"].items() if v is not None}
+    assert result["accuracy"] >= 0.99, result["errors"]
+
+
 def test_detect_check_accuracy():
     result = detect_check(200, seed=0)
     assert result["n"] == 200 and result["accuracy"] >= 0.99, result["errors"]

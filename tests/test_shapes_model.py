@@ -140,19 +140,34 @@ def test_cli_train_bad_input_is_one_line(tmp_path):
 
 def test_bench_cli(trained, tmp_path):
     out, _ = trained
+    from unbleed.shapes.bench import VERDICTS
+
     res = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--methods", "sd,ela", "--prompts", "2",
-                              "--seeds", "2", "--steps", "3", "--split", "train", "--json", "--out", str(tmp_path)])
+                              "--seeds", "5:7", "--steps", "3", "--split", "train", "--json", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     figures = json.loads(res.stdout.strip().splitlines()[-1])
     assert list(figures) == ["sd", "ela"]
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
-    assert len(records) == 2 * 2 * 2
+    assert len(records) == 2 * 2 * 2 and {r["seed"] for r in records} == {5, 6}
     for method, f in figures.items():
-        assert set(f) == {"success", "missing", "leak", "fused", "seconds"} and f["seconds"] > 0
+        assert set(f) >= {*VERDICTS, "seconds", "images", "ci"} and f["seconds"] > 0 and f["images"] == 4
         mine = [r for r in records if r["method"] == method]
-        for v in ("success", "missing", "leak", "fused"):
+        for v in VERDICTS:
             assert f[v] == sum(r[v] for r in mine) / len(mine)
-    assert (tmp_path / "bench.png").is_file() and len(list((tmp_path / "grids").glob("*.png"))) == 2
+            lo, hi = f["ci"][v]
+            assert lo <= f[v] <= hi
+    assert "vs_baseline" not in figures["sd"]
+    vs = figures["ela"]["vs_baseline"]
+    assert vs["baseline"] == "sd"
+    for v in VERDICTS:
+        assert vs[v]["diff"] == pytest.approx(figures["ela"][v] - figures["sd"][v])
+        assert vs[v]["ci"][0] <= vs[v]["diff"] <= vs[v]["ci"][1] and 0 <= vs[v]["p_mcnemar"] <= 1
+    for name in ("bench.png", "bench-diff.png", "results.json"):
+        assert (tmp_path / name).is_file()
+    assert len(list((tmp_path / "grids").glob("*.png"))) == 2
+    table = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--methods", "sd,ela", "--prompts", "1",
+                                "--seeds", "1", "--steps", "2", "--split", "train", "--baseline", "ela"])
+    assert table.exit_code == 0 and "minus ela, paired 95 % CI" in table.output, table.output
 
 
 def test_bench_prompts_file_and_errors(trained, tmp_path):
@@ -170,6 +185,8 @@ def test_bench_prompts_file_and_errors(trained, tmp_path):
         (["-o", "lam=0.3"], "prefix the option with one of the --methods"),
         (["--split", "test"], "--split 'test': use train or heldout"),
         (["--methods", "sd,nope"], "nope"),
+        (["--seeds", "3:1"], "--seeds '3:1'"),
+        (["--methods", "sd", "--baseline", "ela"], "--baseline 'ela' is not among --methods sd"),
     ]:
         res = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--prompts", "1", "--seeds", "1",
                                   "--steps", "2", *args])
@@ -180,8 +197,13 @@ def test_bench_prompts_by_split_and_object_count():
     from unbleed.shapes.bench import bench_prompts
     from unbleed.shapes.world import train_prompts
 
-    singles = bench_prompts("heldout", 20, objects=1)
+    singles = bench_prompts("heldout", len(HELDOUT), objects=1)  # every held-out pair once
     assert all(len(parse_caption(p)) == 1 and parse_caption(p)[0] in HELDOUT for p in singles)
+    assert {parse_caption(p)[0] for p in singles} == set(HELDOUT)
+    with pytest.raises(UnbleedError, match=r"--prompts 11: the heldout split has only 10 distinct 1-object prompts"):
+        bench_prompts("heldout", 11, objects=1)
+    for split in ("train", "heldout"):
+        assert len(set(bench_prompts(split, 100))) == 100  # a benchmark's prompts are distinct
     triples = bench_prompts("train", 10, objects=3)
     assert all(len(parse_caption(p)) == 3 and not set(parse_caption(p)) & HELDOUT for p in triples)
     assert bench_prompts("train", 5) == train_prompts(5)

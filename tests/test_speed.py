@@ -68,7 +68,33 @@ def test_bench_speed_json_contract():
     assert set(figures) == {"sd", "ela", "attend-excite", "diffusers-attend-excite"}
     assert figures["sd"]["ratio"] == 1.0
     for f in figures.values():
-        assert set(f) == {"seconds", "ratio", "peak_mb"} and f["seconds"] > 0 and f["peak_mb"] >= 0
+        assert set(f) == {"seconds", "ratio", "peak_mb"} and f["seconds"] > 0 and f["peak_mb"] > 0
+
+
+def test_cpu_peak_memory_measures_what_the_call_allocates():
+    from unbleed.bench import PeakMemory
+
+    cpu = torch.device("cpu")
+    with PeakMemory(cpu) as big:
+        x = torch.ones(200 * 2**20 // 4)  # 200 MB, every page touched
+        del x
+    with PeakMemory(cpu) as nothing:
+        pass
+    assert 150 <= big.peak_mb <= 400, big.peak_mb
+    assert nothing.peak_mb < 50, nothing.peak_mb
+
+
+def test_cpu_peak_memory_of_a_warm_run_is_not_zero(tiny):
+    """A warm run reuses heap memory an earlier run freed; the RSS must still show what the run needs."""
+    from unbleed.bench import PeakMemory
+
+    def run():
+        generate(tiny, PROMPT, seeds=[0, 1], num_inference_steps=1, output_type="np")
+
+    run()  # warm-up: the allocator now holds the memory a run needs
+    with PeakMemory(torch.device("cpu")) as mem:
+        run()
+    assert mem.peak_mb > 1, mem.peak_mb
 
 
 def test_bench_leaves_the_model_untouched(tiny):

@@ -82,3 +82,39 @@ def test_word_past_the_77_token_limit_is_an_error(tokenizer):
     assert find_word(tokenizer, prompt, "cat") == (2,)
     with pytest.raises(UnbleedError, match="past the text encoder's 77-token limit"):
         find_word(tokenizer, prompt, "frog")
+
+
+def _bound(groups):
+    return [(g.text, g.indices, [(a.text, a.indices) for a in g.attributes]) for g in groups]
+
+
+@pytest.mark.parametrize("prompt, spec, expected", [
+    # tokens: <s> a red cat and a red dog </s> — each "red" binds to the occurrence next to its noun
+    ("a red cat and a red dog", "red:cat,red:dog", [("cat", (3,), [("red", (2,))]), ("dog", (7,), [("red", (6,))])]),
+    ("a red cat and a red dog", "red:dog", [("dog", (7,), [("red", (6,))])]),
+    ("a red cat and a red dog", "red:dog,red:cat", [("dog", (7,), [("red", (6,))]), ("cat", (3,), [("red", (2,))])]),
+    # after the noun when that is nearer ("a cat that is red")
+    ("a red dog and a cat that is red", "red:cat", [("cat", (6,), [("red", (9,))])]),
+    # not across another entity of --tokens, nor an occurrence an earlier item bound
+    ("a cat that is red and a dog that is red", "red:cat,red:dog",
+     [("cat", (2,), [("red", (5,))]), ("dog", (8,), [("red", (11,))])]),
+    # a repeated noun: the occurrence next to its attribute
+    ("a red cat and a blue cat", "blue:cat,red:cat", [("cat", (7,), [("blue", (6,))]), ("cat", (3,), [("red", (2,))])]),
+    ("a red cat and a red cat", "red:cat,red:cat", [("cat", (3,), [("red", (2,))]), ("cat", (7,), [("red", (6,))])]),
+    # multi-piece words: por|cup|ine at 8..10
+    ("a red teddy bear and a red porcupine", "red:teddy bear,red:porcupine",
+     [("teddy bear", (3, 4), [("red", (2,))]), ("porcupine", (8, 9, 10), [("red", (7,))])]),
+])
+def test_attribute_binds_to_the_occurrence_next_to_its_noun(tokenizer, prompt, spec, expected):
+    assert _bound(parse_token_spec(tokenizer, prompt, spec)) == expected
+
+
+def test_a_word_named_twice_takes_both_occurrences(tokenizer):
+    assert _bound(parse_token_spec(tokenizer, "a cat and a cat", "cat,cat")) == [("cat", (2,), []), ("cat", (5,), [])]
+    assert _bound(parse_token_spec(tokenizer, "a red cat and a cat", "red:cat,cat")) == [
+        ("cat", (3,), [("red", (2,))]), ("cat", (6,), [])]
+    assert _bound(parse_token_spec(tokenizer, "a cat and a cat", "cat#2,cat")) == [("cat", (5,), []), ("cat", (2,), [])]
+    # a word that occurs once stays one entity however often it is named
+    assert _bound(parse_token_spec(tokenizer, "a blue bag", "bag,blue:bag")) == [("bag", (3,), [("blue", (2,))])]
+    with pytest.raises(UnbleedError, match=r"'cat' occurs 2 time\(s\) in the prompt, not 3: use cat#1..cat#2"):
+        parse_token_spec(tokenizer, "a cat and a cat", "cat,cat,cat")

@@ -4,7 +4,9 @@ Every method runs on the same model, prompt and seed; runs are interleaved (rep 
 after one untimed warm-up each, so drifts of a noisy machine hit all methods alike. Reported per method: the
 median wall time of a whole generation (text encoding, denoising, VAE decoding), its ratio to ``sd``'s median,
 and the peak memory above the run's starting point — CUDA: ``torch.cuda.max_memory_allocated``; CPU: the
-process's resident set size sampled every 2 ms (``psutil``), which is coarser.
+process's peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; elsewhere the RSS
+sampled every 2 ms) above its size at the start, after freed heap memory is handed back to the system
+(``malloc_trim``) — without that, a warm run reuses memory the allocator kept and shows no growth at all.
 
 The reference ``diffusers-attend-excite`` is diffusers' ``StableDiffusionAttendAndExcitePipeline`` on the same
 components, with the same guided steps (``max_iter_to_alter``), refinement thresholds and step size.
@@ -12,6 +14,7 @@ components, with the same guided steps (``max_iter_to_alter``), refinement thres
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import threading
 import time
@@ -28,8 +31,35 @@ from .tokens import token_groups
 REFERENCE = "diffusers-attend-excite"
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc), so that memory the next run reuses counts in its RSS."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _proc_status(key: str) -> int:
+    """A ``/proc/self/status`` size (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset the process's peak RSS (``VmHWM``) to its current RSS; that RSS, or ``None`` where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _proc_status("VmRSS")
+    except OSError:
+        return None
+
+
 class PeakMemory:
-    """Peak memory (MB) above the start, while the ``with`` block runs."""
+    """Peak memory (MB) above the start, while the ``with`` block runs (see the module docstring)."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak_mb = device, 0.0
@@ -39,6 +69,11 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        _trim_heap()
+        self._base = _reset_peak_rss()
+        self._hwm = self._base is not None
+        if self._hwm:
             return self
         import psutil
 
@@ -59,6 +94,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._hwm:
+            peak = _proc_status("VmHWM")
         else:
             self._stop.set()
             self._thread.join()

@@ -29,12 +29,16 @@ def parse_window(text: str | None, num_steps: int) -> tuple[int, int] | None:
     if text.strip().lower() == "none":
         return (0, 0)
     start, sep, end = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return (int(start) if start.strip() else 0, int(end) if end.strip() else num_steps)
-    except ValueError:
-        raise UnbleedError(f"--window {text!r}: use START:END step indices, e.g. 0:25 (or none)") from None
+    if not sep:
+        raise UnbleedError(f"--window {text!r}: use START:END step indices, e.g. 0:25 (or none)")
+    out = []
+    for side, value, default in (("START", start, 0), ("END", end, num_steps)):
+        try:
+            out.append(int(value) if value.strip() else default)
+        except ValueError:
+            raise UnbleedError(f"--window {text!r}: {side} {value.strip()!r} is not a step number: use START:END "
+                               f"step indices, e.g. 0:25 (or none)") from None
+    return tuple(out)
 
 
 def parse_refine(text: str | None, defaults: dict[int, float]) -> dict[int, float] | None:
@@ -182,8 +186,8 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
               save_attention, as_json, batch_size, device, dtype, allow_pickle) -> None:
     from .methods import make_method
     from .models import load_model
-    from .output import save_result
-    from .sampler import generate as run
+    from .output import check_out_dir, save_result
+    from .sampler import check_seeds, generate as run
     from .tokens import token_groups
 
     _quiet_libraries()
@@ -192,6 +196,7 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
         raise UnbleedError(f"--steps {steps} must be ≥ 1")
     if batch_size < 1:
         raise UnbleedError(f"--batch-size {batch_size} must be ≥ 1")
+    seed = check_seeds(seed, "--seed")
     if not prompt.strip():
         raise UnbleedError("PROMPT is empty: give the text to draw")
     options = parse_options(option)
@@ -203,6 +208,7 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
     schedule = build_schedule(guide, steps, window, refine_steps, refine_iters, step_size, step_schedule)
     if guide is None and any(v is not None for v in (window, refine_steps, refine_iters, step_size, step_schedule)):
         err.print("note: --method sd does no guidance; the schedule options are ignored")
+    check_out_dir(out)  # before the model loads: an unwritable --out must not cost a whole run
     with err.status(f"loading model {model}…"):
         pipe = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
     from .sampler import check_size, default_size
@@ -235,11 +241,12 @@ def _generate(prompt, method, model, tokens, seed, steps, height, width, guidanc
             result = run(pipe, prompt, method=guide, groups=groups, seeds=seeds, num_inference_steps=steps,
                          guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
                          schedule=schedule, save_attention=save_attention, callback=on_step)
-            records += save_result(result, prompt, method, model, out, save_attention=save_attention,
-                                   extra={"tokens_source": source if groups else None})
-    for rec in records:
-        err.print(f"wrote {rec['path']}" + (f" and {rec['attention_path']}" if "attention_path" in rec else ""),
-                  highlight=False, soft_wrap=True)
+            saved = save_result(result, prompt, method, model, out, save_attention=save_attention,
+                                extra={"tokens_source": source if groups else None})  # each batch as it is done
+            for rec in saved:
+                err.print(f"wrote {rec['path']}" + (f" and {rec['attention_path']}" if "attention_path" in rec
+                                                    else ""), highlight=False, soft_wrap=True)
+            records += saved
     if as_json:
         sys.stdout.write(json.dumps(records, indent=2) + "\n")
 
@@ -351,11 +358,13 @@ def parse_seeds(text: str) -> list[int]:
             seeds = list(range(int(a), int(b)))
         else:
             seeds = list(range(int(text)))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a count or range too long to list
         seeds = []
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    if not seeds or len(set(seeds)) != len(seeds):
         raise UnbleedError(f"--seeds {text!r}: give a count (64 → seeds 0…63), distinct seeds 0,5,7, or a range 10:20")
-    return seeds
+    from .sampler import check_seeds
+
+    return check_seeds(seeds, "--seeds")
 
 
 class _Bar:

@@ -6,7 +6,9 @@ and a file is created exclusively, so earlier results are never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
@@ -39,14 +41,47 @@ def _next_index(out: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_result(result: Result, prompt: str, method: str, model: str, out_dir: str | Path,
-                save_attention: bool = False, extra: dict | None = None) -> list[dict]:
-    """Write each image (and its attention picture) into ``out_dir``; return the records with their paths."""
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and make sure a file can be written in it (a real probe: permission bits say
+    nothing for root or on read-only mounts). Call it before any work starts."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UnbleedError(f"--out {out_dir}: that is a file, not a folder; choose a writable folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UnbleedError(f"--out {out_dir}: cannot create the folder ({err.strerror})") from None
+        raise UnbleedError(f"--out {out_dir}: cannot create the folder ({err.strerror or err}); "
+                           f"choose a writable folder") from None
+    try:
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise UnbleedError(f"--out {out_dir}: cannot write in the folder ({err.strerror or err}); "
+                           f"choose a writable folder") from None
+    return out
+
+
+def _write_png(path: Path, image, out_dir, mode: str = "xb", **params) -> bool:
+    """Write ``image`` as a PNG at ``path`` (``xb``: only if the name is free — False when taken). A failed write
+    leaves no partial file and is one :class:`UnbleedError`."""
+    try:
+        with open(path, mode) as fh:
+            image.save(fh, format="PNG", **params)
+    except FileExistsError:
+        return False
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UnbleedError(f"--out {out_dir}: cannot write {path.name} ({err.strerror or err}); the images "
+                               f"written before it are kept; free some space or choose a writable folder") from None
+        raise
+    return True
+
+
+def save_result(result: Result, prompt: str, method: str, model: str, out_dir: str | Path,
+                save_attention: bool = False, extra: dict | None = None) -> list[dict]:
+    """Write each image (and its attention picture) into ``out_dir``; return the records with their paths."""
+    out = check_out_dir(out_dir)
     records = []
     number = _next_index(out)
     for i, image in enumerate(result.images):
@@ -61,19 +96,15 @@ def save_result(result: Result, prompt: str, method: str, model: str, out_dir: s
         while True:
             path = out / f"{number:04d}-{method}-s{rec['seed']}.png"
             number += 1
-            try:
-                with open(path, "xb") as fh:
-                    image.save(fh, format="PNG", pnginfo=meta)
+            if _write_png(path, image, out_dir, pnginfo=meta):
                 break
-            except FileExistsError:
-                continue
         rec["path"] = str(path)
         if save_attention:
             from .viz import attention_grid
 
             title = f"{prompt}\nmethod {method}  seed {rec['seed']}  model {model}\nsteps {rec['steps']}"
             grid_path = path.with_name(path.stem + "-attention.png")
-            attention_grid(result, i, image, title).save(grid_path)
+            _write_png(grid_path, attention_grid(result, i, image, title), out_dir, mode="wb")
             rec["attention_path"] = str(grid_path)
         records.append(rec)
     return records

@@ -97,13 +97,24 @@ def image_grid(rows: list[tuple[str, list[Image.Image]]], col_labels: list[str] 
     return canvas
 
 
+def _error_bar(value: float, error) -> tuple[float, float]:
+    """Distances below and above ``value`` of an error given as ± a number or as a ``(low, high)`` interval."""
+    if error is None:
+        return 0.0, 0.0
+    if isinstance(error, (tuple, list)):
+        lo, hi = error
+        return max(0.0, value - lo) if math.isfinite(lo) else 0.0, max(0.0, hi - value) if math.isfinite(hi) else 0.0
+    return (error, error) if math.isfinite(error) else (0.0, 0.0)
+
+
 def bar_plot(values: dict[str, dict[str, float]], path, errors: dict[str, dict[str, float]] | None = None,
              title: str = "", ylabel: str = "") -> Path:
     """Grouped bars written as a PNG at ``path`` (parent folders created); returns the path.
 
     ``values[group][series]``: the outer key is a group on the x axis (a category, a metric), the inner key a
     series drawn in one colour across groups (a method), in first-seen order. ``errors`` (same shape, optional)
-    adds ± error bars (e.g. a standard deviation). Missing or non-finite values leave a gap.
+    adds error bars: a number is drawn ± (e.g. a standard deviation), a ``(low, high)`` pair is an interval in
+    the values' own units (e.g. a 95 % confidence interval). Missing or non-finite values leave a gap.
     """
     import matplotlib
 
@@ -118,16 +129,20 @@ def bar_plot(values: dict[str, dict[str, float]], path, errors: dict[str, dict[s
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + len(groups) * (0.4 + 0.25 * len(series))), 3.6), dpi=120)
     try:
         for k, name in enumerate(series):
-            xs, ys, es = [], [], []
+            xs, ys, lows, highs = [], [], [], []
             for g, group in enumerate(groups):
                 v = values[group].get(name)
                 if v is None or not math.isfinite(v):
                     continue
                 xs.append(g - 0.4 + width * (k + 0.5))
                 ys.append(v)
-                e = (errors or {}).get(group, {}).get(name)
-                es.append(e if e is not None and math.isfinite(e) else 0.0)
-            ax.bar(xs, ys, width=width * 0.95, label=name, yerr=es if errors else None, capsize=2 if errors else 0)
+                lo, hi = _error_bar(v, (errors or {}).get(group, {}).get(name))
+                lows.append(lo)
+                highs.append(hi)
+            ax.bar(xs, ys, width=width * 0.95, label=name, yerr=[lows, highs] if errors else None,
+                   capsize=2 if errors else 0)
+        if any(v < 0 for g in groups for v in values[g].values() if v is not None and math.isfinite(v)):
+            ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
         ax.set_ylabel(ylabel)

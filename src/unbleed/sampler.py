@@ -19,6 +19,7 @@ sample (summed only to take one gradient), so every image equals the one its see
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import torch
 from .attention import AttentionStore, MapRequest, attention_store, resolve_block, level_of
 from .errors import UnbleedError
 from .methods import Method, Schedule, group_map
-from .tokens import Entity
+from .tokens import Entity, check_groups
 
 
 @dataclass
@@ -44,6 +45,9 @@ class StepTrace:
     refine_iters: int = 0
     alpha: float | None = None
     maps: torch.Tensor | None = None  # [B, groups, h, w] on CPU, when saving attention
+    # generate(record=…): per request, the raw maps [B, 77, h, w] (conditional half, CPU) of the latent the
+    # scheduler steps — at a guided step the latent after the update (captured on the regular pass)
+    raw_maps: tuple[torch.Tensor, ...] | None = None
     visuals: dict[str, torch.Tensor] = field(default_factory=dict)  # method pictures [B, h, w], on CPU
 
 
@@ -56,6 +60,26 @@ class Result:
     params: dict[str, Any]
     trace: list[StepTrace]
     seconds: float
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 … 2**64 − 1 (a negative seed only aliases a large one)
+
+
+def check_seeds(seeds, name: str = "seeds") -> list[int]:
+    """``seeds`` as ints, each ``0 ≤ seed ≤ 2**64 − 1``; the one seed rule of the library and every CLI. ``name`` is
+    what an error names (``--seed`` / ``--seeds`` from the CLIs)."""
+    out = []
+    for s in seeds:
+        try:
+            value = operator.index(s)
+        except TypeError:
+            raise UnbleedError(f"{name} {s!r}: a seed is a whole number from 0 to 2**64 − 1") from None
+        if not 0 <= value <= SEED_MAX:
+            raise UnbleedError(f"{name} {value}: a seed must be from 0 to 2**64 − 1 ({SEED_MAX})")
+        out.append(value)
+    if not out:
+        raise UnbleedError(f"{name}: give at least one seed")
+    return out
 
 
 def _cpu_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -113,6 +137,7 @@ def generate(
     eta: float = 0.0,
     schedule: Schedule | None = None,
     save_attention: bool = False,
+    record: MapRequest | tuple[MapRequest, ...] | None = None,
     output_type: str = "pil",
     callback: Callable[[int, int, StepTrace], None] | None = None,
     truncate: bool = True,
@@ -121,14 +146,17 @@ def generate(
 
     ``truncate``: the guided passes stop after the last cross-attention layer the method reads (the loss needs
     nothing after it; the result is the same as with full passes).
+
+    ``record``: map requests kept at every step in ``StepTrace.raw_maps`` (one ``[B, 77, h, w]`` float32 CPU
+    tensor per request, all token columns, conditional half of CFG), captured on the step's regular UNet pass —
+    so at a guided step they are the maps of the updated latent, the one the scheduler steps. The recorded layers
+    run the explicit-softmax processor (as ``save_attention``), equal to the fused one up to float rounding.
     """
     t0 = time.perf_counter()
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise UnbleedError("--seed: give at least one seed")
+    seeds = check_seeds(seeds)
     if num_inference_steps < 1:
         raise UnbleedError(f"--steps {num_inference_steps} must be ≥ 1")
-    groups = list(groups or [])
+    groups = check_groups(pipe.tokenizer, prompt, groups or [])
     if method is not None and method.needs_groups and not groups:
         raise UnbleedError(f"{method.name} needs token groups: pass --tokens, e.g. --tokens cat,frog")
     height = height or default_size(pipe)
@@ -151,6 +179,7 @@ def generate(
     latent_hw = tuple(latents.shape[-2:])
     request = method.map_request(pipe.unet) if method is not None else None
     picture_request = _attention_request(pipe, method) if save_attention else None
+    recorded = () if record is None else record if isinstance(record, tuple) else (record,)
     value_sets = method.value_sets(pipe, prompt, groups, embeds, batch, do_cfg) if method is not None else None
     picture_idx = picture_groups(groups)[1]
     memory: dict[str, Any] = {"num_steps": len(timesteps),
@@ -169,12 +198,15 @@ def generate(
             inp = torch.cat([latents] * 2) if do_cfg else latents
             inp = pipe.scheduler.scale_model_input(inp, t)
             keep = save_attention and not rec.guided and picture_idx
-            ctx = (store.capture((picture_request,), latent_hw, slice(batch, None) if do_cfg else slice(None))
-                   if keep else contextlib.nullcontext())
+            wanted = ((picture_request,) if keep else ()) + recorded
+            ctx = (store.capture(wanted, latent_hw, slice(batch, None) if do_cfg else slice(None))
+                   if wanted else contextlib.nullcontext())
             with ctx, store.values(value_sets):
                 noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
             if keep:
                 rec.maps = _pool(store.maps(picture_request), picture_idx)
+            if recorded:
+                rec.raw_maps = tuple(store.maps(r).detach().cpu() for r in recorded)
             if do_cfg:
                 noise_uncond, noise_text = noise.chunk(2)
                 noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)

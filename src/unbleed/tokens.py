@@ -6,11 +6,19 @@ pieces, so multi-piece words ("porcupine" → por|cup|ine) map to all their piec
 shift an index, and a word past the 77-token limit is an error rather than a wrong index. Index 0 is the
 start-of-text token.
 
+Repeated words: a word named again as an entity takes its next occurrence (``cat,cat`` on "a cat and a cat" is
+both cats). In ``ATTR:NOUN`` (without ``#N``) the pair binds the occurrences next to each other: the attribute
+occurrence nearest the noun that is not separated from it by another entity of ``--tokens`` and not already bound
+by an earlier item; at equal distance (in words) the one before the noun ("a red cat and a red dog":
+``red:dog`` is the second "red"; "a red dog and a cat that is red": ``red:cat`` is the last "red").
+
 Without ``--tokens`` the groups come from the prompt's dependency parse (:mod:`unbleed.prompt`).
 """
 
 from __future__ import annotations
 
+import bisect
+import numbers
 from dataclasses import dataclass, field
 
 from .errors import UnbleedError
@@ -48,18 +56,22 @@ def _word_starts(tokens: list[str]) -> list[int]:
     return [i for i in range(1, len(tokens) - 1) if i == 1 or tokens[i - 1].endswith("</w>")]
 
 
+def _hits(tokens: list[str], pieces: list[str]) -> list[int]:
+    return [i for i in _word_starts(tokens) if tokens[i:i + len(pieces)] == pieces]
+
+
 def find_word(tokenizer, prompt: str, word: str, occurrence: int = 1) -> tuple[int, ...]:
     """Token indices of the ``occurrence``-th appearance of ``word`` (one or more words) in ``prompt``."""
     pieces = _pieces(tokenizer, word)
     if not pieces:
         raise UnbleedError(f"--tokens: {word!r} is empty after tokenization: name a word of the prompt")
     tokens = prompt_tokens(tokenizer, prompt)
-    hits = [i for i in _word_starts(tokens) if tokens[i:i + len(pieces)] == pieces]
+    hits = _hits(tokens, pieces)
     if len(hits) >= occurrence:
         start = hits[occurrence - 1]
         return tuple(range(start, start + len(pieces)))
     full = prompt_tokens(tokenizer, prompt, truncate=False)
-    full_hits = [i for i in _word_starts(full) if full[i:i + len(pieces)] == pieces]
+    full_hits = _hits(full, pieces)
     if len(full_hits) >= occurrence:
         raise UnbleedError(f"--tokens: {word!r} lies past the text encoder's {tokenizer.model_max_length}-token "
                            f"limit, where the model never sees it: shorten the prompt")
@@ -89,19 +101,53 @@ def _parse_word(tokenizer, prompt: str, item: str) -> TokenGroup:
     return TokenGroup(word.strip(), find_word(tokenizer, prompt, word.strip(), occurrence))
 
 
+def _candidates(tokenizer, prompt: str, item: str) -> list[TokenGroup]:
+    """What one side of a ``--tokens`` item can name: an index or ``word#N`` is one group, a plain word is each of
+    its occurrences."""
+    item = item.strip()
+    if not item or item.isdigit() or "#" in item:
+        return [_parse_word(tokenizer, prompt, item)]
+    find_word(tokenizer, prompt, item)  # one clear error when the word is not there
+    pieces = _pieces(tokenizer, item)
+    hits = _hits(prompt_tokens(tokenizer, prompt), pieces)
+    return [TokenGroup(item, tuple(range(i, i + len(pieces)))) for i in hits]
+
+
 def parse_token_spec(tokenizer, prompt: str, spec: str) -> list[Entity]:
-    """Parse ``--tokens``: comma-separated ``entity`` or ``attribute:entity`` items (words or indices)."""
-    entities: dict[tuple[int, ...], Entity] = {}
+    """Parse ``--tokens``: comma-separated ``entity`` or ``attribute:entity`` items (words or indices); repeated
+    words bind as the module docstring says."""
+    items = []
     for item in spec.split(","):
         attr_text, sep, ent_text = item.rpartition(":")
-        ent = _parse_word(tokenizer, prompt, ent_text)
+        ents = _candidates(tokenizer, prompt, ent_text)
+        items.append((item, ents, _candidates(tokenizer, prompt, attr_text) if sep else None))
+    entity_tokens = {i for _, ents, _ in items for e in ents for i in e.indices}
+    starts = _word_starts(prompt_tokens(tokenizer, prompt))
+    entities: dict[tuple[int, ...], Entity] = {}
+    bound: set[tuple[int, ...]] = set()
+
+    def nearness(pair: tuple[TokenGroup, TokenGroup]) -> tuple:
+        a, e = pair
+        first, second = sorted((a.indices, e.indices))
+        crosses = any(first[-1] < i < second[0] for i in entity_tokens)
+        gap = bisect.bisect_right(starts, second[0]) - bisect.bisect_right(starts, first[-1])  # in words
+        return crosses, a.indices in bound, gap, a.indices > e.indices
+
+    for item, ents, attrs in items:
+        if attrs is None:
+            ent = next((e for e in ents if e.indices not in entities), ents[0] if len(ents) == 1 else None)
+            if ent is None:  # named more often than it occurs: find_word says so
+                find_word(tokenizer, prompt, ents[0].text, len(ents) + 1)
+            entities.setdefault(ent.indices, Entity(ent.text, ent.indices))
+            continue
+        pairs = [(a, e) for a in attrs for e in ents if not set(a.indices) & set(e.indices)]
+        if not pairs:
+            raise UnbleedError(f"--tokens: {item!r} binds a word to itself: use attribute:entity, e.g. blue:bag")
+        attr, ent = min(pairs, key=nearness)
+        bound.add(attr.indices)
         entity = entities.setdefault(ent.indices, Entity(ent.text, ent.indices))
-        if sep:
-            attr = _parse_word(tokenizer, prompt, attr_text)
-            if set(attr.indices) & set(ent.indices):
-                raise UnbleedError(f"--tokens: {item!r} binds a word to itself: use attribute:entity, e.g. blue:bag")
-            if attr not in entity.attributes:
-                entity.attributes.append(attr)
+        if attr not in entity.attributes:
+            entity.attributes.append(attr)
     return list(entities.values())
 
 
@@ -114,6 +160,30 @@ def token_groups(tokenizer, prompt: str, spec: str | None) -> list[Entity]:
     groups = parse(prompt, tokenizer).entities
     if not groups:
         raise UnbleedError(f"found no entity (noun) in the prompt {prompt!r}: pass --tokens, e.g. --tokens cat,frog")
+    return groups
+
+
+def check_groups(tokenizer, prompt: str, groups) -> list[Entity]:
+    """Validate library-given ``groups``: :class:`Entity` items whose indices (and their attributes') are word
+    tokens of the encoded prompt, 1..L−2 (L counts start- and end-of-text, at most the model's 77)."""
+    length = min(len(tokenizer(prompt).input_ids), tokenizer.model_max_length)
+    fix = "use indices from unbleed.token_groups(pipe.tokenizer, prompt, spec) or `unbleed parse PROMPT`"
+    groups = list(groups)
+    for g in groups:
+        if not isinstance(g, Entity):
+            raise UnbleedError(f"groups: {g!r} is not an unbleed.Entity; {fix}")
+        for part in (g, *g.attributes):
+            if part is not g and not isinstance(part, TokenGroup):
+                raise UnbleedError(f"groups: attribute {part!r} of {g.text!r} is not an unbleed.TokenGroup; {fix}")
+            if not isinstance(part.indices, (tuple, list)) or not part.indices:
+                raise UnbleedError(f"groups: {part.text!r} has token indices {part.indices!r}, not a non-empty "
+                                   f"tuple of ints; {fix}")
+            for i in part.indices:
+                if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                    raise UnbleedError(f"groups: token index {i!r} of {part.text!r} is not an int; {fix}")
+                if not 1 <= i <= length - 2:
+                    raise UnbleedError(f"groups: token index {i} of {part.text!r} is outside the prompt's word "
+                                       f"tokens 1..{length - 2} of {prompt!r}; {fix}")
     return groups
 
 

@@ -14,10 +14,11 @@ name                                  prompts (category)
 ``PATH.txt`` / ``PATH.jsonl``         a prompt per line / ``{"prompt": …, "category": …}`` per line
 ====================================  =====================================================================
 
-Benchmark files are read from ``$UNBLEED_BENCHMARKS``, else ``/work/shared/benchmarks``, else ``../shared/benchmarks``
-from the working directory or from the repository. Repeated prompts are kept once (the first; CC-500 and ABC-6K
-repeat some lines upstream), so a (prompt, seed, method) names one image. Divide & Bind did not publish its scene
-and count lists in a form we have; ours are in :data:`SCENES` and :func:`multi_object` (docs/evaluation.md).
+The benchmark files ship with the package (``unbleed/data/benchmarks/``; origins, commits and licences in its
+``SOURCES.md``); ``$UNBLEED_BENCHMARKS`` names a folder of your own copies to read instead. Repeated prompts are
+kept once (the first; CC-500 and ABC-6K repeat some lines upstream), so a (prompt, seed, method) names one image.
+Divide & Bind did not publish its scene and count lists in a form we have; ours are in :data:`SCENES` and
+:func:`multi_object` (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UnbleedError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 AE_SUBSETS = ("animals", "animals_objects", "objects")
 FILES = {"attend-excite": "attend_excite_prompts.json", "cc500": "CC-500.txt", "abc6k": "ABC-6K.txt",
@@ -63,23 +69,21 @@ class Prompt:
     category: str
 
 
-def benchmark_dirs() -> list[Path]:
-    """Where benchmark files are looked for, in order."""
-    dirs = []
-    if os.environ.get("UNBLEED_BENCHMARKS"):
-        dirs.append(Path(os.environ["UNBLEED_BENCHMARKS"]).expanduser())
-    dirs += [Path("/work/shared/benchmarks"), Path.cwd().parent / "shared" / "benchmarks",
-             Path(__file__).resolve().parents[4] / "shared" / "benchmarks"]
-    return list(dict.fromkeys(dirs))
-
-
-def benchmark_file(name: str) -> Path:
-    """The path of a benchmark file, or one error line saying where to put it."""
-    for d in benchmark_dirs():
-        if (d / name).is_file():
-            return d / name
-    raise UnbleedError(f"benchmark file {name} not found (looked in {', '.join(map(str, benchmark_dirs()))}): set "
-                       f"UNBLEED_BENCHMARKS=/path/to/shared/benchmarks, or pass a prompt file (--suite prompts.txt)")
+def benchmark_file(name: str) -> Traversable:
+    """A benchmark file: from the folder ``$UNBLEED_BENCHMARKS`` when it is set, else the package's own copy; or
+    one error line naming the file and the fix."""
+    override = os.environ.get("UNBLEED_BENCHMARKS")
+    if override:
+        path = Path(override).expanduser() / name
+        if not path.is_file():
+            raise UnbleedError(f"benchmark file {name} not found in UNBLEED_BENCHMARKS={override}: put {name} "
+                               f"there, or unset UNBLEED_BENCHMARKS to use the copy shipped with unbleed")
+        return path
+    path = files("unbleed") / "data" / "benchmarks" / name
+    if not path.is_file():
+        raise UnbleedError(f"benchmark file {name} is missing from the unbleed package: reinstall unbleed, or set "
+                           f"UNBLEED_BENCHMARKS to a folder with your own copy")
+    return path
 
 
 def _unique(prompts: list[Prompt]) -> list[Prompt]:
@@ -91,7 +95,7 @@ def _unique(prompts: list[Prompt]) -> list[Prompt]:
     return out
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: Path | Traversable) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

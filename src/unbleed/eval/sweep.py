@@ -14,6 +14,9 @@ Design (every step survives SIGKILL at any moment):
 * On start each process reads every records file (a truncated last line — a kill mid-write — is ignored), skips
   the jobs already recorded, cuts its own file back to its last complete line and empties its temporary folder.
 * One pipeline (and one set of metric models) per process, loaded once.
+* One sweep per run folder: the main process holds ``RUN/.lock`` (an exclusive ``flock`` on an open descriptor,
+  which the OS drops however the process ends, so a lock file left by a dead sweep blocks nothing) from before
+  ``sweep.json`` is read until every process is done; a second sweep on the folder stops with one error line.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,9 +33,12 @@ from ..errors import UnbleedError
 from .suites import Prompt, load_suite
 
 MANIFEST = "sweep.json"
+LOCK = ".lock"
 # Options that change the images: a run folder keeps them fixed (methods, seeds and --limit may grow).
 FIXED = ("suite", "model", "steps", "height", "width", "guidance_scale", "scheduler", "options", "clip_model",
          "caption_model", "metrics")
+# Lists a resumed run may extend but never shorten: every recorded method and seed must be in the new list.
+GROWING = ("methods", "seeds")
 
 
 @dataclass
@@ -112,8 +119,18 @@ def repair(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def seeds_text(seeds: list[int]) -> str:
+    """Seeds as ``--seeds`` takes them: ``64`` for 0…63, ``10:20`` for a range, else ``0,5,7``."""
+    if seeds == list(range(len(seeds))):
+        return str(len(seeds))
+    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}:{seeds[-1] + 1}"
+    return ",".join(map(str, seeds))
+
+
 def _check_manifest(run: Path, cfg: SweepConfig) -> None:
-    """Write ``sweep.json`` on a fresh run; on a resumed one, refuse options that would change the images."""
+    """Write ``sweep.json`` on a fresh run; on a resumed one, refuse options that would change the images and
+    method or seed lists that leave out recorded ones (longer lists extend the run and are recorded)."""
     path = run / MANIFEST
     mine = {k: v for k, v in asdict(cfg).items() if k in FIXED}
     if path.is_file():
@@ -127,10 +144,70 @@ def _check_manifest(run: Path, cfg: SweepConfig) -> None:
                 k = diff[0]
                 raise UnbleedError(f"--out {run}: this run folder was started with {k}={theirs[k]!r}, not "
                                    f"{mine[k]!r}: rerun with the same options to resume, or pick a new --out")
-            return
+            for k in GROWING:
+                old, new = theirs.get(k), getattr(cfg, k)
+                if isinstance(old, list) and not set(old) <= set(new):
+                    show = seeds_text if k == "seeds" else ",".join
+                    raise UnbleedError(f"--{k} {show(new)}: the run folder {run} was started with --{k} "
+                                       f"{show(old)} and a resumed sweep keeps all of them: rerun with --{k} "
+                                       f"{show(old)} (adding {k} extends the run), or pick a new --out")
+            if all(theirs.get(k) == getattr(cfg, k) for k in GROWING):
+                return
+            grown = [f"--{k} {','.join(map(str, theirs.get(k) or []))} → {','.join(map(str, getattr(cfg, k)))}"
+                     for k in GROWING if theirs.get(k) != getattr(cfg, k)]
+            warnings.warn(f"--out {run}: extending the run ({'; '.join(grown)}); sweep.json records the new lists")
     tmp = run / f".{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({**mine, "methods": cfg.methods, "seeds": cfg.seeds}, indent=2))
     os.replace(tmp, path)
+
+
+def lock_run(run: Path):
+    """Take ``RUN/.lock`` for this process (returns the open file; closing it releases the lock), or raise one
+    error line naming the sweep that holds it. The file keeps the holder's pid for that message."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        return None
+    fh = open(run / LOCK, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise UnbleedError(f"--out {run}: another sweep (pid {pid}) is running on this folder; wait for it to end "
+                           f"or use another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _claim(run: Path, cfg: SweepConfig, state):
+    """Lock the run folder and check (or write) ``sweep.json`` on the main process; every process gets the
+    outcome, so a refused start ends all of them with the same line instead of leaving some at a barrier."""
+    lock, error = None, None
+    if state.is_main_process:
+        try:
+            lock = lock_run(run)
+            _check_manifest(run, cfg)
+            (run / "images").mkdir(exist_ok=True)
+        except UnbleedError as err:
+            error = str(err)
+        except OSError as err:
+            error = f"--out {run}: cannot write to the folder ({err.strerror})"
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        if lock is not None:
+            lock.close()
+        raise UnbleedError(error)
+    if not state.is_main_process:
+        _check_manifest(run, cfg)
+    return lock
 
 
 def _append(fh, record: dict) -> None:
@@ -160,6 +237,9 @@ def validate(cfg: SweepConfig) -> list[Prompt]:
     parse_options(cfg.options)
     if not cfg.seeds:
         raise UnbleedError("--seeds: give a count (--seeds 64 → seeds 0…63) or a list (--seeds 0,5,7)")
+    from ..sampler import check_seeds
+
+    cfg.seeds = check_seeds(cfg.seeds, "--seeds")
     if cfg.steps < 1:
         raise UnbleedError(f"--steps {cfg.steps} must be ≥ 1")
     if cfg.batch_size < 1:
@@ -192,6 +272,28 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     import torch
     from accelerate import PartialState
 
+    prompts = validate(cfg)
+    # CPU-only machines: cpu=True lets Accelerate form its multi-CPU (gloo) group under a torchrun-style launch
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    run = Path(cfg.out)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UnbleedError(f"--out {cfg.out}: cannot create the folder ({err.strerror})") from None
+    lock = _claim(run, cfg, state)
+    try:
+        summary = _run_share(cfg, prompts, state, run, progress)
+        state.wait_for_everyone()  # the main process's lock covers every process's writes
+        return summary
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_share(cfg: SweepConfig, prompts: list[Prompt], state, run: Path, progress) -> dict:
+    """This process's units of a claimed run folder: skip the recorded jobs, make and record the others."""
+    import torch
+
     from ..cli import parse_options
     from ..methods import make_method
     from ..models import load_model
@@ -199,22 +301,7 @@ def run_sweep(cfg: SweepConfig, progress=None) -> dict:
     from ..sampler import generate
     from ..tokens import token_groups
 
-    prompts = validate(cfg)
-    # CPU-only machines: cpu=True lets Accelerate form its multi-CPU (gloo) group under a torchrun-style launch
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     index, count = state.process_index, state.num_processes
-    run = Path(cfg.out)
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "images").mkdir(exist_ok=True)
-    except OSError as err:
-        raise UnbleedError(f"--out {cfg.out}: cannot create the folder ({err.strerror})") from None
-    if state.is_main_process:
-        _check_manifest(run, cfg)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        _check_manifest(run, cfg)
-
     mine = shard(work_list(prompts, cfg.methods, cfg.seeds, cfg.batch_size), index, count)
     own = run / f"records-p{index}.jsonl"
     repair(own)

@@ -59,9 +59,14 @@ class Schedule:
 
     def validate(self, num_steps: int) -> "Schedule":
         start, end = self.window
-        if not 0 <= start <= end <= num_steps:
-            raise UnbleedError(f"--window {start}:{end} is outside the {num_steps} steps: use START:END with "
-                               f"0 <= START <= END <= {num_steps}")
+        if start < 0 or end < 0:
+            raise UnbleedError(f"--window {start}:{end}: step indices must be ≥ 0 (use START:END with "
+                               f"0 ≤ START ≤ END ≤ {num_steps})")
+        if start > end:
+            raise UnbleedError(f"--window {start}:{end}: START must be ≤ END (guided steps are START ≤ i < END)")
+        if end > num_steps:
+            raise UnbleedError(f"--window {start}:{end}: END {end} is outside the {num_steps} steps: use END ≤ "
+                               f"{num_steps}")
         for step, thr in self.refine.items():
             if not self.guided(step):
                 raise UnbleedError(f"--refine-steps: step {step} is outside the guidance window {start}:{end}: "

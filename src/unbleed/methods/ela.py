@@ -178,12 +178,13 @@ class ELA(Method):
         return MapRequest(blocks=blocks, out_level=level_of(unet, up1))
 
     def default_schedule(self, num_steps: int) -> Schedule:
-        """The paper gives no numbers (docs/ela.md). Ours, for T steps: guide the first half (A&E's 25 of 50);
-        refine at A&E's steps {0, 10, 20} (scaled to T) until L ≤ {0.2, 0.1, 0.05}, ≤ 20 iterations; A&E's step
-        size ``20·sqrt(linspace(1, 0.5, T))``."""
+        """Eq. 8's update ``z_t' = z_t − ∇_{z_t} L``: a unit step, no α (``--step-size 20 --step-schedule
+        sqrt-linear`` gives Attend-and-Excite's ``20·sqrt(linspace(1, 0.5, T))`` instead). The paper gives no
+        window, refinement steps or thresholds (docs/ela.md); ours, for T steps: guide the first half (A&E's 25 of
+        50); refine at A&E's steps {0, 10, 20} (scaled to T) until L ≤ {0.2, 0.1, 0.05}, ≤ 20 iterations."""
         window = (0, max(1, num_steps // 2))
         return Schedule(window=window, refine=scaled_steps({0: 0.2, 10: 0.1, 20: 0.05}, num_steps, window),
-                        max_refine_iters=20, step_size=20.0, step_schedule="sqrt-linear")
+                        max_refine_iters=20, step_size=1.0, step_schedule="constant")
 
     def _anchored(self, maps: torch.Tensor, groups: list[Entity]) -> tuple[torch.Tensor, list[int]]:
         """Maps of the anchored tokens and, for each, the index of the entity whose mask it uses."""

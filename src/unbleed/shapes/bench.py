@@ -1,15 +1,26 @@
 """``unbleed shapes bench``: every method on the same shapes-world prompts and seeds, scored by the exact detector.
 
 For each prompt the token groups come from the prompt parser (as ``unbleed generate`` without ``--tokens``), every
-contender generates one image per seed (seeds ``0 … K−1``, one batch), and :func:`unbleed.shapes.detect.detect`
-gives the verdicts. Figures per contender are fractions of images:
+contender generates one image per seed (the same seeds for all, one batch), and
+:func:`unbleed.shapes.detect.detect` gives the verdicts. Figures per contender are fractions of images:
 
 * ``success`` — every requested object present once, in its colour, separate (no leak, no fused blob);
-* ``missing`` — some requested object is absent (and not merged into a fused blob);
+* ``neglected`` — some requested object left no trace (neither its shape nor its colour on a shape of its own);
+* ``malformed`` — some requested object's colour is drawn in no shape of the world;
+* ``wrong_shape`` — some requested object's colour is drawn as a shape no object requests (a fall-back);
+* ``recoloured`` — some requested shape is drawn in a colour nobody asked for;
+* ``duplicated`` — some requested object is drawn more often than requested;
 * ``leak`` — a requested shape carries another requested object's colour, or a shape is two-coloured;
 * ``fused`` — a blob that is two requested objects merged (no single shape, or two requested colours);
+* ``missing`` — the coarse verdict of earlier versions (no blob of the object's shape, not fused), for comparison;
 
 and ``seconds``, the contender's total generation wall time (detection excluded), measured in the same run.
+
+**Statistics** (:mod:`unbleed.stats`). Every rate has a 95 % interval from a bootstrap over prompts (``ci``), and
+every contender but the baseline (``sd`` when it runs, else the first) has, per verdict, the paired difference
+``contender − baseline`` on the same prompts and seeds with its 95 % paired-bootstrap interval over prompts
+(``vs_baseline``), plus the exact McNemar p-value on the image pairs. An interval that contains 0 is no measured
+difference.
 """
 
 from __future__ import annotations
@@ -18,13 +29,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import UnbleedError
 from ..methods.base import Method, Schedule
 from .world import COLOURS, SHAPES, heldout_prompts, parse_caption, train_prompts
 
-VERDICTS = ("success", "missing", "leak", "fused")
+VERDICTS = ("success", "neglected", "malformed", "wrong_shape", "recoloured", "duplicated", "leak", "fused", "missing")
 _CONNECTORS = {"a", "an", "and", "next", "to", "with", "above", "below"}
 
 
@@ -83,10 +94,15 @@ def bench_prompts(split: str, n: int, prompts_file: str | Path | None = None, se
 
 
 def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list[int], *, steps: int = 50,
-              guidance_scale: float = 7.5, out: str | Path | None = None,
+              guidance_scale: float = 7.5, out: str | Path | None = None, baseline: str | None = None,
               progress: Callable[[str, str], None] | None = None) -> dict:
-    """Run every contender on every prompt and seed; returns ``{label: {success, missing, leak, fused, seconds,
-    images}}`` and, with ``out``, writes per-prompt grids, a bar plot, ``results.json`` and ``records.jsonl``."""
+    """Run every contender on every prompt and seed; returns ``{label: {VERDICT: rate, …, "seconds", "images",
+    "ci": {VERDICT: [lo, hi]}, "vs_baseline": {VERDICT: {diff, ci, excludes_zero, p_mcnemar}}}}`` (see the module
+    doc; ``vs_baseline`` is absent for the baseline itself) and, with ``out``, writes per-prompt grids, ``bench.png``
+    (rates with intervals), ``bench-diff.png`` (differences from the baseline with intervals), ``results.json`` and
+    ``records.jsonl``."""
+    import numpy as np
+
     from ..sampler import generate
     from ..tokens import token_groups
     from .detect import detect
@@ -96,10 +112,16 @@ def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list
     labels = [c.label for c in contenders]
     if len(set(labels)) != len(labels):
         raise UnbleedError(f"--methods {','.join(labels)}: each method once")
+    if baseline is None:
+        baseline = "sd" if "sd" in labels else labels[0]
+    if baseline not in labels:
+        raise UnbleedError(f"--baseline {baseline!r} is not among --methods {','.join(labels)}: name one of them")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UnbleedError(f"--seeds {seeds}: give distinct seeds")
     out = Path(out) if out is not None else None
     if out is not None:
         (out / "grids").mkdir(parents=True, exist_ok=True)
-    counts = {c.label: dict.fromkeys(VERDICTS, 0) for c in contenders}
+    outcomes = {c: {v: np.zeros((len(prompts), len(seeds)), bool) for v in VERDICTS} for c in labels}
     seconds = dict.fromkeys(labels, 0.0)
     records = []
     for p, prompt in enumerate(prompts):
@@ -112,29 +134,63 @@ def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list
             result = generate(pipe, prompt, method=c.method, groups=groups, seeds=seeds,
                               num_inference_steps=steps, guidance_scale=guidance_scale, schedule=c.schedule)
             seconds[c.label] += time.perf_counter() - t0
-            for seed, image in zip(seeds, result.images):
+            for k, (seed, image) in enumerate(zip(seeds, result.images)):
                 verdict = detect(image, prompt)
                 for v in VERDICTS:
-                    counts[c.label][v] += bool(verdict[v])
+                    outcomes[c.label][v][p, k] = bool(verdict[v])
                 records.append({"prompt": prompt, "method": c.label, "seed": seed,
-                                **{v: bool(verdict[v]) for v in VERDICTS}})
+                                **{v: bool(verdict[v]) for v in VERDICTS},
+                                "states": [o["state"] for o in verdict["objects"]]})
             rows.append((c.label, list(result.images)))
         if out is not None:
             _grid(rows, seeds, prompt).save(out / "grids" / f"{p:04d}.png")
-    n = len(prompts) * len(seeds)
-    figures = {c: {**{v: counts[c][v] / n for v in VERDICTS}, "seconds": round(seconds[c], 2), "images": n}
-               for c in labels}
+    figures = summarise(outcomes, baseline)
+    for c in labels:
+        figures[c]["seconds"] = round(seconds[c], 2)
     if out is not None:
-        from ..plots import bar_plot
-
-        bar_plot({v: {c: figures[c][v] for c in labels} for v in VERDICTS}, out / "bench.png",
-                 title=f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds", ylabel="fraction of images")
-        (out / "results.json").write_text(json.dumps({"figures": figures, "prompts": prompts, "seeds": seeds,
-                                                      "steps": steps, "guidance_scale": guidance_scale}, indent=1))
+        write_plots(figures, baseline, out, f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds")
+        (out / "results.json").write_text(json.dumps({"figures": figures, "baseline": baseline, "prompts": prompts,
+                                                      "seeds": seeds, "steps": steps,
+                                                      "guidance_scale": guidance_scale}, indent=1))
         with open(out / "records.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return figures
+
+
+def summarise(outcomes: dict[str, dict[str, Any]], baseline: str) -> dict:
+    """Rates, their intervals and the paired differences from ``baseline`` of ``{label: {VERDICT: [prompts,
+    seeds] booleans}}`` (the figures of :func:`run_bench`, without ``seconds``)."""
+    from ..stats import compare, rate_interval
+
+    figures: dict = {}
+    for c, per in outcomes.items():
+        rates = {v: rate_interval(per[v]) for v in VERDICTS}
+        figures[c] = {**{v: r["rate"] for v, r in rates.items()}, "images": rates["success"]["n"],
+                      "ci": {v: r["ci"] for v, r in rates.items()}}
+    for v in VERDICTS:
+        diffs = compare({c: per[v] for c, per in outcomes.items()}, baseline)
+        for c, d in diffs.items():
+            figures[c].setdefault("vs_baseline", {"baseline": baseline})[v] = d
+    return figures
+
+
+def write_plots(figures: dict, baseline: str, out: Path, title: str) -> None:
+    """``bench.png``: every rate with its 95 % interval; ``bench-diff.png``: each contender minus the baseline,
+    with its paired 95 % interval (when there is more than one contender)."""
+    from ..plots import bar_plot
+
+    shown = [v for v in VERDICTS if v != "missing"]
+    labels = list(figures)
+    bar_plot({v: {c: figures[c][v] for c in labels} for v in shown}, out / "bench.png",
+             errors={v: {c: tuple(figures[c]["ci"][v]) for c in labels} for v in shown},
+             title=title + " (95 % CI over prompts)", ylabel="fraction of images")
+    others = [c for c in labels if c != baseline]
+    if others:
+        bar_plot({v: {c: figures[c]["vs_baseline"][v]["diff"] for c in others} for v in shown},
+                 out / "bench-diff.png",
+                 errors={v: {c: tuple(figures[c]["vs_baseline"][v]["ci"]) for c in others} for v in shown},
+                 title=f"{title}: difference from {baseline} (paired 95 % CI)", ylabel=f"method − {baseline}")
 
 
 def _grid(rows, seeds, prompt):
@@ -146,4 +202,4 @@ def _grid(rows, seeds, prompt):
     return image_grid(big, col_labels=[f"seed {s}" for s in seeds], title=prompt)
 
 
-__all__ = ["Contender", "VERDICTS", "bench_prompts", "read_prompts_file", "run_bench"]
+__all__ = ["Contender", "VERDICTS", "bench_prompts", "read_prompts_file", "run_bench", "summarise", "write_plots"]

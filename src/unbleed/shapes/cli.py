@@ -32,7 +32,7 @@ def detect(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The caption it was generated from."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
 ) -> None:
-    """Per requested object: found, right colour, count; and the missing / leak / fused verdicts."""
+    """Per requested object: its state, found, right colour, count; and the image's verdicts."""
     from .detect import detect as run_detect
 
     try:
@@ -42,13 +42,15 @@ def detect(
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
-    table = Table("object", "found", "colour correct", "count", title=prompt)
+    table = Table("object", "state", "found", "colour correct", "count", title=prompt)
     for o in result["objects"]:
-        table.add_row(f"{o['colour']} {o['shape']}", _mark(o["found"]), _mark(o["colour_correct"]), str(o["count"]))
+        table.add_row(f"{o['colour']} {o['shape']}", o["state"], _mark(o["found"]), _mark(o["colour_correct"]),
+                      str(o["count"]))
     console = Console()
     console.print(table)
-    console.print(f"success: {_mark(result['success'])}   missing: {_mark(result['missing'])}   "
-                  f"leak: {_mark(result['leak'])}   fused: {_mark(result['fused'])}", highlight=False)
+    console.print("   ".join(f"{k.replace('_', ' ')}: {_mark(result[k])}" for k in
+                             ("success", "missing", "leak", "fused", "neglected", "malformed", "wrong_shape",
+                              "duplicated")), highlight=False)
     if result["extra"]:
         console.print("extra: " + ", ".join(f"{b['colour']} {b['shape'] or 'blob'}" for b in result["extra"]),
                       highlight=False)
@@ -60,8 +62,9 @@ def detect_check(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
-    """Validate the detector on random rendered scenes (with missing / leaked / fused perturbations, mild
-    noise and blur): the fraction whose verdicts all match the ground truth."""
+    """Validate the detector on random rendered scenes (with missing, leaked, recoloured, fused, malformed,
+    duplicated and wrong-shape perturbations, mild noise and blur): the fraction whose verdicts all match the
+    ground truth."""
     from .detect import detect_check as run_check
 
     try:
@@ -110,7 +113,10 @@ def bench(
                                 help="Comma-separated methods (sd, ela, attend-excite, divide-bind, astar, syngen, "
                                      "structure, or a +-composition)."),
     prompts: int = typer.Option(50, "--prompts", help="How many two-object prompts (with a file: the first N; 0 = all)."),
-    seeds: int = typer.Option(4, "--seeds", help="Seeds 0…K−1 per prompt and method."),
+    seeds: str = typer.Option("4", "--seeds", help="Seeds per prompt and method, the same for all: K (0…K−1), "
+                              "a range A:B (A…B−1) or a list 3,7,9."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The method every other is compared with "
+                                           "(paired, 95 % CI); default sd when it runs, else the first."),
     split: str = typer.Option("heldout", "--split", help="heldout (each prompt has a held-out colour–shape pair) "
                               "or train."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Captions, one per line (world vocabulary)."),
@@ -119,14 +125,16 @@ def bench(
     steps: int = typer.Option(50, "--steps", help="Denoising steps."),
     guidance_scale: float = typer.Option(7.5, "--guidance-scale", "-g", help="Classifier-free guidance scale."),
     option: list[str] = typer.Option([], "--option", "-o", help="METHOD.KEY=VALUE, e.g. -o ela.lam=0.3."),
-    as_json: bool = typer.Option(False, "--json", help="Print {METHOD: {success, missing, leak, fused, seconds}}."),
+    as_json: bool = typer.Option(False, "--json", help="Print {METHOD: {VERDICT: rate, seconds, images, ci, "
+                                 "vs_baseline}} (see unbleed.shapes.bench)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write per-prompt grids, bench.png, results.json there."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
 ) -> None:
-    """Run methods on the same shapes prompts and seeds; count success / missing / leak / fused with the detector."""
+    """Run methods on the same shapes prompts and seeds; count success and each failure kind with the detector, with
+    95 % intervals and paired differences from the baseline."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..cli import _quiet_libraries, build_schedule, parse_options
+    from ..cli import _quiet_libraries, build_schedule, parse_options, parse_seeds
     from ..methods import make_method
     from ..models import load_model
     from .bench import Contender, bench_prompts, run_bench
@@ -136,8 +144,7 @@ def bench(
         names = [m.strip() for m in methods.split(",") if m.strip()]
         if not names:
             raise UnbleedError("--methods is empty: name methods, e.g. --methods sd,ela")
-        if seeds < 1:
-            raise UnbleedError(f"--seeds {seeds}: use at least 1")
+        seed_list = parse_seeds(seeds)
         options: dict[str, dict[str, str]] = {n: {} for n in names}
         for key, value in parse_options(option).items():
             name, _, sub = key.partition(".")
@@ -163,23 +170,148 @@ def bench(
                 bar.update(task, completed=started[0], description=f"{label}: {prompt}")
                 started[0] += 1
 
-            figures = run_bench(pipe, contenders, texts, list(range(seeds)), steps=steps,
-                                guidance_scale=guidance_scale, out=out, progress=progress)
+            figures = run_bench(pipe, contenders, texts, seed_list, steps=steps, guidance_scale=guidance_scale,
+                                out=out, baseline=baseline, progress=progress)
             bar.update(task, completed=len(texts) * len(contenders))
     except UnbleedError as e:
         _fail(str(e))
     if as_json:
-        sys.stdout.write(json.dumps({k: {v: f[v] for v in ("success", "missing", "leak", "fused", "seconds")}
-                                     for k, f in figures.items()}) + "\n")
+        sys.stdout.write(json.dumps(figures) + "\n")
     else:
-        table = Table("method", "success", "missing", "leak", "fused", "seconds",
-                      title=f"shapes bench: {len(texts)} prompts × {seeds} seeds"
-                            f"{'' if prompts_file else f' ({split}, {objects} object(s))'}")
-        for k, f in figures.items():
-            table.add_row(k, *(f"{f[v]:.3f}" for v in ("success", "missing", "leak", "fused")), f"{f['seconds']:.1f}")
-        Console().print(table)
+        _bench_tables(figures, f"{len(texts)} prompts × {len(seed_list)} seeds"
+                               f"{'' if prompts_file else f' ({split}, {objects} object(s))'}")
     if out is not None:
-        err.print(f"wrote {out}/grids/*.png, {out}/bench.png, {out}/results.json", highlight=False)
+        err.print(f"wrote {out}/grids/*.png, {out}/bench.png, {out}/bench-diff.png, {out}/results.json, "
+                  f"{out}/records.jsonl", highlight=False)
+
+
+_SHOWN = ("success", "neglected", "malformed", "wrong_shape", "duplicated", "leak", "fused")
+
+
+def _bench_tables(figures: dict, what: str) -> None:
+    """Rates with their 95 % intervals, then each method minus the baseline with its paired 95 % interval."""
+    console = Console()
+    table = Table("method", *(v.replace("_", " ") for v in _SHOWN), "seconds", title=f"shapes bench: {what}")
+    for k, f in figures.items():
+        table.add_row(k, *(f"{f[v]:.3f}" for v in _SHOWN), f"{f['seconds']:.1f}")
+    console.print(table)
+    others = {k: f["vs_baseline"] for k, f in figures.items() if "vs_baseline" in f}
+    if not others:
+        return
+    base = next(iter(others.values()))["baseline"]
+    diff = Table("method", *(v.replace("_", " ") for v in _SHOWN),
+                 title=f"minus {base}, paired 95 % CI (bootstrap over prompts); * = the CI excludes 0")
+    for k, d in others.items():
+        diff.add_row(k, *(f"{d[v]['diff']:+.3f} [{d[v]['ci'][0]:+.2f}, {d[v]['ci'][1]:+.2f}]"
+                          f"{'*' if d[v]['excludes_zero'] else ''}" for v in _SHOWN))
+    console.print(diff)
+
+
+@app.command()
+def diagnose(
+    prompts: int = typer.Option(40, "--prompts", help="How many prompts of the split."),
+    seeds: str = typer.Option("4", "--seeds", help="A count (4 → seeds 0…3), a list 0,5,7, or a range 10:20."),
+    split: str = typer.Option("heldout", "--split", help="heldout or train."),
+    objects: int = typer.Option(2, "--objects", help="Objects per prompt (1-3)."),
+    model: str = typer.Option("shapes", "--model", help="shapes (shipped), or a pipeline folder from shapes train."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps (the figures' steps are given at 50, scaled)."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", "-g", help="Classifier-free guidance scale."),
+    carry_prompts: Optional[int] = typer.Option(None, "--carry-prompts", help="Prompts (the first N) with the "
+                                                "carry-over runs of attend-excite and ela; default all, 0 = none."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write diagnose.json, records.jsonl, maps/*.png there."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Validity of the shapes world for attention methods, on plain sampling: do entity maps localise their
+    objects (IoU with the detector's masks), does peak attention predict neglect and map overlap fusion (AUC),
+    does one guided update carry over to later steps, and how well ELA's masks localise."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..cli import _quiet_libraries, parse_seeds
+    from ..models import load_model
+    from .bench import bench_prompts
+    from .diagnose import CARRY_METHODS, run_diagnose
+
+    _quiet_libraries()
+    try:
+        seed_list = parse_seeds(seeds)
+        if carry_prompts is not None and carry_prompts < 0:
+            raise UnbleedError(f"--carry-prompts {carry_prompts}: use 0 (none) or more")
+        if steps < 2:
+            raise UnbleedError(f"--steps {steps}: diagnose needs at least 2 steps (an update and the step after it)")
+        texts = bench_prompts(split, prompts, objects=objects)
+        n_carry = len(texts) if carry_prompts is None else min(carry_prompts, len(texts))
+        with err.status(f"loading model {model}…"):
+            pipe = load_model(model, device=device)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err) as bar:
+            total = len(texts) + n_carry * len(CARRY_METHODS)
+            task = bar.add_task("diagnose", total=total)
+            started = [0]
+
+            def progress(prompt, stage):
+                bar.update(task, completed=started[0], description=f"{stage}: {prompt}")
+                started[0] += 1
+
+            figures = run_diagnose(pipe, texts, seed_list, steps=steps, guidance_scale=guidance_scale,
+                                   carry_prompts=n_carry, out=out, progress=progress)
+            bar.update(task, completed=total)
+    except UnbleedError as e:
+        _fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps({"model": model, "split": split, "objects": objects, **figures}) + "\n")
+    else:
+        _print_diagnose(figures, f"{len(texts)} prompts × {len(seed_list)} seeds ({split}, {objects} object(s))")
+    if out is not None:
+        err.print(f"wrote {out}/diagnose.json, {out}/records.jsonl, {out}/maps/*.png", highlight=False)
+
+
+def _print_diagnose(f: dict, title: str) -> None:
+    def num(x, nd=3):
+        return "—" if x is None else f"{x:.{nd}f}"
+
+    console = Console()
+    loc = f["localisation"]
+    table = Table("block", *(f"step {s}: entity (n) / SOT–bg" for s in loc["steps"]),
+                  title=f"(a) mIoU with the detector's masks, {title} (DAAM on SD: 0.59–0.65)")
+    for name, b in loc["blocks"].items():
+        table.add_row(f"{name} {b['resolution'][0]}×{b['resolution'][1]}",
+                      *(f"{num(v['entity']['miou'])} ({v['entity']['n']}) / {num(v['background']['miou'])}"
+                        for v in b["by_step"].values()))
+    ela = f["ela_localisation"]
+    table.add_row("ELA masks", *(f"{num(v['entity']['miou'])} ({v['entity']['n']}) / {num(v['background']['miou'])}"
+                                 for v in ela["by_step"].values()))
+    console.print(table)
+    pred = f["predictiveness"]
+    table = Table("predictor", "of", "AUC", "positives", "negatives", "mean pos", "mean neg",
+                  title=f"(b) AUC at steps {pred['steps'][0]}–{pred['steps'][1]} (1.0 = perfectly predictive)")
+    pk, ov = pred["peak_attention_neglect"], pred["overlap_fused"]
+    table.add_row("A&E peak attention (low)", f"neglected ({pk['label']})", num(pk["auc"]), str(pk["positives"]),
+                  str(pk["negatives"]), num(pk["mean_positive"]), num(pk["mean_negative"]))
+    na = pred["peak_attention_not_present"]
+    table.add_row("A&E peak attention (low)", "not cleanly present", num(na["auc"]), str(na["positives"]),
+                  str(na["negatives"]), num(na["mean_positive"]), num(na["mean_negative"]))
+    table.add_row("map overlap (high)", "fused", num(ov["auc"]), str(ov["positives"]), str(ov["negatives"]),
+                  num(ov["mean_positive"]), num(ov["mean_negative"]))
+    console.print(table)
+    c = f["carry_over"]
+    if c["methods"]:
+        table = Table("method", "loss before", *(f"{k} (step {c[s]})" for k, s in
+                                                  (("same", "update_step"), ("next", "next_step"),
+                                                   ("later", "later_step"))),
+                      title=f"(c) guided − unguided loss after one update at step {c['update_step']}: "
+                            f"mean [95 % CI] (fraction down), {c['prompts']} prompts")
+        for name, m in c["methods"].items():
+            table.add_row(name, num(m["loss_before_update"], 4),
+                          *(f"{num(m[k]['mean_diff'], 4)} [{num(m[k]['ci95'][0], 4)}, {num(m[k]['ci95'][1], 4)}] "
+                            f"({num(m[k]['fraction_down'], 2)})" if m[k]["ci95"] else "—"
+                            for k in ("at_step", "next_step", "later")))
+        console.print(table)
+    console.print(f"{f['images']} images in {f['seconds']:.0f} s; detector: success {num(f['detector']['success'])}, "
+                  f"fused {num(f['detector']['fused'])}, {f['detector']['neglected_objects']} of "
+                  f"{f['detector']['objects']} objects neglected, {f['detector']['clean_objects']} clean",
+                  highlight=False)
 
 
 @app.command()

@@ -26,8 +26,17 @@ Method
    not one shape when that colour is requested for two objects. ``missing`` is true when a requested object is
    not found and its colour is not part of a fused blob (a fused object is reported as fused, not missing).
    ``success``: every requested object present exactly as many times as requested, right colour, no leak, no
-   fusion; ``missing``/``leak``/``fused`` are the three failure booleans. ``extra`` lists blobs that match no requested object (unrequested objects are reported there but do
-   not by themselves fail ``success``).
+   fusion; ``missing``/``leak``/``fused`` are the three coarse failure booleans. ``extra`` lists blobs that match
+   no requested object (unrequested objects are reported there but do not by themselves fail ``success``).
+5. **Finer verdicts.** Each requested object gets one ``state``, the first that holds:
+   ``present`` (a clean blob of its colour and shape), ``fused`` (its colour is in a fused blob), ``leaked`` (its
+   shape is drawn in another requested colour, or two-coloured), ``malformed`` (a blob carries its colour but
+   matches no template: a stretched or shapeless blob), ``wrong_shape`` (its colour is drawn as a clean shape
+   that no object requests: a fall-back to another shape), ``recoloured`` (its shape is drawn, cleanly, in an
+   unrequested colour), else ``neglected`` (nothing of it is drawn: neither its shape nor its colour on a shape of
+   its own). Image-level booleans: ``neglected``, ``malformed``, ``wrong_shape``, ``recoloured`` (some object is
+   in that state) and ``duplicated`` (some object is drawn more often than requested). Today's ``missing`` is
+   kept for comparison with older figures; it is mostly ``neglected`` + ``malformed`` + ``wrong_shape``.
 """
 
 from __future__ import annotations
@@ -174,21 +183,46 @@ def detect(image: Image.Image | np.ndarray | str | Path, prompt: str) -> dict[st
     for c, s in requested:
         count = sum(1 for b in clean if b.colour == c and b.shape == s)
         found = count > 0 or any(b.shape == s for b in blobs)
-        objects.append({"colour": c, "shape": s, "found": found, "colour_correct": count > 0, "count": count})
+        objects.append({"colour": c, "shape": s, "found": found, "colour_correct": count > 0, "count": count,
+                        "state": _object_state(c, s, count, requested, blobs, fused_colours)})
     extra = [b.to_json() for b in blobs
              if b not in fused and (b.shape is None or (b.colour, b.shape) not in requested)]
 
     missing = any(not o["found"] and o["colour"] not in fused_colours for o in objects)
     success = (all(o["count"] == requested.count((o["colour"], o["shape"])) for o in objects)
                and not leaks and not fused)
+    states = {o["state"] for o in objects}
+    finer = {k: k in states for k in ("neglected", "malformed", "wrong_shape", "recoloured")}
+    finer["duplicated"] = any(o["count"] > requested.count((o["colour"], o["shape"])) for o in objects)
     return {"prompt": prompt, "objects": objects, "extra": extra, "colour_leaks": leaks,
             "fused_blobs": [b.to_json() for b in fused], "success": success, "missing": missing,
-            "leak": bool(leaks), "fused": bool(fused), "blobs": [b.to_json() for b in blobs]}
+            "leak": bool(leaks), "fused": bool(fused), **finer, "blobs": [b.to_json() for b in blobs]}
+
+
+def _object_state(c: str, s: str, count: int, requested: list[tuple[str, str]], blobs: list[Blob],
+                  fused_colours: set[str]) -> str:
+    """What became of the requested object ``(c, s)``: the first of these that holds (see the module doc)."""
+    req_colours = {rc for rc, _ in requested}
+    req_shapes = {rs for _, rs in requested}
+    if count > 0:
+        return "present"
+    if c in fused_colours:
+        return "fused"
+    if any(b.shape == s and b.colour != c and (b.colour in req_colours or len(b.significant) >= 2) for b in blobs):
+        return "leaked"
+    mine = [b for b in blobs if c in b.significant]
+    if any(b.shape is None for b in mine):
+        return "malformed"
+    if any(b.clean and b.colour == c and b.shape not in req_shapes for b in mine):
+        return "wrong_shape"
+    if any(b.clean and b.shape == s for b in blobs):
+        return "recoloured"
+    return "neglected"
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
-KINDS = ("none", "missing", "leak", "recolour", "fused")
+KINDS = ("none", "missing", "leak", "recolour", "fused", "malformed", "duplicated", "wrong_shape")
 
 
 def _fused_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], size: int) -> Scene | None:
@@ -208,31 +242,61 @@ def _fused_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], size: i
     return Scene(objs, size)
 
 
+def _stretched_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], i: int, size: int) -> Scene | None:
+    """Object ``i`` drawn stretched (aspect 1.6-2.0: no shape of the world), the others as usual, all apart."""
+    sizes = [rng.uniform(*SIZE_RANGE) * size for _ in pairs]
+    aspect = rng.uniform(1.6, 2.0)
+    sizes[i] *= 0.8  # a stretched box still fits beside two others
+    extents = [(z * (aspect if k == i else 1.0), z) for k, z in enumerate(sizes)]
+    centres = place_boxes(rng, extents, size)
+    if centres is None:
+        return None
+    return Scene([Obj(s, c, z, x, y, aspect if k == i else 1.0)
+                  for k, ((c, s), z, (x, y)) in enumerate(zip(pairs, sizes, centres))], size)
+
+
+def _duplicated_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], i: int, size: int) -> Scene | None:
+    """The objects of ``pairs`` plus a second copy of object ``i`` (smaller boxes so that four fit)."""
+    drawn = pairs + [pairs[i]]
+    sizes = [rng.uniform(SIZE_RANGE[0], 0.3) * size for _ in drawn]
+    centres = place_boxes(rng, [(z, z) for z in sizes], size)
+    if centres is None:
+        return None
+    return Scene([Obj(s, c, z, x, y) for (c, s), z, (x, y) in zip(drawn, sizes, centres)], size)
+
+
+_PROBS = {"none": 0.3, "missing": 0.1, "leak": 0.1, "recolour": 0.08, "fused": 0.14, "malformed": 0.1,
+          "duplicated": 0.09, "wrong_shape": 0.09}
+
+
 def make_case(rng: np.random.Generator, size: int = 64) -> tuple[str, Scene, str, dict[str, Any]]:
     """A random validation case: ``(prompt, scene, kind, truth)``; ``truth`` has the verdicts ``detect`` must give.
 
-    kinds: ``none`` (the scene is the prompt), ``missing`` (one object removed), ``leak`` (one object takes another
-    requested object's colour), ``recolour`` (one object takes an unrequested colour), ``fused`` (two objects
-    overlap heavily)."""
+    kinds: ``none`` (the scene is the prompt), ``missing`` (one object removed: neglected), ``leak`` (one object
+    takes another requested object's colour), ``recolour`` (one object takes an unrequested colour), ``fused``
+    (two objects overlap heavily), ``malformed`` (one object stretched out of every template), ``duplicated`` (one
+    object drawn twice), ``wrong_shape`` (one object drawn as an unrequested shape, in its colour)."""
     n = int(rng.integers(1, 4))
-    kinds = KINDS if n >= 2 else ("none", "missing", "recolour")
-    probs = np.asarray([0.4, 0.15, 0.15, 0.1, 0.2][:len(kinds)] if n >= 2 else [0.5, 0.25, 0.25])
+    kinds = [k for k in KINDS if n >= 2 or k not in ("leak", "fused")]
+    probs = np.asarray([_PROBS[k] for k in kinds])
     kind = str(rng.choice(kinds, p=probs / probs.sum()))
     pairs = sample_pairs(rng, n, "all")
+    i = int(rng.integers(n))
     scene = None
-    if kind == "fused":
+    if kind in ("fused", "malformed", "duplicated"):
         while scene is None:
-            scene = _fused_scene(rng, pairs, size)
+            scene = (_fused_scene(rng, pairs, size) if kind == "fused" else
+                     _stretched_scene(rng, pairs, i, size) if kind == "malformed" else _duplicated_scene(rng, pairs, i, size))
         prompt = " and ".join(noun_phrase(*p) for p in pairs)
     else:
         scene = scene_from_pairs(rng, pairs, size)
         prompt = caption(scene, rng)
     objs = list(scene.objects)
-    truth_objs = [{"colour": c, "shape": s, "found": True, "colour_correct": True, "count": 1} for c, s in pairs]
-    i = int(rng.integers(n))
+    truth_objs = [{"colour": c, "shape": s, "found": True, "colour_correct": True, "count": 1, "state": "present"}
+                  for c, s in pairs]
     if kind == "missing":
         objs.pop(i)
-        truth_objs[i].update(found=False, colour_correct=False, count=0)
+        truth_objs[i].update(found=False, colour_correct=False, count=0, state="neglected")
     elif kind in ("leak", "recolour"):
         if kind == "leak":
             new = pairs[(i + 1 + int(rng.integers(n - 1))) % n][0]
@@ -240,12 +304,23 @@ def make_case(rng: np.random.Generator, size: int = 64) -> tuple[str, Scene, str
             new = str(rng.choice([c for c in COLOURS if c not in {p[0] for p in pairs}]))
         o = objs[i]
         objs[i] = Obj(o.shape, new, o.size, o.x, o.y)
-        truth_objs[i].update(colour_correct=False, count=0)
+        truth_objs[i].update(colour_correct=False, count=0, state="leaked" if kind == "leak" else "recoloured")
     elif kind == "fused":
         for k in (0, 1):
-            truth_objs[k].update(found=False, colour_correct=False, count=0)
-    truth = {"objects": truth_objs, "success": kind == "none", "missing": kind == "missing",
-             "leak": kind == "leak", "fused": kind == "fused"}
+            truth_objs[k].update(found=False, colour_correct=False, count=0, state="fused")
+    elif kind == "malformed":
+        truth_objs[i].update(found=False, colour_correct=False, count=0, state="malformed")
+    elif kind == "duplicated":
+        truth_objs[i].update(count=2)
+    elif kind == "wrong_shape":
+        o = objs[i]
+        objs[i] = Obj(str(rng.choice([s for s in SHAPES if s not in {p[1] for p in pairs}])), o.colour, o.size, o.x, o.y)
+        truth_objs[i].update(found=False, colour_correct=False, count=0, state="wrong_shape")
+    states = {o["state"] for o in truth_objs}
+    truth = {"objects": truth_objs, "success": kind == "none",
+             "missing": kind in ("missing", "malformed", "wrong_shape"), "leak": kind == "leak",
+             "fused": kind == "fused", **{k: k in states for k in ("neglected", "malformed", "wrong_shape", "recoloured")},
+             "duplicated": kind == "duplicated"}
     return prompt, Scene(objs, size), kind, truth
 
 
@@ -261,16 +336,20 @@ def augment(image: Image.Image, rng: np.random.Generator, max_noise: float = 8.0
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
+VERDICT_KEYS = ("success", "missing", "leak", "fused", "neglected", "malformed", "wrong_shape", "recoloured",
+                "duplicated")
+
+
 def _verdicts(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("found", "colour_correct", "count")
+    keys = ("found", "colour_correct", "count", "state")
     return {"objects": [{k: o[k] for k in ("colour", "shape") + keys} for o in result["objects"]],
-            **{k: result[k] for k in ("success", "missing", "leak", "fused")}}
+            **{k: result[k] for k in VERDICT_KEYS}}
 
 
 def detect_check(n: int = 1000, seed: int = 0, max_errors: int = 5) -> dict[str, Any]:
     """Detector accuracy on ``n`` random augmented validation cases (see :func:`make_case`): a case is correct
-    when every per-object verdict (found, colour_correct, count) and ``success``/``missing``/``leak``/``fused``
-    equal the ground truth."""
+    when every per-object verdict (found, colour_correct, count, state) and every image verdict
+    (:data:`VERDICT_KEYS`) equal the ground truth."""
     if n < 1:
         raise UnbleedError(f"--n {n}: check at least one scene")
     rng = np.random.default_rng(seed)
@@ -291,4 +370,4 @@ def detect_check(n: int = 1000, seed: int = 0, max_errors: int = 5) -> dict[str,
 
 __all__ = ["PIXEL_MAX_DIST", "MIN_BLOB_FRAC", "COLOUR_SIG_FRAC", "MAX_ASPECT", "MIN_IOU", "Blob", "load_image",
            "classify_pixels", "classify_shape", "find_blobs", "detect", "make_case", "augment", "detect_check",
-           "KINDS"]
+           "KINDS", "VERDICT_KEYS"]

@@ -76,8 +76,9 @@ def render(scene: Scene, texture: float = 0.0, seed: int = 0) -> Image.Image:
     canvas = Image.new("RGB", (n, n), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for o in scene.objects:
-        left, top = o.x - o.size / 2, o.y - o.size / 2
-        draw.polygon(polygon_at(o.shape, left, top, o.size, o.size, SUPERSAMPLE), fill=COLOURS[o.colour])
+        width = o.size * o.aspect
+        left, top = o.x - width / 2, o.y - o.size / 2
+        draw.polygon(polygon_at(o.shape, left, top, width, o.size, SUPERSAMPLE), fill=COLOURS[o.colour])
     image = canvas.resize((scene.size, scene.size), Image.BOX)
     if texture > 0:
         arr = np.asarray(image, dtype=np.float32)

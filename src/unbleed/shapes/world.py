@@ -64,19 +64,21 @@ SPLITS = ("train", "heldout", "all")
 
 @dataclass(frozen=True)
 class Obj:
-    """One object: a shape of a colour filling a ``size``-by-``size`` box centred on ``(x, y)`` (pixels)."""
+    """One object: a shape of a colour filling a ``size``-by-``size`` box centred on ``(x, y)`` (pixels), or a
+    ``size·aspect``-by-``size`` box when ``aspect`` is not 1."""
 
     shape: str
     colour: str
     size: float
     x: float
     y: float
+    aspect: float = 1.0  # box width / height; only the detector's validation draws stretched (malformed) shapes
 
     @property
     def box(self) -> tuple[float, float, float, float]:
         """``(left, top, right, bottom)`` in continuous pixel coordinates."""
-        h = self.size / 2
-        return (self.x - h, self.y - h, self.x + h, self.y + h)
+        w, h = self.size * self.aspect / 2, self.size / 2
+        return (self.x - w, self.y - h, self.x + w, self.y + h)
 
 
 @dataclass
@@ -254,26 +256,32 @@ def _prompts(n: int, seed: int, split: str, objects: int = 2) -> list[str]:
     if not 1 <= objects <= 3:
         raise UnbleedError(f"--objects {objects}: a prompt names 1 to 3 objects")
     rng = np.random.default_rng(seed if objects == 2 else [seed, objects])
-    out = []
-    for _ in range(n):
+    out: dict[str, None] = {}  # distinct prompts in draw order: a benchmark's unit is the prompt
+    for _ in range(200 * n):
+        if len(out) == n:
+            break
         pairs = sample_pairs(rng, objects, split)
         if objects == 2:
             conn = ("and", "next to", "with")[rng.integers(3)]
-            out.append(f"{noun_phrase(*pairs[0])} {conn} {noun_phrase(*pairs[1])}")
+            out[f"{noun_phrase(*pairs[0])} {conn} {noun_phrase(*pairs[1])}"] = None
         else:
             phrases = [noun_phrase(*p) for p in pairs]
-            out.append(phrases[0] if objects == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1])
-    return out
+            out[phrases[0] if objects == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]] = None
+    if len(out) < n:
+        raise UnbleedError(f"--prompts {n}: the {split} split has only {len(out)} distinct {objects}-object "
+                           f"prompts; ask for at most {len(out)}")
+    return list(out)
 
 
 def train_prompts(n: int, seed: int = 0, objects: int = 2) -> list[str]:
-    """``n`` prompts of ``objects`` objects (default two), all training combinations (distinct colours and
-    shapes)."""
+    """``n`` distinct prompts of ``objects`` objects (default two), all training combinations (distinct colours
+    and shapes)."""
     return _prompts(n, seed, "train", objects)
 
 
 def heldout_prompts(n: int, seed: int = 0, objects: int = 2) -> list[str]:
-    """``n`` prompts of ``objects`` objects (default two), each containing at least one held-out combination."""
+    """``n`` distinct prompts of ``objects`` objects (default two), each containing at least one held-out
+    combination."""
     return _prompts(n, seed, "heldout", objects)
 
 

@@ -1,0 +1,165 @@
+"""``unbleed shapes diagnose``: its statistics on hand-made inputs, the sampler's ``record`` seam, one small run of
+the library function on the shipped shapes model, and the CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from unbleed import generate, make_method, token_groups
+from unbleed.attention import MapRequest, attention_store, level_of
+from unbleed.cli import app
+from unbleed.methods import Schedule
+from unbleed.models import load_model
+from unbleed.sampler import default_size
+from unbleed.shapes.diagnose import (auc, auc_ci, iou, nearest_mask, neglect_label, otsu_mask, overlap, mean_ci,
+                                     run_diagnose)
+
+runner = CliRunner()
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+def test_auc_on_hand_made_scores():
+    assert auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0  # perfect
+    assert auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0  # reversed
+    assert auc([0.5, 0.5, 0.5, 0.5], [False, True, False, True]) == 0.5  # all tied
+    assert auc([0.1, 0.5, 0.5, 0.9], [False, True, False, True]) == 0.875  # one tied pair counts ½: 3.5 / 4
+    assert auc([0.1, 0.2], [False, False]) is None and auc([0.1], [True]) is None and auc([], []) is None
+
+
+def test_auc_interval_contains_the_auc_and_narrows_with_data():
+    rng = np.random.default_rng(0)
+    small_y = rng.random(40) < 0.3
+    big_y = rng.random(400) < 0.3
+    small_s, big_s = small_y + rng.normal(0, 1, 40), big_y + rng.normal(0, 1, 400)
+    small, big = auc_ci(small_s, small_y), auc_ci(big_s, big_y)
+    assert small[0] <= auc(small_s, small_y) <= small[1] and big[0] <= auc(big_s, big_y) <= big[1]
+    assert 0.5 < big[0] < big[1] <= 1.0 and (big[1] - big[0]) < (small[1] - small[0])
+    assert auc_ci([0.1, 0.2], [False, False]) is None
+
+
+def test_iou_on_hand_made_masks():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2, :2] = True  # 4 pixels
+    b[:2, :] = True  # 8 pixels, 4 shared
+    assert iou(a, b) == 0.5 and iou(a, a) == 1.0 and iou(a, ~a) == 0.0
+    assert iou(np.zeros((2, 2)), np.zeros((2, 2))) is None
+    with pytest.raises(ValueError):
+        iou(a, np.zeros((2, 2)))
+
+
+def test_otsu_localisation_of_a_hand_made_map():
+    truth = np.zeros((64, 64), bool)
+    truth[16:48, 8:32] = True  # the object: an 8×8-map cell-aligned rectangle
+    m = torch.full((8, 8), 0.05)
+    m[2:6, 1:4] = 0.9  # the map peaks on the object's cells
+    mask = otsu_mask(m[None], (64, 64))[0].numpy()
+    assert mask.shape == (64, 64) and 0.8 < iou(mask, truth) <= 1.0  # bilinear edges blur only the rim
+    assert iou(nearest_mask((m > 0.5).float()[None], (64, 64))[0].numpy(), truth) == 1.0
+    assert iou(otsu_mask(torch.ones(1, 8, 8), (64, 64))[0].numpy(), truth) == 0.0  # constant map: empty mask
+
+
+def test_overlap_bootstrap_and_neglect_label():
+    a, b = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    a[0, 0, 0], b[0, 3, 3] = 1, 1  # disjoint
+    a[1], b[1] = torch.rand(4, 4), 0
+    b[1] = a[1] * 3  # same map, other scale
+    torch.testing.assert_close(overlap(a, b), torch.tensor([0.0, 1.0]))
+    lo, hi = mean_ci([-1.0, -2.0, -3.0, -2.0])
+    assert -3.0 <= lo <= -2.0 <= hi <= -1.0 and mean_ci([]) is None
+    assert neglect_label({"found": False, "state": "neglected"}) and not neglect_label({"state": "fused"})
+
+
+# ----------------------------------------------------------------------------------------------- record seam
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model("shapes")
+
+
+def test_record_captures_the_steps_maps_without_changing_the_latents(shipped):
+    tiny, prompt = shipped, "a red star and a blue square"
+    req = MapRequest(blocks=("up_blocks.1",), out_level=level_of(tiny.unet, "up_blocks.1"))
+    plain = generate(tiny, prompt, seeds=[0, 1], num_inference_steps=2, output_type="latent")
+    rec = generate(tiny, prompt, seeds=[0, 1], num_inference_steps=2, output_type="latent", record=req)
+    assert all(r.raw_maps is None for r in plain.trace)
+    torch.testing.assert_close(rec.latents, plain.latents, atol=1e-4, rtol=1e-4)  # explicit vs fused softmax
+    maps = rec.trace[0].raw_maps[0]
+    assert len(rec.trace[0].raw_maps) == 1 and maps.device.type == "cpu" and maps.shape[:2] == (2, 77)
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, *maps.shape[2:]))
+    # The same maps from a separate pass on the initial latent: conditional half of the CFG batch.
+    gens = [torch.Generator("cpu").manual_seed(s) for s in (0, 1)]
+    cond, uncond = tiny.encode_prompt(prompt, tiny.device, 2, True)
+    tiny.scheduler.set_timesteps(2)
+    t = tiny.scheduler.timesteps[0]
+    side = default_size(tiny)
+    z = tiny.prepare_latents(2, tiny.unet.config.in_channels, side, side, cond.dtype, tiny.device, gens)
+    with attention_store(tiny.unet) as store:
+        with store.capture((req,), tuple(z.shape[-2:]), slice(2, None)), torch.no_grad():
+            tiny.unet(tiny.scheduler.scale_model_input(torch.cat([z, z]), t), t,
+                      encoder_hidden_states=torch.cat([uncond, cond]))
+        torch.testing.assert_close(maps, store.maps(req), atol=1e-6, rtol=1e-5)
+    # At a guided step the maps are the updated latent's: they differ from plain sampling's at that step only.
+    groups = token_groups(tiny.tokenizer, prompt, "star,square")
+    guided = generate(tiny, prompt, method=make_method("ela"), groups=groups, seeds=[0, 1], num_inference_steps=2,
+                      schedule=Schedule(window=(1, 2), step_size=500.0), output_type="latent", record=(req,))
+    torch.testing.assert_close(guided.trace[0].raw_maps[0], rec.trace[0].raw_maps[0])
+    assert (guided.trace[1].raw_maps[0] - rec.trace[1].raw_maps[0]).abs().max() > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+def _in01(x):
+    return x is None or (0.0 <= x <= 1.0 and math.isfinite(x))
+
+
+def test_run_diagnose_on_the_shipped_model(shipped, tmp_path):
+    prompts = ["a red star and a blue square"]
+    f = run_diagnose(shipped, prompts, [0], steps=4, out=tmp_path)
+    assert f["images"] == 1 and f["steps"] == 4 and json.loads(json.dumps(f)) == f
+    loc = f["localisation"]
+    assert set(loc["blocks"]) == {"down-1", "down-2", "mid", "up-1", "up-2"} and loc["steps"] == [0, 2]
+    assert loc["blocks"]["mid"]["resolution"] == [4, 4] and loc["blocks"]["up-2"]["resolution"] == [16, 16]
+    for b in loc["blocks"].values():
+        for v in b["by_step"].values():
+            assert _in01(v["entity"]["miou"]) and _in01(v["background"]["miou"])
+            assert v["background"]["n"] == 1 and 0 <= v["entity"]["n"] <= 2
+    for v in f["ela_localisation"]["by_step"].values():
+        assert _in01(v["entity"]["miou"]) and _in01(v["background"]["miou"])
+    for key in ("peak_attention_neglect", "peak_attention_not_present", "overlap_fused"):
+        p = f["predictiveness"][key]
+        assert _in01(p["auc"]) and p["positives"] + p["negatives"] == (2 if key.startswith("peak") else 1)
+        if 0 in (p["positives"], p["negatives"]):
+            assert p["auc"] is None
+    c = f["carry_over"]
+    assert (c["update_step"], c["next_step"], c["later_step"]) == (0, 1, 2)
+    assert set(c["methods"]) == {"attend-excite", "ela"}
+    for m in c["methods"].values():
+        assert m["loss_before_update"] >= 0
+        for k in ("at_step", "next_step", "later"):
+            assert m[k]["n"] == 1 and m[k]["ci95"][0] <= m[k]["mean_diff"] <= m[k]["ci95"][1]
+            assert m[k]["fraction_down"] in (0.0, 1.0)
+    record = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])
+    assert set(record["carry_over"]) == {"attend-excite", "ela"} and len(record["objects"]) == 2
+    assert (tmp_path / "maps" / "0000.png").is_file() and (tmp_path / "diagnose.json").is_file()
+
+
+def test_diagnose_cli(tmp_path):
+    res = runner.invoke(app, ["shapes", "diagnose", "--prompts", "1", "--seeds", "1:2", "--steps", "2",
+                              "--carry-prompts", "0", "--json", "--split", "train"])
+    assert res.exit_code == 0, res.output
+    f = json.loads(res.stdout.strip().splitlines()[-1])
+    assert f["seeds"] == [1] and f["split"] == "train" and f["carry_over"]["methods"] == {}
+    assert f["predictiveness"]["peak_attention_neglect"]["positives"] + \
+        f["predictiveness"]["peak_attention_neglect"]["negatives"] == 2
+    for args, needle in ((["--split", "test"], "--split 'test'"), (["--seeds", "3:3"], "--seeds '3:3'"),
+                         (["--steps", "1"], "--steps 1")):
+        res = runner.invoke(app, ["shapes", "diagnose", "--prompts", "1", *args])
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
+            res.output
