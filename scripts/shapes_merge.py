@@ -1,0 +1,69 @@
+"""Merge ``unbleed shapes bench --out`` folders that ran different methods on the same prompts and seeds.
+
+    .venv/bin/python scripts/shapes_merge.py runs/control runs/peers-a runs/peers-b --out runs/every-method
+
+A long benchmark can be split by method across processes or machines (each run with the same ``--prompts``,
+``--seeds``, ``--split``, ``--steps`` and, for the comparison, the baseline ``sd``). Sampling is deterministic, so
+the baseline's verdicts must agree image for image across the runs: this is checked, and a mismatch stops the
+merge. The merged figures (the same statistics as the bench: intervals over prompts, paired differences from the
+baseline) are printed as JSON and written with the bench's plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from unbleed.shapes.bench import VERDICTS, summarise, write_plots
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--baseline", default="sd")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    prompts = seeds = None
+    records: dict[str, dict[tuple[str, int], dict]] = {}
+    seconds: dict[str, float] = {}
+    for run in args.runs:
+        meta = json.loads((run / "results.json").read_text())
+        if prompts is None:
+            prompts, seeds = meta["prompts"], meta["seeds"]
+        elif (meta["prompts"], meta["seeds"]) != (prompts, seeds):
+            sys.exit(f"error: {run}: other prompts or seeds than {args.runs[0]}; merge only runs of one benchmark")
+        for line in (run / "records.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            mine = {v: r[v] for v in VERDICTS}
+            seen = records.setdefault(r["method"], {})
+            key = (r["prompt"], r["seed"])
+            if key in seen and seen[key] != mine:
+                sys.exit(f"error: {run}: {r['method']} on {key} differs from another run's; not the same benchmark")
+            seen[key] = mine
+        for method, f in meta["figures"].items():
+            seconds.setdefault(method, f["seconds"])
+    if args.baseline not in records:
+        sys.exit(f"error: --baseline {args.baseline!r} is in none of the runs")
+    outcomes = {}
+    for method, seen in records.items():
+        if len(seen) != len(prompts) * len(seeds):
+            sys.exit(f"error: {method} has {len(seen)} of {len(prompts) * len(seeds)} images; finish its run first")
+        outcomes[method] = {v: np.array([[seen[(p, s)][v] for s in seeds] for p in prompts]) for v in VERDICTS}
+    figures = summarise(outcomes, args.baseline)
+    for method in figures:
+        figures[method]["seconds"] = seconds[method]
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_plots(figures, args.baseline, args.out, f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds")
+    (args.out / "results.json").write_text(json.dumps({"figures": figures, "baseline": args.baseline,
+                                                       "prompts": prompts, "seeds": seeds,
+                                                       "runs": [str(r) for r in args.runs]}, indent=1))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
