@@ -311,3 +311,24 @@ def test_resume_may_switch_to_cosine_decay_and_reads_older_checkpoints(tmp_path)
     assert result["resumed"] and result["step"] == 4
     used = json.loads(meta_path.read_text())["param_groups"]["opt"][0]["lr"]  # the rate of the last step (3 of 4)
     assert used == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))
+
+
+def test_sd32_arch_has_sds_geometry_and_trains(tmp_path):
+    """The SD-like organism (issue 17): 32×32 latents from 64 px images, the papers' up-1/down-2 maps at 16×16
+    (SD's at 512 px), 4 heads; it trains, exports and samples like the default."""
+    from unbleed.attention import level_of, resolve_block, size_at_level
+    from unbleed.sampler import generate
+    from unbleed.shapes.model import ARCHS, build_components
+
+    arch = ARCHS["sd32"]
+    parts = build_components(arch)
+    assert arch.latent_size == 32 and parts["unet"].config.sample_size == 32
+    latent = parts["vae"].encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert tuple(latent.shape) == (1, 4, 32, 32)
+    for block in ("up-1", "down-2"):
+        assert size_at_level((32, 32), level_of(parts["unet"], resolve_block(parts["unet"], block))) == (16, 16)
+    out = tmp_path / "sd32"
+    train(out, small(arch="sd32", steps=2, vae_steps=2), device="cpu")
+    pipe = load_model(str(out / "pipeline"))
+    image = generate(pipe, "a red circle", seeds=[0], num_inference_steps=2).images[0]
+    assert image.size == (64, 64)

@@ -333,7 +333,8 @@ def train(
     p_uncond: float = typer.Option(0.1, "--p-uncond", help="Fraction of empty captions (classifier-free guidance)."),
     min_snr: float = typer.Option(5.0, "--min-snr", help="Min-SNR-γ loss weighting (γ)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, the data and the noise."),
-    arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model) or test."),
+    arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model), sd32 (32×32 latents, "
+                                           "16×16 up-1 maps, 4 heads: SD's geometry) or test."),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", help="Steps between checkpoints."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from an exported pipeline's "

@@ -21,19 +21,24 @@ from pathlib import Path
 import torch
 
 IMAGE_SIZE = 64  # pixels; the detector's scale
-LATENT_SIZE = 16  # 4x VAE
+LATENT_SIZE = 16  # the shipped model's (4x VAE); Arch.latent_size in general
 
 
 @dataclass(frozen=True)
 class Arch:
-    """Sizes of the three networks. ``default`` is the shipped model; ``test`` is a very small one for tests."""
+    """Sizes of the three networks. ``default`` is the shipped model; ``test`` is a very small one for tests;
+    ``sd32`` has SD's geometry (maps the papers read at 16×16)."""
 
     text_hidden: int = 64
     text_layers: int = 3
     text_heads: int = 4
     unet_channels: tuple[int, int, int] = (32, 64, 64)
     unet_heads: int = 1  # one head per layer: 3x faster on CPU than 4 (small head dims are slow in SDPA)
-    vae_channels: tuple[int, int, int] = (16, 32, 32)
+    vae_channels: tuple[int, ...] = (16, 32, 32)  # one VAE level per entry: n levels downsample 2**(n-1) times
+
+    @property
+    def latent_size(self) -> int:
+        return IMAGE_SIZE // 2 ** (len(self.vae_channels) - 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +52,10 @@ ARCHS = {
     "default": Arch(),
     "test": Arch(text_hidden=16, text_layers=1, text_heads=2, unet_channels=(16, 16, 16), unet_heads=2,
                  vae_channels=(8, 8, 8)),
+    # SD-like geometry for the positive control (issue 17): 32x32 latents (a 2x VAE), so that the blocks the
+    # papers read (up-1, down-2) are 16x16 as in SD at 512 px; 4 heads; a deeper text encoder. Not trained yet.
+    "sd32": Arch(text_hidden=64, text_layers=4, text_heads=4, unet_channels=(32, 64, 64), unet_heads=4,
+                 vae_channels=(16, 32)),
 }
 
 
@@ -75,7 +84,7 @@ def build_components(arch: Arch, seed: int = 0) -> dict:
     ))
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=arch.latent_size, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=arch.unet_channels, norm_num_groups=min(16, arch.unet_channels[0]),
         cross_attention_dim=arch.text_hidden, attention_head_dim=arch.unet_heads,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -85,7 +94,8 @@ def build_components(arch: Arch, seed: int = 0) -> dict:
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
         norm_num_groups=min(16, arch.vae_channels[0]), block_out_channels=arch.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
         sample_size=IMAGE_SIZE,
     )
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
