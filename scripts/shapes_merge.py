@@ -31,8 +31,11 @@ def main() -> None:
     prompts = seeds = None
     records: dict[str, dict[tuple[str, int], dict]] = {}
     seconds: dict[str, float] = {}
+    contenders: dict[str, dict] = {}  # each method's run spec, as its bench recorded it
     for run in args.runs:
         meta = json.loads((run / "results.json").read_text())
+        for method, spec in (meta.get("contenders") or {}).items():
+            contenders.setdefault(method, spec)
         if prompts is None:
             prompts, seeds = meta["prompts"], meta["seeds"]
         elif (meta["prompts"], meta["seeds"]) != (prompts, seeds):
@@ -61,6 +64,8 @@ def main() -> None:
     write_plots(figures, args.baseline, args.out, f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds")
     (args.out / "results.json").write_text(json.dumps({"figures": figures, "baseline": args.baseline,
                                                        "prompts": prompts, "seeds": seeds,
+                                                       "contenders": {m: contenders[m] for m in figures
+                                                                      if m in contenders},
                                                        "runs": [str(r) for r in args.runs]}, indent=1))
     print(json.dumps(figures))
 

@@ -22,12 +22,15 @@ import argparse
 import json
 from pathlib import Path
 
-from unbleed.cli import build_schedule, parse_seeds
-from unbleed.methods import make_method
+from unbleed.errors import UnbleedError
+from unbleed.eval.sweep import parse_seeds
+from unbleed.guidance.spec import RunSpec
 from unbleed.models import load_model
 from unbleed.shapes.bench import Contender, bench_prompts, run_bench
 
-SCHEDULE_FLAGS = {"step_size": float, "step_schedule": str, "window": str, "refine_steps": str, "refine_iters": int}
+# schedule settings → (RunSpec field, type); every other key is a method option (-o KEY=VALUE)
+SCHEDULE_FLAGS = {"step_size": ("step_size", float), "step_schedule": ("step_schedule", str),
+                  "window": ("window", str), "refine_steps": ("refine", str), "refine_iters": ("refine_iters", int)}
 SHOWN = ("success", "neglected", "malformed", "wrong_shape", "duplicated", "leak", "fused")
 
 
@@ -39,12 +42,22 @@ def split_setting(item: str) -> tuple[str, str]:
 
 
 def contender(method: str, label: str, settings: dict[str, str], steps: int) -> Contender:
+    """One row: ``method`` with ``settings`` (method options and schedule fields), checked now (before any model
+    loads)."""
     options = {k: v for k, v in settings.items() if k not in SCHEDULE_FLAGS}
-    flags = {k: SCHEDULE_FLAGS[k](v) for k, v in settings.items() if k in SCHEDULE_FLAGS}
-    if str(flags.get("window", "")).startswith("fraction:"):
-        flags["window"] = f"0:{max(1, round(float(flags['window'][9:]) * steps))}"
-    guide = make_method(method, options)
-    return Contender(label, guide, build_schedule(guide, steps, **flags))
+    fields = {}
+    for key, value in settings.items():
+        if key in SCHEDULE_FLAGS:
+            name, kind = SCHEDULE_FLAGS[key]
+            try:
+                fields[name] = kind(value)
+            except ValueError:
+                raise SystemExit(f"error: {key}={value}: expected a {'whole ' if kind is int else ''}number") from None
+    if str(fields.get("window", "")).startswith("fraction:"):
+        fields["window"] = f"0:{max(1, round(float(fields['window'][9:]) * steps))}"
+    spec = RunSpec(method=method, options=options, steps=steps, **fields)
+    spec.build()
+    return Contender(label, spec)
 
 
 def main() -> None:
@@ -62,25 +75,29 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    base = dict(split_setting(b) for b in args.base)
-    centre = args.method if not base else f"{args.method} ({', '.join(f'{k}={v}' for k, v in base.items())})"
-    contenders = [Contender("sd", None), contender(args.method, centre, base, args.steps)]
-    for item in args.vary:
-        key, values = split_setting(item)
-        for value in values.split(";"):
-            contenders.append(contender(args.method, f"{key}={value}", {**base, key: value}, args.steps))
-    for item in args.variant:
-        settings = dict(split_setting(kv) for kv in item.split(";"))
-        contenders.append(contender(args.method, ", ".join(f"{k}={v}" for k, v in settings.items()),
-                                    {**base, **settings}, args.steps))
-    prompts = bench_prompts("train", args.prompts, objects=args.objects)
+    try:
+        base = dict(split_setting(b) for b in args.base)
+        centre = args.method if not base else f"{args.method} ({', '.join(f'{k}={v}' for k, v in base.items())})"
+        contenders = [Contender("sd", RunSpec(method="sd", steps=args.steps)),
+                      contender(args.method, centre, base, args.steps)]
+        for item in args.vary:
+            key, values = split_setting(item)
+            for value in values.split(";"):
+                contenders.append(contender(args.method, f"{key}={value}", {**base, key: value}, args.steps))
+        for item in args.variant:
+            settings = dict(split_setting(kv) for kv in item.split(";"))
+            contenders.append(contender(args.method, ", ".join(f"{k}={v}" for k, v in settings.items()),
+                                        {**base, **settings}, args.steps))
+        prompts = bench_prompts("train", args.prompts, objects=args.objects)
+        seeds = parse_seeds(args.seeds)
+    except UnbleedError as err:
+        raise SystemExit(f"error: {err}") from None
 
     def progress(prompt, label):
         print(f"  {label}: {prompt}", flush=True)
 
     pipe = load_model(args.model)
-    figures = run_bench(pipe, contenders, prompts, parse_seeds(args.seeds), steps=args.steps, out=args.out,
-                        baseline="sd", progress=progress)
+    figures = run_bench(pipe, contenders, prompts, seeds, out=args.out, baseline="sd", progress=progress)
     lines = [f"{len(prompts)} train prompts × {figures['sd']['images'] // len(prompts)} seeds; each cell: rate, "
              f"and for the variants the paired difference from sd with its 95 % CI (* = excludes 0)", "",
              "| configuration | " + " | ".join(SHOWN) + " | seconds |", "|---" * (len(SHOWN) + 2) + "|"]

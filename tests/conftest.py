@@ -23,7 +23,7 @@ def fresh_tiny():
 @pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory):
     """A local folder with the full-size SD 1.x architecture and random weights (about 30 s to write)."""
-    from unbleed.models import save_random_sd
+    from unbleed.testing import save_random_sd
 
     return save_random_sd(tmp_path_factory.mktemp("sd1") / "sd1-random")
 
@@ -44,33 +44,27 @@ def blob(h, w, rows, cols, value=1.0, base=0.0):
     return m
 
 
-def one_update(pipe, method, groups, prompt, alpha, batch=2, t=800, seed=0, memory=None):
-    """The sampler's guided step by hand: loss at a random latent, one step ``z − α∇L``, loss again (same state).
+def one_update(pipe, method, groups, prompt, alpha, batch=2, t=800, seed=0, run=None, step=0):
+    """The sampler's own :func:`guided_step` at a random latent: loss, one update ``z − α∇L`` (no refinement),
+    the loss of the updated latent with the same step state.
 
-    Returns ``(before, after, state)``; ``memory`` (the run's dict) is updated by ``prepare_step`` as in a run.
+    ``step`` is the step index the method sees (of 50). Returns ``(before, after, state)``; ``run`` is the
+    method's per-run object (``method.new_run(unet)``), passed again to chain steps as a run does.
     """
-    from unbleed.attention import attention_store
+    from unbleed.guidance.attention import attention_store
+    from unbleed.guidance.sampler import Guide, guided_step
+    from unbleed.guidance.schedule import Schedule
 
-    request = method.map_request(pipe.unet)
-    requests = request if isinstance(request, tuple) else (request,)
-    memory = memory if memory is not None else {}
-    memory.setdefault("prompt_length", len(pipe.tokenizer(prompt).input_ids))
-    memory.setdefault("num_steps", 50)
-    memory.setdefault("step", 0)
     cond, _ = pipe.encode_prompt(prompt, pipe.device, batch, False)
+    length = len(pipe.tokenizer(prompt).input_ids)
+    schedule = Schedule(window=(step, step + 1), step_size=alpha, step_schedule="constant")
+    guide = Guide(pipe, method, schedule, groups, length, cond, (16, 16), num_steps=50, truncate=False)
+    if run is not None:
+        guide.run = run
     z = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
-    with torch.enable_grad(), attention_store(pipe.unet) as store:
-        def maps_at(latent):
-            with store.capture(requests, (16, 16)):
-                pipe.unet(latent, t, encoder_hidden_states=cond)
-            maps = tuple(store.maps(r) for r in requests)
-            return maps if isinstance(request, tuple) else maps[0]
-
-        z0 = z.clone().requires_grad_(True)
-        maps = maps_at(z0)
-        detached = tuple(m.detach() for m in maps) if isinstance(maps, tuple) else maps.detach()
-        state = method.prepare_step(detached, groups, memory)
-        before = method.loss(maps, groups, state)
-        (grad,) = torch.autograd.grad(before.sum(), z0)
-        after = method.loss(maps_at(z0.detach() - alpha * grad), groups, state)
-    return before.detach(), after.detach(), state
+    seen = {}
+    with attention_store(pipe.unet) as store:
+        moved, rec = guided_step(guide, store, z, step, t, observe=lambda maps, state, ctx: seen.update(state=state))
+        with torch.enable_grad():
+            after = method.loss(guide.maps(store, moved.requires_grad_(True), t), guide.context(step), seen["state"])
+    return torch.tensor(rec.loss), after.detach(), seen["state"]

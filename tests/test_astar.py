@@ -5,17 +5,25 @@ import torch
 
 from unbleed import token_groups
 from unbleed.errors import UnbleedError
-from unbleed.methods.astar import (AStar, astar_loss, box_mask, entity_maps, match_layout, normalized_loss,
-                                   parse_layout, retention_loss, segregation_loss, soft_overlap)
-from unbleed.methods.attend_excite import gaussian_kernel as ae_kernel
-from unbleed.methods.attend_excite import smooth
-from unbleed.methods.ela import binarize
-from unbleed.tokens import Entity
+from unbleed.methods.astar import (AStar, AStarRun, astar_loss, box_mask, entity_maps, match_layout,
+                                   normalized_loss, parse_layout, retention_loss, segregation_loss, soft_overlap)
+from unbleed.methods.base import StepContext
+from unbleed.methods.maps import binarize
+from unbleed.methods.maps import gaussian_kernel as ae_kernel
+from unbleed.methods.maps import smooth
+from unbleed.text.tokens import Entity
 
 from conftest import blob, one_update
 
 PROMPT = "a cat and a frog"  # <sot> a cat and a frog <eot>: cat = 2, frog = 5, prompt_length = 7
 CAT, FROG = Entity("cat", (2,)), Entity("frog", (5,))
+
+
+def _ctx(*groups, step=0):
+    return StepContext(step=step, num_steps=50, prompt_length=7, groups=groups or (CAT, FROG))
+
+
+CTX = _ctx()
 
 A1 = torch.tensor([[0.4, 0.1], [0.1, 0.0]])
 A2 = torch.tensor([[0.0, 0.2], [0.2, 0.2]])
@@ -130,49 +138,51 @@ def test_retention_uses_the_previous_steps_binarised_map():
     step0 = _raw_maps(left, right)  # cat left, frog right
     step1 = _raw_maps(right, left)  # they swapped sides
     method = AStar()
-    memory = {"prompt_length": 7, "num_steps": 50}
-    memory["step"] = 0
-    s0 = method.prepare_step(step0, [CAT, FROG], memory)
+    run = method.new_run(None)
+    assert isinstance(run, AStarRun) and run.previous is None
+    s0 = method.prepare_step((step0,), _ctx(step=0), run)
     assert not s0["valid"].any()  # first step: no previous map, no retention term (first_step=none)
-    l0 = method.loss(step0, [CAT, FROG], s0)
+    l0 = method.loss((step0,), _ctx(step=0), s0)
     assert l0.item() == pytest.approx(segregation_loss(method.entity_maps(step0, [CAT, FROG], 7)).item())
-    assert method.visuals(s0, [CAT, FROG]) == {}
-    memory["step"] = 1
-    s1 = method.prepare_step(step1, [CAT, FROG], memory)
+    assert method.visuals(s0, _ctx(step=0)) == {}
+    torch.testing.assert_close(run.previous, method.entity_maps(step0, [CAT, FROG], 7))  # kept for the next step
+    s1 = method.prepare_step((step1,), _ctx(step=1), run)
     assert s1["valid"].all()
     # B at step 1 is step 0's map binarised: cat's mask is the LEFT half although cat is now on the right
     torch.testing.assert_close(s1["masks"][0, 0], blob(4, 4, (0, 4), (0, 2)))
     torch.testing.assert_close(s1["masks"][0, 1], blob(4, 4, (0, 4), (2, 4)))
     ent1 = method.entity_maps(step1, [CAT, FROG], 7)
     expected = segregation_loss(ent1) + retention_loss(ent1, s1["masks"])
-    assert method.loss(step1, [CAT, FROG], s1).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert method.loss((step1,), _ctx(step=1), s1).item() == pytest.approx(expected.item(), rel=1e-6)
     # …and it is large: each map sits on the other's mask (a swap is what retention penalises)
     same_side = retention_loss(ent1, binarize(ent1))
     assert retention_loss(ent1, s1["masks"]).item() > same_side.item() + 0.5
-    # the memory now holds step 1's maps: a third call binarises THOSE (refreshed every step)
-    memory["step"] = 2
-    s2 = method.prepare_step(step1, [CAT, FROG], memory)
+    # the run now holds step 1's maps: a third call binarises THOSE (refreshed every step)
+    s2 = method.prepare_step((step1,), _ctx(step=2), run)
     torch.testing.assert_close(s2["masks"][0, 0], blob(4, 4, (0, 4), (2, 4)))
-    assert set(method.visuals(s2, [CAT, FROG])) == {"mask: cat", "mask: frog"}
+    assert set(method.visuals(s2, _ctx(step=2))) == {"mask: cat", "mask: frog"}
+    # a new run starts without a previous map; so does a prepare_step outside any run (run None)
+    assert not method.prepare_step((step1,), _ctx(step=0), method.new_run(None))["valid"].any()
+    assert not method.prepare_step((step1,), _ctx(step=0), None)["valid"].any()
 
 
 def test_first_step_self_binarises_the_current_map():
     left, right = blob(4, 4, (0, 4), (0, 2), 0.05), blob(4, 4, (0, 4), (2, 4), 0.05)
-    s = AStar(first_step="self").prepare_step(_raw_maps(left, right), [CAT, FROG], {"prompt_length": 7})
+    s = AStar(first_step="self").prepare_step((_raw_maps(left, right),), CTX, AStarRun())
     assert s["valid"].all()
     torch.testing.assert_close(s["masks"][0, 0], blob(4, 4, (0, 4), (0, 2)))
 
 
 def test_refine_value_is_normalised_unless_asked_for_the_loss():
     left, right = blob(4, 4, (0, 4), (0, 2), 0.05), blob(4, 4, (0, 4), (2, 4), 0.05)
-    maps, memory = _raw_maps(left, right), {"prompt_length": 7}
-    m = AStar()
-    m.prepare_step(maps, [CAT, FROG], memory)
-    state = m.prepare_step(maps, [CAT, FROG], memory)
-    loss = m.loss(maps, [CAT, FROG], state)
-    assert m.refine_value(maps, [CAT, FROG], state, loss).item() == pytest.approx(
+    maps, m = _raw_maps(left, right), AStar()
+    run = m.new_run(None)
+    m.prepare_step((maps,), CTX, run)
+    state = m.prepare_step((maps,), CTX, run)
+    loss = m.loss((maps,), CTX, state)
+    assert m.refine_value((maps,), CTX, state, loss).item() == pytest.approx(
         (2 * (loss - 1.0) / 3).item(), rel=1e-6)  # 1 pair, 2 retention terms
-    assert AStar(refine_on="loss").refine_value(maps, [CAT, FROG], state, loss) is loss
+    assert AStar(refine_on="loss").refine_value((maps,), CTX, state, loss) is loss
 
 
 # ---------------------------------------------------------------- user layouts (sec. 5)
@@ -221,25 +231,25 @@ def test_layout_replaces_b_at_every_step():
     left, right = blob(4, 4, (0, 4), (0, 2), 0.05), blob(4, 4, (0, 4), (2, 4), 0.05)
     maps = _raw_maps(left, right)
     m = AStar(layout="cat=0.5,0,1,0.5")  # cat: top-right quarter, frog: no box
-    memory = {"prompt_length": 7}
-    s0 = m.prepare_step(maps, [CAT, FROG], memory)
+    run = m.new_run(None)
+    s0 = m.prepare_step((maps,), CTX, run)
     quarter = blob(4, 4, (0, 2), (2, 4))
     assert s0["valid"].tolist() == [[True, False]]  # the box counts from the first step; frog has no B yet
     torch.testing.assert_close(s0["masks"][0, 0], quarter)
-    s1 = m.prepare_step(maps, [CAT, FROG], memory)
+    s1 = m.prepare_step((maps,), CTX, run)
     assert s1["valid"].all()
     torch.testing.assert_close(s1["masks"][0, 0], quarter)  # the box, not cat's previous (left) map
     torch.testing.assert_close(s1["masks"][0, 1], blob(4, 4, (0, 4), (2, 4)))  # frog: its previous map
     ent = m.entity_maps(maps, [CAT, FROG], 7)
-    assert m.loss(maps, [CAT, FROG], s1).item() == pytest.approx(
+    assert m.loss((maps,), CTX, s1).item() == pytest.approx(
         astar_loss(ent, torch.stack([quarter, s1["masks"][0, 1]])[None]).item(), rel=1e-6)
-    assert torch.equal(m.visuals(s1, [CAT, FROG])["mask: cat"][0], quarter)
+    assert torch.equal(m.visuals(s1, CTX)["mask: cat"][0], quarter)
 
 
 def test_layout_names_must_be_entities():
     maps = _raw_maps(torch.zeros(4, 4), torch.zeros(4, 4))
     with pytest.raises(UnbleedError, match=r"'dog' is not an entity of this prompt: use one of cat, frog"):
-        AStar(layout="dog=0,0,1,1").prepare_step(maps, [CAT, FROG], {"prompt_length": 7})
+        AStar(layout="dog=0,0,1,1").prepare_step((maps,), CTX, AStarRun())
     two_cats = [Entity("cat", (2,)), Entity("cat", (5,))]
     with pytest.raises(UnbleedError, match=r"names 2 entities: use cat#1..cat#2"):
         match_layout({"cat": (0, 0, 1, 1)}, two_cats)
@@ -261,13 +271,23 @@ def test_layout_names_must_be_entities():
     ({"colour": "red"}, "astar has no such option"),
 ])
 def test_bad_options(opts, match):
-    with pytest.raises(UnbleedError, match=match):
+    with pytest.raises(UnbleedError, match=match) as err:
         AStar.from_options(opts)
+    assert err.value.field == "options"
 
 
 def test_no_entity_is_an_error():
     with pytest.raises(UnbleedError, match="astar needs at least one entity"):
-        AStar().prepare_step(torch.zeros(1, 77, 4, 4), [], {})
+        AStar().prepare_step((torch.zeros(1, 77, 4, 4),), StepContext(0, 50, 7, ()), AStarRun())
+
+
+def test_token_indices_must_be_prompt_words():
+    # prompt_length 7: the words are tokens 1..5; token 6 is end-of-text
+    with pytest.raises(UnbleedError, match=r"outside the prompt's word tokens 1\.\.5"):
+        AStar().prepare_step((torch.zeros(1, 77, 4, 4),), _ctx(CAT, Entity("eot", (6,))), AStarRun())
+    # without normalize_eot the softmax runs over columns 1…75 and any such token is allowed
+    AStar(normalize_eot=False).prepare_step((torch.zeros(1, 77, 4, 4),), _ctx(CAT, Entity("eot", (6,))),
+                                            AStarRun())
 
 
 def test_default_schedule_is_attend_and_excites():
@@ -278,24 +298,30 @@ def test_default_schedule_is_attend_and_excites():
     assert s4.window == (0, 2) and all(0 <= k < 2 for k in s4.refine)
 
 
-def test_map_request_is_every_layer_at_up1s_level(tiny):
-    from unbleed.attention import AttentionStore, level_of, resolve_block
+def test_map_requests_is_every_layer_at_up1s_level(tiny):
+    from unbleed.guidance.attention import AttentionStore, level_of, resolve_block
 
-    req = AStar().map_request(tiny.unet)
+    requests = AStar().map_requests(tiny.unet)
+    assert isinstance(requests, tuple) and len(requests) == 1
+    (req,) = requests
     level = level_of(tiny.unet, resolve_block(tiny.unet, "up-1"))
     assert req.blocks is None and req.level == level == req.out_level
     chosen = {l.block for l in AttentionStore(tiny.unet).select(req)}
     assert chosen == {"down_blocks.1", "up_blocks.1"}  # A&E's "16×16" layers, down and up
-    assert AStar(layers=("up-1",)).map_request(tiny.unet).blocks == ("up_blocks.1",)
+    (only_up1,) = AStar(layers=("up-1",)).map_requests(tiny.unet)
+    assert only_up1.blocks == ("up_blocks.1",)
 
 
 # ---------------------------------------------------------------- on the tiny model
 
 def test_one_update_lowers_the_astar_loss(tiny):
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
-    astar, memory = AStar(), {}
-    one_update(tiny, astar, groups, PROMPT, alpha=0.0, t=820, seed=1, memory=memory)  # the "previous" guided step
-    assert memory["prompt_length"] == 7
-    before, after, state = one_update(tiny, astar, groups, PROMPT, alpha=200.0, memory=memory)
+    astar = AStar()
+    run = astar.new_run(tiny.unet)
+    one_update(tiny, astar, groups, PROMPT, alpha=0.0, t=820, seed=1, run=run)  # the "previous" guided step
+    previous = run.previous
+    assert previous is not None and previous.shape[:2] == (2, 2) and not previous.requires_grad  # [B, entities]
+    before, after, state = one_update(tiny, astar, groups, PROMPT, alpha=200.0, run=run)
+    assert run.previous is not previous  # refreshed by this step
     assert state["valid"].all()  # retention is in the loss
     assert (after < before - 1e-4).all(), (before, after)  # ≈ 1e-3 lower here; float noise is ≈ 1e-6

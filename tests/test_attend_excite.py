@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from unbleed import generate, make_method, token_groups
-from unbleed.methods import Schedule
-from unbleed.methods.attend_excite import AttendExcite, excite_loss, gaussian_kernel, smooth
+from unbleed.guidance.schedule import Schedule
+from unbleed.methods.attend_excite import AttendExcite, excite_loss
+from unbleed.methods.base import StepContext
+from unbleed.methods.maps import gaussian_kernel, smooth
 from unbleed.models import load_model
-from unbleed.tokens import Entity
+from unbleed.text.tokens import Entity
 
 from conftest import one_update
 
@@ -32,16 +34,19 @@ def test_loss_on_hand_made_maps():
     maps[0, 2] = torch.tensor([[0.5, 0.0], [0.0, 0.0]])  # cat
     maps[0, 5] = torch.tensor([[0.0, 0.0], [0.0, 0.2]])  # frog
     ae = AttendExcite(smooth=False)
-    state = ae.prepare_step(maps, [Entity("cat", (2,)), Entity("frog", (5,))], {"prompt_length": 7})
+    ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=(Entity("cat", (2,)), Entity("frog", (5,))))
+    state = ae.prepare_step((maps,), ctx, None)
     # columns 1..5, ×100, softmax over 5 tokens; at the cat pixel: e^50 / (e^50 + 4) ≈ 1;
     # at the frog pixel: e^20 / (e^20 + 4) = 1 / (1 + 4e^-20)
     got = ae.max_attention(maps, state)
     frog = 1 / (1 + 4 * torch.exp(torch.tensor(-20.0)))
     assert torch.allclose(got, torch.stack([torch.tensor(1.0), frog])[None], atol=1e-7)
+    assert torch.allclose(ae.loss((maps,), ctx, state), excite_loss(got))
     assert excite_loss(torch.tensor([[0.9, 0.3], [1.2, 0.95]])).tolist() == pytest.approx([0.7, 0.05])
     # with padding columns in the softmax (diffusers' 1:-1): 75 columns, e^20 / (e^20 + 74)
     diff = AttendExcite(smooth=False, exclude_padding=False)
-    got = diff.max_attention(maps, diff.prepare_step(maps, [Entity("frog", (5,))], {"prompt_length": 7}))
+    frog_ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=(Entity("frog", (5,)),))
+    got = diff.max_attention(maps, diff.prepare_step((maps,), frog_ctx, None))
     assert got.item() == pytest.approx(1 / (1 + 74 * torch.exp(torch.tensor(-20.0)).item()), rel=1e-6)
 
 

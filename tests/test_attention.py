@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from unbleed.attention import MapRequest, attention_store, level_of, resolve_block, size_at_level
+from unbleed.guidance.attention import MapRequest, attention_store, level_of, resolve_block, size_at_level
 from unbleed.errors import UnbleedError
 
 

@@ -92,9 +92,9 @@ def test_save_attention_writes_a_grid(tmp_path):
     (["--method", "ela+attend-excite", "--weights", "1"], ["1 weight(s) for 2 methods"]),
     (["--method", "ela+attend-excite", "--weights", "1,x"], ["--weights '1,x'"]),
     (["--method", "ela+ela"], ["compose distinct"]),
-    (["--method", "ela", "--weights", "1"], ["--weights is for composed"]),
+    (["--method", "ela", "--weights", "1"], ["--weights are for composed"]),
     (["--method", "ela", "--layout", "cat=0,0,1,1"], ["use it with --method astar"]),
-    (["--method", "ela+attend-excite", "-o", "astar.lam=1"], ["not one of the composed methods"]),
+    (["--method", "ela+attend-excite", "-o", "astar.lam=1"], ["is not one of the methods ela, attend-excite"]),
     (["--device", "cuda:7"], ["--device"]),
 ])
 def test_bad_inputs_give_one_clear_line(args, needles, tmp_path):
@@ -109,7 +109,7 @@ def test_folder_that_is_not_a_pipeline(tmp_path):
 
 def test_unreachable_hub_model_is_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-m", "unbleed.cli", "generate", "a cat", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "unbleed", "generate", "a cat", "--out", str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "loading model" not in l]
@@ -193,10 +193,10 @@ def test_read_only_out_folder_fails_before_the_model_loads(tmp_path, monkeypatch
 
 
 def test_each_batch_is_written_as_it_is_done_and_a_write_failure_keeps_it(tmp_path, monkeypatch):
-    import unbleed.sampler
+    import unbleed.guidance.sampler
     from PIL import Image as PILImage
 
-    events, sample, save = [], unbleed.sampler.generate, PILImage.Image.save
+    events, sample, save = [], unbleed.guidance.sampler.generate, PILImage.Image.save
 
     def sampled(*args, **kwargs):
         events.append("sample")
@@ -208,7 +208,7 @@ def test_each_batch_is_written_as_it_is_done_and_a_write_failure_keeps_it(tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(self, *args, **kwargs)
 
-    monkeypatch.setattr(unbleed.sampler, "generate", sampled)
+    monkeypatch.setattr(unbleed.guidance.sampler, "generate", sampled)
     monkeypatch.setattr(PILImage.Image, "save", saved)
     res = run("--steps", "1", "--seed", "1", "--seed", "2", "--batch-size", "1", "--out", str(tmp_path), "--json")
     assert res.exit_code == 2, res.output
@@ -245,3 +245,88 @@ def test_non_english_prompt_warns_in_one_line(command, tmp_path):
     assert res.exit_code == 0, res.output
     warns = [l for l in res.stderr.splitlines() if "look English" in l]
     assert len(warns) == 1 and warns[0].startswith("warning: ") and "--tokens" in warns[0], res.stderr
+
+
+# --- the package's shared pieces: the registry in the help, `unbleed methods`, --layout, Ctrl-C ---
+
+def _click_option(command_path, flag):
+    import typer
+
+    command = typer.main.get_command(app)
+    for name in command_path:
+        command = command.commands[name]
+    return next(p for p in command.params if flag in p.opts)
+
+
+@pytest.mark.parametrize("path, flag", [(["generate"], "--method"), (["sweep"], "--methods"),
+                                        (["bench", "speed"], "--methods"), (["shapes", "bench"], "--methods")])
+def test_method_help_lists_the_registry(path, flag):
+    from unbleed import METHODS
+
+    help_text = _click_option(path, flag).help
+    assert all(name in help_text for name in METHODS), help_text
+
+
+def test_methods_command_lists_the_registry():
+    import dataclasses
+
+    from unbleed import METHODS
+    from unbleed.methods import Conditioning, Method
+
+    res = runner.invoke(app, ["methods", "--json"])
+    assert res.exit_code == 0, res.output
+    entries = json.loads(res.stdout)
+    assert [e["name"] for e in entries] == list(METHODS)
+    for e in entries:
+        cls = METHODS[e["name"]]
+        if cls is None:
+            assert e["kind"] == "none" and e["options"] == {}
+            continue
+        assert e["kind"] == ("guidance" if issubclass(cls, Method) else "conditioning")
+        assert issubclass(cls, (Method, Conditioning)) and e["source"] == cls.source != ""
+        assert list(e["options"]) == list(cls.option_names())
+    ela = next(e for e in entries if e["name"] == "ela")
+    assert ela["options"]["lam"] == {f.name: f.default for f in dataclasses.fields(METHODS["ela"])}["lam"]
+    table = runner.invoke(app, ["methods"])
+    assert table.exit_code == 0 and all(name in table.stdout for name in METHODS) and "lam" in table.stdout
+
+
+@pytest.mark.parametrize("method", ["astar", "ela+astar"])
+def test_layout_is_a_shorthand_for_the_layout_option(method, tmp_path):
+    res = run("--method", method, "--tokens", "cat,frog", "--layout", "cat=0,0,0.5,1", "--layout",
+              "frog=0.5,0,1,1", "--steps", "1", "--out", str(tmp_path), "--json")
+    assert res.exit_code == 0, res.output
+    options = json.dumps(json.loads(res.stdout)[0]["method_options"])
+    assert "cat=0,0,0.5,1;frog=0.5,0,1,1" in options, options
+    # the same as -o layout=…, routed like any option
+    same = run("--method", method, "--tokens", "cat,frog", "-o", "layout=cat=0,0,0.5,1;frog=0.5,0,1,1", "--steps",
+               "1", "--out", str(tmp_path), "--json")
+    assert json.loads(same.stdout)[0]["method_options"] == json.loads(res.stdout)[0]["method_options"]
+
+
+def test_layout_without_a_method_that_has_one_is_one_line(tmp_path):
+    one_line_error(runner.invoke(app, ["sweep", "--suite", "dvmp", "--methods", "sd,ela", "--layout", "cat=0,0,1,1",
+                                       "--out", str(tmp_path / "r"), "--model", "tiny"]),
+                   "--layout: none of sd, ela has a layout option: use it with --method astar")
+
+
+def test_interrupt_is_one_line(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("unbleed.models.load_model", interrupted)
+    one_line_error(run("--out", str(tmp_path)), f"error: interrupted; images finished so far are in {tmp_path}")
+
+
+def test_schedule_flags_of_plain_sampling_are_noted(tmp_path):
+    res = run("--window", "0:1", "--steps", "1", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert "note: --method sd does no guidance; the schedule options are ignored" in res.stderr
+
+
+def test_bench_speed_checks_its_flags_before_the_model_loads(monkeypatch):
+    monkeypatch.setattr("unbleed.models.load_model", _no_model)
+    for args, needle in ((["--window", "5"], "--window '5'"), (["--steps", "0"], "--steps 0 must be ≥ 1"),
+                         (["--methods", "sd,elx"], "--methods 'elx' is unknown"),
+                         (["--window", "0:1", "--refine-steps", "1:0.1"], "--refine-steps: step 1 is outside")):
+        one_line_error(runner.invoke(app, ["bench", "speed", "--model", "tiny", "--steps", "2", *args]), needle)

@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
-from unbleed.attention import MapRequest
+from unbleed.guidance.attention import MapRequest
 from unbleed.errors import UnbleedError
-from unbleed.methods.attend_excite import gaussian_kernel
-from unbleed.methods.attend_excite import smooth as gaussian_smooth
-from unbleed.methods.divide_bind import DivideBind, binding_divergence, divide_bind_loss, jensen_shannon, total_variation
-from unbleed.sampler import generate
-from unbleed.tokens import Entity, TokenGroup, token_groups
+from unbleed.methods.base import StepContext
+from unbleed.methods.divide_bind import (DivideBind, binding_divergence, divide_bind_loss, jensen_shannon,
+                                         total_variation)
+from unbleed.methods.maps import gaussian_kernel
+from unbleed.methods.maps import smooth as gaussian_smooth
+from unbleed.guidance.sampler import generate
+from unbleed import Entity, TokenGroup, token_groups
 
 from conftest import one_update
 
@@ -116,8 +118,12 @@ def _hand_maps():
     return maps
 
 
-GROUPS = [Entity("cat", (2,), [TokenGroup("red", (1,))])]
-MEMORY = {"step": 10, "num_steps": 50, "prompt_length": 4}
+GROUPS = (Entity("cat", (2,), [TokenGroup("red", (1,))]),)
+CTX = StepContext(step=10, num_steps=50, prompt_length=4, groups=GROUPS)
+
+
+def _ctx(groups, step=10, prompt_length=4):
+    return StepContext(step=step, num_steps=50, prompt_length=prompt_length, groups=tuple(groups))
 
 
 def _hand_expected():
@@ -137,21 +143,21 @@ def _hand_expected():
 
 def test_loss_on_hand_made_maps():
     db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
-    state = db.prepare_step(_hand_maps(), GROUPS, MEMORY)
+    state = db.prepare_step((_hand_maps(),), CTX, None)
     assert state["last"] == 3 and state["bind_weight"] == 5.0
     tv, jsd = _hand_expected()
     assert jsd > 0.01  # the binding term matters in this example
-    got_tv, got_bind = db.terms(_hand_maps(), GROUPS, state)
+    got_tv, got_bind = db.terms((_hand_maps(),), CTX, state)
     assert got_tv.item() == pytest.approx(tv, rel=1e-5)
     assert got_bind.item() == pytest.approx(jsd, rel=1e-4)
     # one entity: L = −TV + λ·JSD with λ = 5 at step 10
-    assert db.loss(_hand_maps(), GROUPS, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
+    assert db.loss((_hand_maps(),), CTX, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
     # the paper's TV adds the vertical difference |3/4 − 1/2| / 2 = 1/8 → 1/4
     paper = DivideBind(temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same", tv="paper")
-    assert paper.terms(_hand_maps(), GROUPS, state)[0].item() == pytest.approx(0.25, rel=1e-5)
+    assert paper.terms((_hand_maps(),), CTX, state)[0].item() == pytest.approx(0.25, rel=1e-5)
     # without binding the loss is −TV
     plain = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, bind=False)
-    assert plain.loss(_hand_maps(), GROUPS, state).item() == pytest.approx(-tv, rel=1e-5)
+    assert plain.loss((_hand_maps(),), CTX, state).item() == pytest.approx(-tv, rel=1e-5)
 
 
 def test_several_attributes_of_one_entity_add_their_jsds():
@@ -159,12 +165,12 @@ def test_several_attributes_of_one_entity_add_their_jsds():
     maps[0, 2, 0, 0] = LN3
     maps[0, 3, 1, 1] = 1.0
     db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
-    memory = {"step": 0, "num_steps": 50, "prompt_length": 5}
     red, big = TokenGroup("red", (1,)), TokenGroup("big", (3,))
     both = [Entity("cat", (2,), [red, big])]
-    state = db.prepare_step(maps, both, memory)
-    bind = db.terms(maps, both, state)[1]
-    alone = [db.terms(maps, [Entity("cat", (2,), [a])], state)[1] for a in (red, big)]
+    state = db.prepare_step((maps,), _ctx(both, step=0, prompt_length=5), None)
+    bind = db.terms((maps,), _ctx(both, step=0, prompt_length=5), state)[1]
+    alone = [db.terms((maps,), _ctx([Entity("cat", (2,), [a])], step=0, prompt_length=5), state)[1]
+             for a in (red, big)]
     assert alone[0].item() > 0 and alone[1].item() > 0
     torch.testing.assert_close(bind, alone[0] + alone[1])
 
@@ -175,30 +181,30 @@ def test_attribute_maps_come_from_the_finer_level_nearest_resized():
     fine = torch.full((1, 77, 4, 4), 5.0)
     fine[0, :, ::2, ::2] = _hand_maps()[0]
     db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True)
-    state = db.prepare_step((_hand_maps(), fine), GROUPS, MEMORY)
+    state = db.prepare_step((_hand_maps(), fine), CTX, None)
     tv, jsd = _hand_expected()
-    assert db.loss((_hand_maps(), fine), GROUPS, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
+    assert db.loss((_hand_maps(), fine), CTX, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
     # two finer levels are averaged: a second level equal to the first changes nothing
-    assert db.loss((_hand_maps(), fine, fine), GROUPS, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
+    assert db.loss((_hand_maps(), fine, fine), CTX, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
     with pytest.raises(UnbleedError, match="attribute_maps"):
-        db.loss(_hand_maps(), GROUPS, state)
+        db.loss((_hand_maps(),), CTX, state)
 
 
 def test_official_token_columns_keep_padding_in_the_softmax():
     # exclude_padding=False (official [:, :, 1:-1]): tokens 1..75 share the softmax, so with all other columns
     # zero and temperature 1, cat's pixel (0, 0) is 3 / (3 + 74) and the others 1/75
     db = DivideBind(tv="official", temperature=1.0, smooth=False, bind=False)
-    state = db.prepare_step(_hand_maps(), GROUPS, MEMORY)
+    state = db.prepare_step((_hand_maps(),), CTX, None)
     assert state["last"] == 76
     # official TV: horizontal |3/77 − 1/75| / 2 (only row 0 differs), vertical 0
-    assert db.loss(_hand_maps(), GROUPS, state).item() == pytest.approx(-abs(3 / 77 - 1 / 75) / 2, rel=1e-5)
+    assert db.loss((_hand_maps(),), CTX, state).item() == pytest.approx(-abs(3 / 77 - 1 / 75) / 2, rel=1e-5)
 
 
 def test_refine_value_is_minus_the_smallest_tv_and_thresholds_are_negated():
     db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
-    state = db.prepare_step(_hand_maps(), GROUPS, MEMORY)
-    loss = db.loss(_hand_maps(), GROUPS, state)
-    value = db.refine_value(_hand_maps(), GROUPS, state, loss)
+    state = db.prepare_step((_hand_maps(),), CTX, None)
+    loss = db.loss((_hand_maps(),), CTX, state)
+    value = db.refine_value((_hand_maps(),), CTX, state, loss)
     assert value.item() == pytest.approx(-1 / 8, rel=1e-5)  # −min TV, not the loss
     assert value.item() != pytest.approx(loss.item())
     schedule = db.default_schedule(50)
@@ -214,16 +220,16 @@ def test_refine_value_takes_the_smallest_tv_of_several_entities():
     # pixel (0, 0) → (1, 3, 1)/5, other pixels 1/3 each
     maps = torch.zeros(1, 77, 2, 2)
     maps[0, 2, 0, 0] = LN3
-    groups = [Entity("dog", (2,)), Entity("bird", (3,))]
+    ctx = _ctx([Entity("dog", (2,)), Entity("bird", (3,))], step=0, prompt_length=5)
     db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True)
-    state = db.prepare_step(maps, groups, {"step": 0, "num_steps": 50, "prompt_length": 5})
+    state = db.prepare_step((maps,), ctx, None)
     # official TV = horizontal row 0 only (vertical: last row vs itself = 0):
     # dog |3/5 − 1/3| / 2 = 2/15, bird |1/5 − 1/3| / 2 = 1/15
-    tv, _ = db.terms(maps, groups, state)
+    tv, _ = db.terms((maps,), ctx, state)
     torch.testing.assert_close(tv, torch.tensor([[2 / 15, 1 / 15]]))
-    loss = db.loss(maps, groups, state)
+    loss = db.loss((maps,), ctx, state)
     assert loss.item() == pytest.approx(-1 / 15, rel=1e-5)  # max_s(−TV_s) = −min TV
-    assert db.refine_value(maps, groups, state, loss).item() == pytest.approx(-1 / 15, rel=1e-5)
+    assert db.refine_value((maps,), ctx, state, loss).item() == pytest.approx(-1 / 15, rel=1e-5)
 
 
 def test_default_schedule_is_the_official_one_and_scales():
@@ -246,10 +252,12 @@ def test_binding_weight_schedule():
     # 25 steps: boundaries ⌊10·25/50⌋ = 5 and ⌊20·25/50⌋ = 10
     at25 = {i: db.bind_weight(i, 25) for i in (0, 4, 5, 9, 10, 12)}
     assert at25 == {0: 1.0, 4: 1.0, 5: 5.0, 9: 5.0, 10: 10.0, 12: 10.0}
-    # prepare_step reads the step from the sampler's memory
+    # prepare_step reads the step and the step count from the step context
     for step, weight in ((0, 1.0), (15, 5.0), (22, 10.0)):
-        state = db.prepare_step(_hand_maps(), GROUPS, {"step": step, "num_steps": 50, "prompt_length": 4})
+        state = db.prepare_step((_hand_maps(),), _ctx(GROUPS, step=step), None)
         assert state["bind_weight"] == weight
+    scaled = StepContext(step=5, num_steps=25, prompt_length=4, groups=GROUPS)  # step 5 of 25 is step 10 of 50
+    assert db.prepare_step((_hand_maps(),), scaled, None)["bind_weight"] == 5.0
     custom = DivideBind.from_options({"bind_weights": "0:2,30:7"})
     assert [custom.bind_weight(i, 50) for i in (0, 29, 30)] == [2.0, 2.0, 7.0]
 
@@ -264,8 +272,9 @@ def test_options_are_validated_by_name():
            ({"tv_thresholds": "0:0.05,60:0.1"}, "tv_thresholds"), ({"step_schedule": "cosine"}, "step_schedule"),
            ({"step_size": "nan"}, "step_size"), ({"low_tv": "-1"}, "low_tv")]
     for options, name in bad:
-        with pytest.raises(UnbleedError, match=f"-o {name}"):
+        with pytest.raises(UnbleedError, match=f"-o {name}") as err:
             DivideBind.from_options(options)
+        assert err.value.field == "options", options
     ok = DivideBind.from_options({"tv-thresholds": "0:0.1", "refine_iters_first": "3", "tv": "paper"})
     assert ok.default_schedule(50).refine == {0: -0.1} and ok.default_schedule(50).refine_cap(0) == 3
 
@@ -273,9 +282,9 @@ def test_options_are_validated_by_name():
 def test_groups_and_token_indices_are_checked():
     db = DivideBind()
     with pytest.raises(UnbleedError, match="--tokens"):
-        db.prepare_step(_hand_maps(), [], MEMORY)
+        db.prepare_step((_hand_maps(),), _ctx([]), None)
     with pytest.raises(UnbleedError, match="outside"):
-        DivideBind(exclude_padding=True).prepare_step(_hand_maps(), [Entity("x", (3,))], MEMORY)
+        DivideBind(exclude_padding=True).prepare_step((_hand_maps(),), _ctx([Entity("x", (3,))]), None)
 
 
 # --- on the tiny model --------------------------------------------------------------------------------------
@@ -283,21 +292,22 @@ def test_groups_and_token_indices_are_checked():
 PROMPT = "a red cat and a blue frog"
 
 
-def test_map_request_objects_at_up1_level_attributes_from_finer_levels(tiny):
-    req = DivideBind().map_request(tiny.unet)
+def test_map_requests_objects_at_up1_level_attributes_from_finer_levels(tiny):
+    req = DivideBind().map_requests(tiny.unet)
     # tiny: up-1 (up_blocks.1) is level 1; the only finer level with cross-attention is level 0
     assert req == (MapRequest(blocks=None, level=1, out_level=1), MapRequest(blocks=None, level=0, out_level=0))
-    assert DivideBind(attribute_maps="same").map_request(tiny.unet) == req[0]
-    assert DivideBind(bind=False).map_request(tiny.unet) == req[0]
+    assert DivideBind(attribute_maps="same").map_requests(tiny.unet) == req[:1]
+    assert DivideBind(bind=False).map_requests(tiny.unet) == req[:1]
 
 
 @pytest.mark.parametrize("options", [{}, {"combine": "sum", "tv": "paper"}])
 def test_one_update_lowers_the_divide_bind_loss(tiny, options):
-    db = DivideBind.from_options(options)
+    # one_update makes step 0's update; λ = 5 from step 0 gives the loss of step 10 of 50 (official weights)
+    db = DivideBind.from_options({**options, "bind_weights": "0:5"})
     groups = token_groups(tiny.tokenizer, PROMPT, "red:cat,blue:frog")
     assert [e.attributes[0].text for e in groups] == ["red", "blue"]
-    before, after, state = one_update(tiny, db, groups, PROMPT, alpha=50.0, memory={"step": 10})
-    assert state["bind_weight"] == 5.0  # step 10 of 50: the binding term is in the loss
+    before, after, state = one_update(tiny, db, groups, PROMPT, alpha=50.0)
+    assert state["bind_weight"] == 5.0  # the binding term is in the loss, with step 10's weight
     assert (after < before).all(), (before, after)
 
 

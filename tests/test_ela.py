@@ -5,8 +5,10 @@ import torch
 
 from unbleed.errors import UnbleedError
 from unbleed.methods import make_method
-from unbleed.methods.ela import ELA, binarize, ela_loss, ela_masks, otsu_threshold
-from unbleed.tokens import Entity, TokenGroup
+from unbleed.methods.base import StepContext
+from unbleed.methods.ela import ELA, ela_loss, ela_masks
+from unbleed.methods.maps import binarize, otsu_threshold
+from unbleed.text.tokens import Entity, TokenGroup
 
 from conftest import blob
 
@@ -128,14 +130,15 @@ def test_attribute_uses_its_entity_mask():
     maps = torch.zeros(1, 8, 8, 8)
     maps[0, 0], maps[0, 2], maps[0, 3], maps[0, 5] = sot, blue, cat, frog
     groups = [Entity("cat", (3,), [TokenGroup("blue", (2,))]), Entity("frog", (5,))]
+    ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=tuple(groups))
     ela = ELA(lam=0.5)
-    state = ela.prepare_step(maps, groups, {})
-    loss = ela.loss(maps, groups, state)
+    state = ela.prepare_step((maps,), ctx, None)
+    loss = ela.loss((maps,), ctx, state)
     masks = state["masks"][0]
     expected = ela_loss(torch.stack([cat, blue, frog])[None], torch.stack([masks[0], masks[0], masks[1]])[None], 0.5)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     no_attr = ELA(lam=0.5, attributes=False)
-    assert no_attr.loss(maps, groups, state).item() == pytest.approx(
+    assert no_attr.loss((maps,), ctx, state).item() == pytest.approx(
         ela_loss(torch.stack([cat, frog])[None], masks[None], 0.5).item(), rel=1e-6)
 
 
@@ -146,9 +149,11 @@ def test_multi_piece_word_map_is_mean_of_pieces():
     split = [Entity("porcupine", (2, 3)), Entity("frog", (5,))]
     whole = torch.zeros_like(maps)
     whole[0, 0], whole[0, 2], whole[0, 5] = sot, cat, frog
+    split_ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=tuple(split))
+    whole_ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=(Entity("cat", (2,)), Entity("frog", (5,))))
     ela = ELA()
-    a = ela.loss(maps, split, ela.prepare_step(maps, split, {}))
-    b = ela.loss(whole, [Entity("cat", (2,)), Entity("frog", (5,))], ela.prepare_step(whole, [Entity("cat", (2,)), Entity("frog", (5,))], {}))
+    a = ela.loss((maps,), split_ctx, ela.prepare_step((maps,), split_ctx, None))
+    b = ela.loss((whole,), whole_ctx, ela.prepare_step((whole,), whole_ctx, None))
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
@@ -160,8 +165,9 @@ def test_multi_piece_word_map_is_mean_of_pieces():
     ({"lam": "x"}, "expected a value like"),
 ])
 def test_bad_options(opts, match):
-    with pytest.raises(UnbleedError, match=match):
+    with pytest.raises(UnbleedError, match=match) as err:
         make_method("ela", opts)
+    assert err.value.field == "options"
 
 
 def test_default_schedule_is_scaled_and_inside_the_window():
@@ -172,7 +178,7 @@ def test_default_schedule_is_scaled_and_inside_the_window():
     # Eq. 8: z' = z − ∇L, a unit step at every guided step
     assert s.step_schedule == "constant" and s.alpha(0, 50) == 1.0 and s.alpha(24, 50) == 1.0
     # A&E's schedule stays an option
-    from unbleed.cli import build_schedule
+    from unbleed.guidance.spec import RunSpec
 
-    ae = build_schedule(ELA(), 50, step_size=20.0, step_schedule="sqrt-linear")
+    _, ae = RunSpec(method="ela", steps=50, step_size=20.0, step_schedule="sqrt-linear").build()
     assert ae.alpha(0, 50) == pytest.approx(20.0) and ae.alpha(49, 50) == pytest.approx(20 * math.sqrt(0.5))

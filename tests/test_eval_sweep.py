@@ -110,14 +110,15 @@ def test_sweep_resumes_after_a_crash_with_every_record_once(tmp_path, monkeypatc
     assert W.run_sweep(cfg)["made"] == 0  # a third start has nothing to do
     rec = next(r for r in recs if r["method"] == "syngen" and r["seed"] == 1)
     assert rec["category"] == "animals" and rec["params"]["steps"] == 2 and rec["params"]["tokens"]
+    assert rec["model"] == "tiny" and rec["params"]["unbleed_version"] and "guidance" in rec["params"]
     assert rec["metrics"] is None  # --no-metrics (the metrics are checked in the Accelerate run below)
     image = Image.open(tmp_path / "run" / rec["image"])
     assert image.info["prompt"] == rec["prompt"] and json.loads(image.info["unbleed"])["seed"] == 1
     assert Path(rec["image"]).name == "0000-syngen-s1.png"  # the prompt's index, never its text
     # the image equals the sampler's own output for that seed alone
     from unbleed.methods import make_method
-    from unbleed.sampler import generate
-    from unbleed.tokens import token_groups
+    from unbleed.guidance.sampler import generate
+    from unbleed.text.prompt import token_groups
 
     pipe = tiny
     alone = generate(pipe, rec["prompt"], method=make_method("syngen"), seeds=[1], num_inference_steps=2,
@@ -213,6 +214,51 @@ def test_sweep_config_seeds_follow_the_seed_rule(tmp_path):
         with pytest.raises(UnbleedError, match=r"^--seeds -?\d+: a seed must be from 0 to 2"):
             W.validate(config(tmp_path / "run", seeds=seeds))
     assert W.validate(config(tmp_path / "run", seeds=[0, 2**64 - 1]))
+
+
+def test_parse_seeds_counts_lists_ranges_and_the_seed_rule():
+    assert W.parse_seeds("3") == [0, 1, 2] and W.parse_seeds("0,5,7") == [0, 5, 7]
+    assert W.parse_seeds("10:13") == [10, 11, 12] and W.parse_seeds("1") == [0]
+    for seeds in ([0, 1, 2], [0, 5, 7], [10, 11, 12], [3]):
+        assert W.parse_seeds(W.seeds_text(seeds)) == seeds  # seeds_text is its inverse
+    for text in ("x", "0", "3:3", "3:1", "1,1", "", "18446744073709551617", "1:2:3"):
+        with pytest.raises(UnbleedError, match=rf"^seeds {text!r}: give a count") as err:
+            W.parse_seeds(text)
+        assert err.value.field == "seeds"
+    for text, bad in (("0,18446744073709551616", "18446744073709551616"), ("0,-1", "-1"), ("-2:1", "-2")):
+        with pytest.raises(UnbleedError, match=rf"^seeds {bad}: a seed must be from 0 to 2\*\*64 − 1") as err:
+            W.parse_seeds(text)
+        assert err.value.field == "seeds"
+    with pytest.raises(UnbleedError, match=r"^--seeds 'x'"):
+        W.parse_seeds("x", "--seeds")
+
+
+def test_options_are_routed_per_method_by_the_one_router(tmp_path):
+    cfg = config(tmp_path / "run", methods=["sd", "ela", "attend-excite", "ela+syngen"],
+                 options={"ela.lam": "0.3", "temperature": "50"})
+    W.validate(cfg)
+    specs = {m: W.method_spec(cfg, m) for m in cfg.methods}
+    assert specs["sd"].options == {}
+    assert specs["ela"].options == {"lam": "0.3"}  # ela.lam to ela only
+    assert specs["attend-excite"].options == {"temperature": "50"}  # a plain key to every method that has it
+    assert specs["ela+syngen"].options == {"ela.lam": "0.3"}
+    assert specs["ela"].build()[0].lam == 0.3 and specs["attend-excite"].build()[0].temperature == 50.0
+    assert all((s.steps, s.guidance_scale, s.height, s.width) == (2, 7.5, 64, 64) for s in specs.values())
+    # an option no method takes: one line naming it, before any model loads
+    for options, message in (({"lam": "0.3"}, "-o lam: none of the methods sd, syngen has this option"),
+                             ({"ela.lam": "0.3"}, "-o ela.lam: 'ela' is not one of the methods sd, syngen")):
+        with pytest.raises(UnbleedError, match=rf"^{message}$") as err:
+            W.validate(config(tmp_path / "run", options=options))
+        assert err.value.field == "options"
+    with pytest.raises(UnbleedError, match=r"-o lam=abc: expected a value like"):  # values are checked too
+        W.validate(config(tmp_path / "run", methods=["sd", "ela"], options={"lam": "abc"}))
+
+
+def test_image_names_have_one_rule():
+    from unbleed.io.output import image_name
+
+    assert image_name(3, "ela+syngen", 7) == "0003-ela+syngen-s7.png"
+    assert not hasattr(W, "image_name")  # the sweep uses the library's rule, not a copy
 
 
 def test_sweep_cli_errors_are_one_line(tmp_path):

@@ -4,8 +4,9 @@ import torch
 
 from unbleed import generate, make_method, token_groups
 from unbleed.errors import UnbleedError
-from unbleed.methods import Schedule
-from unbleed.models import build_tiny_pipeline, load_model
+from unbleed.guidance.schedule import Schedule
+from unbleed.models import load_model
+from unbleed.testing import build_tiny_pipeline
 
 
 def test_tiny_is_deterministic_and_uses_the_real_tokenizer():
@@ -40,7 +41,7 @@ def test_full_size_sd1_architecture_loads_and_runs(sd1):
     assert sum(p.numel() for p in pipe.unet.parameters()) > 850e6  # SD 1.x's 860M-parameter UNet
     prompt = "a cat and a frog"
     ela = make_method("ela")
-    request = ela.map_request(pipe.unet)
+    (request,) = ela.map_requests(pipe.unet)
     assert request.blocks == ("up_blocks.1",)  # UP-1: 16×16 at 512 px, 4×4 at 128 px
     res = generate(pipe, prompt, method=ela, groups=token_groups(pipe.tokenizer, prompt, "cat,frog"), seeds=[0],
                    num_inference_steps=1, height=128, width=128, schedule=Schedule(window=(0, 1)),

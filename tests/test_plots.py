@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unbleed.plots import bar_plot, image_grid
+from unbleed.io.plots import bar_plot, image_grid
 
 
 def solid(colour, size=20):

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from unbleed.errors import UnbleedError
-from unbleed.prompt import parse
+from unbleed.text.prompt import parse
 
 from parse_gold import attend_excite_prompts, bench_file, cc500_prompts, score
 
@@ -72,7 +72,7 @@ def test_words_past_the_token_limit_are_dropped_with_a_warning(tokenizer):
 def test_missing_spacy_model_is_one_clear_error(monkeypatch):
     import importlib
 
-    from unbleed import prompt as prompt_mod
+    from unbleed.text import prompt as prompt_mod
 
     real = importlib.import_module
 
@@ -182,7 +182,7 @@ class _SlowTokenizer:
 @pytest.mark.parametrize("prompt", ["A Porcupine, and a TEDDY-bear!", "a red crown and a golden strawberry",
                                     "café naïve 3 dogs", "a cat and a cat"])
 def test_offsets_without_a_fast_tokenizer_match(tokenizer, prompt):
-    from unbleed.prompt import token_offsets
+    from unbleed.text.prompt import token_offsets
 
     assert token_offsets(_SlowTokenizer(tokenizer), prompt) == token_offsets(tokenizer, prompt)
 

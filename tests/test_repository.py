@@ -36,3 +36,31 @@ def test_no_file_reads_outside_the_clone():
 def test_the_scan_sees_the_sources():
     seen = {path.relative_to(ROOT).as_posix() for path, _ in text_files()}
     assert {"src/unbleed/eval/suites.py", "tests/parse_gold.py", ".ci/run", "setup.sh"} <= seen
+
+
+def _how_it_works() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## How it works")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_how_it_works_matches_the_tree():
+    """Every path the README's "How it works" names exists, every package of src/unbleed is named there, and
+    every module it names inside a package (`spec.py`) is a file of that package."""
+    import re
+
+    section = _how_it_works()
+    named = re.findall(r"`(src/unbleed/[\w/]+(?:\.py)?/?)`", section)
+    assert named, "no src/unbleed paths in How it works"
+    missing = [p for p in named if not (ROOT / p).exists()]
+    assert not missing, f"README How it works names paths that do not exist: {missing}"
+    packages = sorted(p.name for p in (ROOT / "src/unbleed").iterdir()
+                      if p.is_dir() and (p / "__init__.py").is_file())
+    unnamed = [p for p in packages if f"src/unbleed/{p}/" not in section]
+    assert not unnamed, f"packages missing from README How it works: {unnamed}"
+    for block in re.split(r"\n- ", section):
+        m = re.match(r"`src/unbleed/(\w+)/`", block)
+        if m:
+            for module in re.findall(r"`(\w+\.py)`", block):
+                assert (ROOT / "src/unbleed" / m.group(1) / module).is_file(), f"{m.group(1)}/{module}"

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from unbleed import generate, make_method, token_groups
-from unbleed.attention import MapRequest, level_of
+from unbleed.guidance.attention import MapRequest, level_of
 from unbleed.errors import UnbleedError
-from unbleed.methods import Method, Schedule
+from unbleed.guidance.schedule import Schedule
+from unbleed.methods import Method
 from unbleed.models import set_scheduler
 
 from conftest import one_update
@@ -74,14 +75,14 @@ class Excite(Method):
     name: ClassVar[str] = "toy"
     nan: bool = False
 
-    def map_request(self, unet):
-        return MapRequest(blocks=("up_blocks.1",), out_level=level_of(unet, "up_blocks.1"))
+    def map_requests(self, unet):
+        return (MapRequest(blocks=("up_blocks.1",), out_level=level_of(unet, "up_blocks.1")),)
 
     def default_schedule(self, num_steps):
         return Schedule(window=(0, num_steps))
 
-    def loss(self, maps, groups, state):
-        loss = 1000 * (1 - maps[:, 2].mean((-1, -2)))
+    def loss(self, maps, ctx, state):
+        loss = 1000 * (1 - maps[0][:, 2].mean((-1, -2)))
         return loss * float("nan") if self.nan else loss
 
 
@@ -132,17 +133,17 @@ def test_ela_runs_on_schedulers(fresh_tiny, scheduler):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(num_inference_steps=0), "--steps 0"),
+    (dict(num_inference_steps=0), "^steps 0"),
     (dict(seeds=[]), "at least one seed"),
     (dict(seeds=[2**64]), "^seeds 18446744073709551616: a seed must be from 0 to 2"),
     (dict(seeds=[-1]), "^seeds -1: a seed must be from 0 to 2"),
     (dict(seeds=[0.5]), "^seeds 0.5: a seed is a whole number"),
     (dict(height=100), "multiple of 8"),
-    (dict(schedule=Schedule(window=(0, 9))), "--window 0:9: END 9 is outside the 4 steps"),
-    (dict(schedule=Schedule(window=(3, 1))), "--window 3:1: START must be ≤ END"),
-    (dict(schedule=Schedule(window=(-1, 2))), "--window -1:2: step indices must be ≥ 0"),
+    (dict(schedule=Schedule(window=(0, 9))), "^window 0:9: END 9 is outside the 4 steps"),
+    (dict(schedule=Schedule(window=(3, 1))), "^window 3:1: START must be ≤ END"),
+    (dict(schedule=Schedule(window=(-1, 2))), "^window -1:2: step indices must be ≥ 0"),
     (dict(schedule=Schedule(window=(0, 2), refine={3: 0.1})), "step 3 is outside the guidance window"),
-    (dict(schedule=Schedule(window=(0, 2), step_schedule="cosine")), "--step-schedule"),
+    (dict(schedule=Schedule(window=(0, 2), step_schedule="cosine")), "^step_schedule"),
 ])
 def test_bad_inputs(tiny, kw, match):
     base = dict(method=make_method("ela"), groups=token_groups(tiny.tokenizer, PROMPT, "cat"), seeds=[0],
@@ -153,7 +154,7 @@ def test_bad_inputs(tiny, kw, match):
 
 
 def test_largest_seed_runs():
-    from unbleed.sampler import SEED_MAX, check_seeds
+    from unbleed.guidance.sampler import SEED_MAX, check_seeds
 
     assert check_seeds([0, SEED_MAX]) == [0, 2**64 - 1]
     torch.Generator("cpu").manual_seed(SEED_MAX)  # the rule's top is what torch takes, and one more it refuses

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from unbleed.errors import UnbleedError
-from unbleed.shapes.cli import app
+from unbleed.cli.shapes import app
 from unbleed.shapes.detect import augment, detect, detect_check
 from unbleed.shapes.render import render
 from unbleed.shapes.world import BACKGROUND, Obj, Scene

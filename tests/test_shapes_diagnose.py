@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from unbleed import generate, make_method, token_groups
-from unbleed.attention import MapRequest, attention_store, level_of
+from unbleed.guidance.attention import MapRequest, attention_store, level_of
 from unbleed.cli import app
-from unbleed.methods import Schedule
+from unbleed.guidance.schedule import Schedule
 from unbleed.models import load_model
-from unbleed.sampler import default_size
+from unbleed.guidance.sampler import default_size
 from unbleed.shapes.diagnose import (auc, auc_ci, iou, nearest_mask, neglect_label, otsu_mask, overlap, mean_ci,
                                      run_diagnose)
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from unbleed.errors import UnbleedError
 from unbleed.models import load_model
-from unbleed.shapes.cli import app
+from unbleed.cli.shapes import app
 from unbleed.shapes.train import TrainConfig, Trainer, scene_batch, train
 from unbleed.shapes.world import HELDOUT, parse_caption
 
@@ -56,14 +56,14 @@ def test_train_writes_a_pipeline_that_the_loader_runs(trained):
     pipe = load_model(str(out / "pipeline"))
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
     assert type(pipe.tokenizer).__name__.startswith("CLIPTokenizer") and pipe.tokenizer.vocab_size == 49408
-    levels = {layer.level for layer in __import__("unbleed.attention", fromlist=["x"]).cross_attention_layers(pipe.unet)}
+    levels = {layer.level for layer in __import__("unbleed.guidance.attention", fromlist=["x"]).cross_attention_layers(pipe.unet)}
     assert {0, 1} <= levels  # cross-attention at >= 2 resolutions
     # exported weights are the EMA, in fp16; the VAE's scaling factor was measured
     assert all(str(f).endswith(".safetensors") for f in (out / "pipeline" / "unet").glob("*.safetensors"))
     assert abs(pipe.vae.config.scaling_factor - 0.18215) > 1e-6
     from unbleed.methods import make_method
-    from unbleed.sampler import generate
-    from unbleed.tokens import token_groups
+    from unbleed.guidance.sampler import generate
+    from unbleed.text.prompt import token_groups
 
     prompt = "a red circle and a blue square"
     res = generate(pipe, prompt, method=make_method("ela"), groups=token_groups(pipe.tokenizer, prompt, None),
@@ -170,6 +170,39 @@ def test_bench_cli(trained, tmp_path):
     assert table.exit_code == 0 and "minus ela, paired 95 % CI" in table.output, table.output
 
 
+def test_run_bench_runs_each_contenders_spec(trained, tmp_path):
+    """The library bench: each contender's RunSpec sets its method, options, schedule, steps and guidance scale;
+    results.json keeps every spec, records.jsonl is the one per-image record with the verdicts and states."""
+    from unbleed.guidance.spec import RunSpec
+    from unbleed.shapes.bench import VERDICTS, Contender, run_bench
+
+    out, _ = trained
+    pipe = load_model(str(out / "pipeline"))
+    prompt = "a red circle and a blue square"
+    contenders = [Contender("sd", RunSpec(method="sd", steps=2)),
+                  Contender("ela-lam", RunSpec(method="ela", options={"lam": "0.7"}, steps=3, guidance_scale=5.0,
+                                               window="0:1", refine="none"))]
+    figures = run_bench(pipe, contenders, [prompt], [4, 5], out=tmp_path, model="mine")
+    assert list(figures) == ["sd", "ela-lam"] and all(f["images"] == 2 for f in figures.values())
+    meta = json.loads((tmp_path / "results.json").read_text())
+    assert meta["seeds"] == [4, 5] and meta["baseline"] == "sd"
+    specs = meta["contenders"]
+    assert (specs["sd"]["steps"], specs["ela-lam"]["steps"], specs["ela-lam"]["guidance_scale"]) == (2, 3, 5.0)
+    assert RunSpec.from_dict(specs["ela-lam"]).options == {"lam": "0.7"} and specs["ela-lam"]["seeds"] == [4, 5]
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"]) for r in records] == [("sd", 4), ("sd", 5), ("ela-lam", 4), ("ela-lam", 5)]
+    for r in records:
+        assert r["prompt"] == prompt and r["model"] == "mine" and r["unbleed_version"]
+        assert set(VERDICTS) <= set(r) and len(r["states"]) == 2
+    ela = records[2]
+    assert ela["steps"] == 3 and ela["guidance_scale"] == 5.0 and ela["method_options"]["lam"] == 0.7
+    assert ela["schedule"]["window"] == [0, 1] and ela["schedule"]["refine"] == {}
+    assert [g["step"] for g in ela["guidance"]] == [0] and [g["text"] for g in ela["tokens"]] == ["circle", "square"]
+    assert records[0]["steps"] == 2 and records[0]["guidance"] == [] and records[0]["tokens"] == []
+    with pytest.raises(UnbleedError, match=r"^window 0:9: END 9 is outside the 3 steps"):  # checked before any run
+        run_bench(pipe, [Contender("ela", RunSpec(method="ela", steps=3, window="0:9"))], [prompt], [0])
+
+
 def test_bench_prompts_file_and_errors(trained, tmp_path):
     out, _ = trained
     good = tmp_path / "p.txt"
@@ -223,7 +256,7 @@ def shipped():
 
 
 def test_shipped_model_is_sd_format_and_small(shipped):
-    from unbleed.attention import cross_attention_layers
+    from unbleed.guidance.attention import cross_attention_layers
     from unbleed.shapes.model import shipped_model_path
 
     folder = shipped_model_path()
@@ -256,7 +289,7 @@ def test_shipped_model_draws_single_objects_and_fails_pairs_more_often(shipped):
     """Plain sampling: the calibration (docs/shapes.md, 50 steps: 92 % of single objects, 48.5 % of held-out
     pairs) in a quick form — 12 prompts x 2 seeds at 20 steps measured 0.83 and 0.08 (session 3). Guards against
     a broken export or a retrained model that no longer leaves anything to fix."""
-    from unbleed.sampler import generate
+    from unbleed.guidance.sampler import generate
     from unbleed.shapes.bench import bench_prompts
     from unbleed.shapes.detect import detect
 
@@ -316,8 +349,8 @@ def test_resume_may_switch_to_cosine_decay_and_reads_older_checkpoints(tmp_path)
 def test_sd32_arch_has_sds_geometry_and_trains(tmp_path):
     """The SD-like organism (issue 17): 32×32 latents from 64 px images, the papers' up-1/down-2 maps at 16×16
     (SD's at 512 px), 4 heads; it trains, exports and samples like the default."""
-    from unbleed.attention import level_of, resolve_block, size_at_level
-    from unbleed.sampler import generate
+    from unbleed.guidance.attention import level_of, resolve_block, size_at_level
+    from unbleed.guidance.sampler import generate
     from unbleed.shapes.model import ARCHS, build_components
 
     arch = ARCHS["sd32"]

@@ -15,7 +15,7 @@ from unbleed.shapes.world import (BACKGROUND, COLOURS, HELDOUT, MARGIN, SHAPES, 
 
 
 def test_vocabulary_is_single_clip_tokens():
-    from unbleed.models import load_clip_tokenizer
+    from unbleed.text.tokenizers import load_clip_tokenizer
 
     tok = load_clip_tokenizer()
     words = list(SHAPES) + list(COLOURS) + ["a", "an", "and", "next", "to", "with", "above", "below"]

@@ -9,9 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from unbleed import METHODS, generate, make_method, token_groups
-from unbleed.attention import attention_store
+from unbleed.guidance.attention import attention_store
 from unbleed.cli import app
-from unbleed.methods import Schedule
+from unbleed.guidance.schedule import Schedule
 from unbleed.models import load_model
 
 PROMPT = "a blue cat and a yellow frog"
@@ -31,7 +31,7 @@ def test_truncated_guided_pass_gives_the_same_latents(tiny, name):
 
 def test_truncation_stops_after_the_last_needed_layer(tiny):
     ela = make_method("ela")  # reads up-1 only: up_blocks.2 must not run
-    request = ela.map_request(tiny.unet)
+    (request,) = ela.map_requests(tiny.unet)
     ran = []
     hooks = [m.register_forward_hook(lambda *a, n=n: ran.append(n))
              for n, m in tiny.unet.named_modules() if n in ("up_blocks.1", "up_blocks.2", "conv_out")]
@@ -72,7 +72,7 @@ def test_bench_speed_json_contract():
 
 
 def test_cpu_peak_memory_measures_what_the_call_allocates():
-    from unbleed.bench import PeakMemory
+    from unbleed.eval.speed import PeakMemory
 
     cpu = torch.device("cpu")
     with PeakMemory(cpu) as big:
@@ -86,7 +86,7 @@ def test_cpu_peak_memory_measures_what_the_call_allocates():
 
 def test_cpu_peak_memory_of_a_warm_run_is_not_zero(tiny):
     """A warm run reuses heap memory an earlier run freed; the RSS must still show what the run needs."""
-    from unbleed.bench import PeakMemory
+    from unbleed.eval.speed import PeakMemory
 
     def run():
         generate(tiny, PROMPT, seeds=[0, 1], num_inference_steps=1, output_type="np")
@@ -98,7 +98,7 @@ def test_cpu_peak_memory_of_a_warm_run_is_not_zero(tiny):
 
 
 def test_bench_leaves_the_model_untouched(tiny):
-    from unbleed.bench import speed
+    from unbleed.eval.speed import speed
 
     pipe = load_model("tiny")
     before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}

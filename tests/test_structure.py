@@ -2,8 +2,9 @@ import numpy as np
 import torch
 
 from unbleed import generate, make_method, token_groups
-from unbleed.attention import attention_store
-from unbleed.methods.structure import splice
+from unbleed.guidance.attention import attention_store
+from unbleed.methods import METHODS, Conditioning, Method
+from unbleed.methods.structure import StructureDiffusion, splice
 
 PROMPT = "a red car and a white sheep"
 
@@ -15,6 +16,13 @@ def test_splice_on_hand_made_embeddings():
     assert out[0, 2:4].tolist() == [[2.0, 3.0], [4.0, 5.0]]  # the phrase's tokens 1 and 2
     assert out[0, :2].abs().sum() == 0 and out[0, 4:].abs().sum() == 0
     assert full.abs().sum() == 0  # the input is not modified
+
+
+def test_structure_is_a_registered_conditioning_not_a_guidance_method():
+    method = make_method("structure")
+    assert METHODS["structure"] is StructureDiffusion and StructureDiffusion.source
+    assert isinstance(method, Conditioning) and not isinstance(method, Method)
+    assert not hasattr(method, "map_requests") and not hasattr(method, "loss")
 
 
 def test_value_sets_splice_each_noun_phrase(tiny):

@@ -5,15 +5,20 @@ import pytest
 import torch
 
 from unbleed import generate
-from unbleed.attention import MapRequest
+from unbleed.guidance.attention import MapRequest
 from unbleed.errors import UnbleedError
+from unbleed.methods.base import StepContext
 from unbleed.methods.syngen import (SynGen, kl, pair_losses, symmetric_kl, syngen_loss, syngen_pairs,
                                     to_distributions)
-from unbleed.tokens import Entity, TokenGroup, parse_token_spec
+from unbleed.text.tokens import Entity, TokenGroup, parse_token_spec
 
 from conftest import one_update
 
 LN3 = math.log(3)
+
+
+def _ctx(groups, prompt_length):
+    return StepContext(step=0, num_steps=50, prompt_length=prompt_length, groups=tuple(groups))
 
 # Two-pixel maps (h=1, w=2), given un-normalised on purpose: SynGen normalises each map over its pixels.
 THREE_ONE = [0.3, 0.1]  # → (3/4, 1/4)
@@ -82,23 +87,25 @@ def test_full_loss_against_hand_computed_value():
     assert syngen_loss(maps, pairs, positive_weight=2.0, negative_weight=0.0).item() == pytest.approx(LN3, rel=1e-5)
     # through the method
     method = SynGen()
-    state = method.prepare_step(maps, groups, {"prompt_length": 6})
-    assert method.loss(maps, groups, state).item() == pytest.approx(5 * LN3 / 16, rel=1e-5)
+    ctx = _ctx(groups, 6)
+    state = method.prepare_step((maps,), ctx, None)
+    assert method.loss((maps,), ctx, state).item() == pytest.approx(5 * LN3 / 16, rel=1e-5)
 
 
 def test_negative_term_ignores_start_end_padding_and_own_tokens():
     groups = [Entity("bag", (3,), [TokenGroup("blue", (2,))])]
     base = _maps({1: HALF, 2: THREE_ONE, 3: ONE_THREE, 4: THREE_ONE})
     method = SynGen()
-    state = method.prepare_step(base, groups, {"prompt_length": 6})
-    ref = method.loss(base, groups, state).item()
+    ctx = _ctx(groups, 6)
+    state = method.prepare_step((base,), ctx, None)
+    ref = method.loss((base,), ctx, state).item()
     for token in (0, 5, 6, 7):  # start-of-text, end-of-text, padding
         changed = base.clone()
         changed[0, token, 0] = torch.tensor([0.01, 0.9])
-        assert method.loss(changed, groups, state).item() == pytest.approx(ref, rel=1e-6), token
+        assert method.loss((changed,), ctx, state).item() == pytest.approx(ref, rel=1e-6), token
     changed = base.clone()
     changed[0, 1, 0] = torch.tensor([0.01, 0.9])  # an outside word does count
-    assert method.loss(changed, groups, state).item() != pytest.approx(ref, rel=1e-3)
+    assert method.loss((changed,), ctx, state).item() != pytest.approx(ref, rel=1e-3)
     # the pair's own tokens are not "outside": had they been, the negative mean would include dist(bag, bag) = 0
     assert all(2 not in o and 3 not in o for _, _, o in state["pairs"])
 
@@ -141,9 +148,10 @@ def test_no_pair_gives_zero_loss_and_zero_gradient():
     maps = (torch.rand(2, 8, 4, 4) + 0.1).requires_grad_(True)
     method = SynGen()
     for groups in ([], [Entity("cat", (2,)), Entity("frog", (5,))]):
-        state = method.prepare_step(maps.detach(), groups, {"prompt_length": 7})
+        ctx = _ctx(groups, 7)
+        state = method.prepare_step((maps.detach(),), ctx, None)
         assert state["pairs"] == []
-        loss = method.loss(maps, groups, state)
+        loss = method.loss((maps,), ctx, state)
         assert loss.tolist() == [0.0, 0.0]
         (grad,) = torch.autograd.grad(loss.sum(), maps)
         assert grad.abs().max() == 0
@@ -157,9 +165,13 @@ def test_no_outside_word_gives_only_the_positive_term():
     assert syngen_loss(maps, pairs).item() == pytest.approx(LN3 / 2, rel=1e-5)
 
 
-def test_prepare_step_needs_the_prompt_length():
-    with pytest.raises(UnbleedError, match="prompt_length"):
-        SynGen().prepare_step(torch.rand(1, 8, 2, 2), [], {})
+def test_prepare_step_takes_the_prompt_words_from_the_context():
+    # <sot> a blue bag and <eot>: with prompt_length 6 the outside words are 1 and 4; with 5 (as for
+    # "<sot> a blue bag <eot>") only 1 — the words are columns 1 … ctx.prompt_length − 2, never end-of-text
+    groups = [Entity("bag", (3,), [TokenGroup("blue", (2,))])]
+    maps = (torch.rand(1, 8, 2, 2),)
+    assert SynGen().prepare_step(maps, _ctx(groups, 6), None)["pairs"] == [((2,), (3,), (1, 4))]
+    assert SynGen().prepare_step(maps, _ctx(groups, 5), None)["pairs"] == [((2,), (3,), (1,))]
 
 
 @pytest.mark.parametrize("opts, match", [
@@ -174,8 +186,9 @@ def test_prepare_step_needs_the_prompt_length():
     ({"guide_steps": "x"}, "expected a value like"),
 ])
 def test_bad_options(opts, match):
-    with pytest.raises(UnbleedError, match=match):
+    with pytest.raises(UnbleedError, match=match) as err:
         SynGen.from_options(opts)
+    assert err.value.field == "options"
 
 
 def test_options_round_trip():
@@ -197,11 +210,11 @@ def test_default_schedule():
     SynGen().default_schedule(7).validate(7)
 
 
-def test_map_request_is_every_layer_at_up1_level(tiny):
-    req = SynGen().map_request(tiny.unet)
-    assert req == MapRequest(blocks=None, level=1, out_level=1)  # tiny: down_blocks.1 and up_blocks.1
+def test_map_requests_is_every_layer_at_up1_level(tiny):
+    req = SynGen().map_requests(tiny.unet)
+    assert req == (MapRequest(blocks=None, level=1, out_level=1),)  # tiny: down_blocks.1 and up_blocks.1
     with pytest.raises(UnbleedError, match="does not exist"):
-        SynGen(level_block="up-9").map_request(tiny.unet)
+        SynGen(level_block="up-9").map_requests(tiny.unet)
 
 
 PROMPT = "a blue bag and a yellow clock"
@@ -209,9 +222,9 @@ PROMPT = "a blue bag and a yellow clock"
 
 def test_one_update_lowers_the_syngen_loss(tiny):
     groups = parse_token_spec(tiny.tokenizer, PROMPT, "blue:bag,yellow:clock")
-    memory = {}
-    before, after, state = one_update(tiny, SynGen(), groups, PROMPT, alpha=20.0, memory=memory)
-    assert memory["prompt_length"] == 9 and len(state["pairs"]) == 2
+    before, after, state = one_update(tiny, SynGen(), groups, PROMPT, alpha=20.0)
+    # <sot> a blue bag and a yellow clock <eot>: prompt_length 9, so the words are tokens 1..7
+    assert state["pairs"] == [((2,), (3,), (1, 4, 5, 6, 7)), ((6,), (7,), (1, 2, 3, 4, 5))]
     assert (after < before).all(), (before, after)
 
 

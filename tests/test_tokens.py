@@ -1,7 +1,7 @@
 import pytest
 
 from unbleed.errors import UnbleedError
-from unbleed.tokens import find_word, parse_token_spec, prompt_tokens
+from unbleed.text.tokens import find_word, parse_token_spec, prompt_tokens
 
 
 def test_real_clip_vocabulary(tokenizer):

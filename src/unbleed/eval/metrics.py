@@ -67,7 +67,7 @@ def sub_prompts(prompt: str) -> list[str]:
     """The parts whose minimum similarity is "min-entity": A&E's split on " and ", else on " with ".
 
     A&E keeps the first two parts; we keep every part (DVMP prompts have up to three). A prompt with neither
-    word gives its noun phrases from the parser (``unbleed.prompt.parse``: each entity with its attributes, in
+    word gives its noun phrases from the parser (``unbleed.text.prompt.parse``: each entity with its attributes, in
     prompt order), or the whole prompt when it has no noun (docs/evaluation.md).
     """
     text = prompt.strip()
@@ -75,8 +75,8 @@ def sub_prompts(prompt: str) -> list[str]:
         if sep in text:
             return [p.strip() for p in text.split(sep) if p.strip()]
     try:
-        from ..models import load_clip_tokenizer
-        from ..prompt import parse
+        from ..text.tokenizers import load_clip_tokenizer
+        from ..text.prompt import parse
 
         entities = parse(text, load_clip_tokenizer()).entities
     except UnbleedError:
@@ -120,7 +120,7 @@ def tiny_clip(seed: int = 0):
     """A small CLIP with seeded random weights, the real CLIP BPE tokenizer, 32-px images (tests, offline)."""
     from transformers import CLIPConfig, CLIPModel
 
-    from ..models import load_clip_tokenizer
+    from ..text.tokenizers import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     config = CLIPConfig(

@@ -75,7 +75,7 @@ def make_report(run: str | Path, out: str | Path | None = None, max_grid_seeds: 
     ``out``); return a summary with the paths and the Markdown table."""
     from PIL import Image
 
-    from ..plots import bar_plot, image_grid
+    from ..io.plots import bar_plot, image_grid
 
     run = Path(run)
     if not run.is_dir():

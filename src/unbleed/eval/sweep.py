@@ -13,7 +13,10 @@ Design (every step survives SIGKILL at any moment):
   always points at a complete image; an image without a record is simply made again (same seed, same bytes).
 * On start each process reads every records file (a truncated last line — a kill mid-write — is ignored), skips
   the jobs already recorded, cuts its own file back to its last complete line and empties its temporary folder.
-* One pipeline (and one set of metric models) per process, loaded once.
+* One pipeline (and one set of metric models) per process, loaded once. Each method runs as one
+  :class:`~unbleed.guidance.spec.RunSpec` (:func:`method_spec`), built once; ``-o`` options reach the methods
+  through the one router, :func:`unbleed.methods.route_options` (``ela.lam=…`` to ela only, a plain key to every
+  method that has it).
 * One sweep per run folder: the main process holds ``RUN/.lock`` (an exclusive ``flock`` on an open descriptor,
   which the OS drops however the process ends, so a lock file left by a dead sweep blocks nothing) from before
   ``sweep.json`` is read until every process is done; a second sweep on the folder stops with one error line.
@@ -28,9 +31,13 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UnbleedError
 from .suites import Prompt, load_suite
+
+if TYPE_CHECKING:
+    from ..guidance.spec import RunSpec
 
 MANIFEST = "sweep.json"
 LOCK = ".lock"
@@ -54,7 +61,7 @@ class SweepConfig:
     width: int | None = None
     guidance_scale: float = 7.5
     scheduler: str = "default"
-    options: list[str] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)  # -o KEY=VALUE, parsed; routed per method
     batch_size: int = 4
     clip_model: str = "openai/clip-vit-base-patch16"
     caption_model: str | None = "Salesforce/blip-image-captioning-base"
@@ -123,9 +130,31 @@ def seeds_text(seeds: list[int]) -> str:
     """Seeds as ``--seeds`` takes them: ``64`` for 0…63, ``10:20`` for a range, else ``0,5,7``."""
     if seeds == list(range(len(seeds))):
         return str(len(seeds))
-    if len(seeds) > 1 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+    if seeds and seeds == list(range(seeds[0], seeds[0] + len(seeds))):  # also one seed: 3 → 3:4
         return f"{seeds[0]}:{seeds[-1] + 1}"
     return ",".join(map(str, seeds))
+
+
+def parse_seeds(text: str, name: str = "seeds") -> list[int]:
+    """``64`` → seeds 0…63; ``0,5,7`` → those; ``10:20`` → 10…19 (the inverse of :func:`seeds_text`). Seeds must be
+    distinct and follow the one seed rule (:func:`unbleed.guidance.sampler.check_seeds`); errors start with
+    ``name`` (their ``field``)."""
+    from ..guidance.sampler import check_seeds
+
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        elif ":" in text:
+            a, b = text.split(":")
+            seeds = list(range(int(a), int(b)))
+        else:
+            seeds = list(range(int(text)))
+    except (ValueError, OverflowError):  # OverflowError: a count or range too long to list
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UnbleedError(f"{name} {text!r}: give a count (64 → seeds 0…63), distinct seeds 0,5,7, or a range 10:20",
+                           field=name)
+    return check_seeds(seeds, name)
 
 
 def _check_manifest(run: Path, cfg: SweepConfig) -> None:
@@ -216,15 +245,40 @@ def _append(fh, record: dict) -> None:
     os.fsync(fh.fileno())
 
 
-def image_name(prompt_index: int, method: str, seed: int) -> str:
-    """``NNNN-METHOD-sSEED.png`` with NNNN the prompt's index in the suite (never from the prompt's text)."""
-    return f"{prompt_index:04d}-{method}-s{seed}.png"
+def method_spec(cfg: SweepConfig, method: str) -> RunSpec:
+    """The run of ``method`` in this sweep: its share of ``cfg.options`` (:func:`unbleed.methods.route_options`,
+    not strict: an option may be another method's), the sweep's steps, guidance scale, size and seeds."""
+    from ..guidance.spec import RunSpec
+    from ..methods import route_options
+
+    per = route_options(method, cfg.options, strict=False)
+    if len(per) == 1:
+        options = next(iter(per.values()))
+    else:  # a composed method: each part's options under its name, so each reaches that part only
+        options = {f"{part}.{k}": v for part, mine in per.items() for k, v in mine.items()}
+    return RunSpec(method=method, options=options, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                   height=cfg.height, width=cfg.width, seeds=tuple(cfg.seeds))
+
+
+def _check_options(cfg: SweepConfig) -> None:
+    """Every ``-o`` option must reach at least one of the methods (one line naming the option otherwise)."""
+    from ..methods import route_options
+
+    for key, value in cfg.options.items():
+        if any(any(route_options(m, {key: value}, strict=False).values()) for m in cfg.methods):
+            continue
+        target, _, _ = key.rpartition(".")
+        if target:
+            raise UnbleedError(f"-o {key}: {target!r} is not one of the methods {', '.join(cfg.methods)}",
+                               field="options")
+        raise UnbleedError(f"-o {key}: none of the methods {', '.join(cfg.methods)} has this option",
+                           field="options")
 
 
 def validate(cfg: SweepConfig) -> list[Prompt]:
-    """Check every option before any model loads; return the prompts."""
-    from ..methods import make_method
-    from ..cli import parse_options
+    """Check every option before any model loads (each method's run spec is built once); return the prompts."""
+    from ..guidance.sampler import check_seeds
+    from ..methods import route_options
 
     if not cfg.methods:
         raise UnbleedError("--methods is empty: give a comma-separated list, e.g. --methods sd,ela")
@@ -233,12 +287,14 @@ def validate(cfg: SweepConfig) -> list[Prompt]:
     for m in cfg.methods:
         if "/" in m or m.startswith("."):
             raise UnbleedError(f"--methods: {m!r} is not a method name")
-        make_method(m, None)
-    parse_options(cfg.options)
+        route_options(m, None)  # an unknown method: one line listing the registry
+    if not isinstance(cfg.options or {}, dict):
+        raise TypeError("SweepConfig.options: a dict of parsed -o options ({KEY: VALUE}), not "
+                        f"{type(cfg.options).__name__}")
+    cfg.options = dict(cfg.options or {})
+    _check_options(cfg)
     if not cfg.seeds:
         raise UnbleedError("--seeds: give a count (--seeds 64 → seeds 0…63) or a list (--seeds 0,5,7)")
-    from ..sampler import check_seeds
-
     cfg.seeds = check_seeds(cfg.seeds, "--seeds")
     if cfg.steps < 1:
         raise UnbleedError(f"--steps {cfg.steps} must be ≥ 1")
@@ -246,25 +302,10 @@ def validate(cfg: SweepConfig) -> list[Prompt]:
         raise UnbleedError(f"--batch-size {cfg.batch_size} must be ≥ 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise UnbleedError(f"--limit {cfg.limit} must be ≥ 1")
+    for m in cfg.methods:
+        method_spec(cfg, m).build()  # option values, guidance scale, size
     prompts = load_suite(cfg.suite)
     return prompts[:cfg.limit] if cfg.limit else prompts
-
-
-def _method_options(method: str, options: dict[str, str]) -> dict[str, str]:
-    """``-o`` options that apply to ``method`` (``ela.lam=…`` only to ela; plain keys to methods that have them)."""
-    from ..methods import METHODS
-
-    names = method.split("+")
-    out = {}
-    for key, value in options.items():
-        target, _, name = key.rpartition(".")
-        if target:
-            if target in names:
-                out[key if len(names) > 1 else name] = value
-        elif any(METHODS.get(n) is not None and name.replace("-", "_") in METHODS[n].__dataclass_fields__
-                 for n in names):
-            out[key] = value
-    return out
 
 
 def run_sweep(cfg: SweepConfig, progress=None) -> dict:
@@ -294,12 +335,8 @@ def _run_share(cfg: SweepConfig, prompts: list[Prompt], state, run: Path, progre
     """This process's units of a claimed run folder: skip the recorded jobs, make and record the others."""
     import torch
 
-    from ..cli import parse_options
-    from ..methods import make_method
+    from ..io.output import image_name, nest_params, save_result
     from ..models import load_model
-    from ..output import save_result
-    from ..sampler import generate
-    from ..tokens import token_groups
 
     index, count = state.process_index, state.num_processes
     mine = shard(work_list(prompts, cfg.methods, cfg.seeds, cfg.batch_size), index, count)
@@ -330,33 +367,29 @@ def _run_share(cfg: SweepConfig, prompts: list[Prompt], state, run: Path, progre
         if progress:
             progress.status(f"loading metric models {cfg.clip_model}, {cfg.caption_model}…")
         scorer = Scorer.load(cfg.clip_model, cfg.caption_model, device=pipe.device, allow_pickle=cfg.allow_pickle)
-    options = parse_options(cfg.options)
-    guides = {m: make_method(m, _method_options(m, options)) for m in cfg.methods}
-    groups_cache: dict[str, list] = {}
+    specs = {m: method_spec(cfg, m) for m in cfg.methods}
+    built = {m: spec.build() for m, spec in specs.items()}  # (method object, schedule), once per method
+    groups_cache: dict[tuple[str, str], list] = {}
     if progress:
         progress.label = f"sweep p{index}/{count}" if count > 1 else "sweep"
         progress.start(n_images)
     with open(own, "ab") as fh:
         for unit, seeds in todo:
             prompt, method = unit.prompt.text, unit.method
-            guide = guides[method]
+            spec = specs[method]
             base = {"suite": cfg.suite, "prompt_index": unit.prompt_index, "prompt": prompt,
                     "category": unit.prompt.category, "method": method, "model": cfg.model, "process": index}
             try:
-                groups = []
-                if guide is not None:
-                    if prompt not in groups_cache:
-                        groups_cache[prompt] = token_groups(pipe.tokenizer, prompt, None)
-                    groups = groups_cache[prompt]
+                if (prompt, method) not in groups_cache:
+                    groups_cache[(prompt, method)] = spec.groups(pipe.tokenizer, prompt)
+                groups = groups_cache[(prompt, method)]
                 t0 = time.perf_counter()
 
                 def on_step(i, total, rec, done_images=summary["made"] + summary["failed"]):
                     if progress:
                         progress.step(done_images + len(seeds) * (i + 1) / total)
 
-                result = generate(pipe, prompt, method=guide, groups=groups, seeds=seeds,
-                                  num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                  height=cfg.height, width=cfg.width, callback=on_step)
+                result = spec.run(pipe, prompt, groups=groups, seeds=seeds, callback=on_step, built=built[method])
                 seconds_gen = time.perf_counter() - t0
             except UnbleedError as err:  # e.g. a prompt with no noun for a guided method: recorded, not retried
                 for s in seeds:
@@ -373,10 +406,9 @@ def _run_share(cfg: SweepConfig, prompts: list[Prompt], state, run: Path, progre
                 seed = rec["seed"]
                 final = run / "images" / image_name(unit.prompt_index, method, seed)
                 os.replace(rec.pop("path"), final)
-                _append(fh, {"key": job_key(prompt, seed, method), **base, "seed": seed,
+                _append(fh, {"key": job_key(prompt, seed, method), **base, **nest_params(rec),
                              "image": str(final.relative_to(run)), "metrics": metric,
-                             "seconds": round((seconds_gen + seconds_metrics) / len(seeds), 3),
-                             "params": {k: v for k, v in rec.items() if k not in base and k != "seed"}})
+                             "seconds": round((seconds_gen + seconds_metrics) / len(seeds), 3)})
                 summary["made"] += 1
             if progress:
                 progress.step(summary["made"] + summary["failed"])

@@ -1,60 +1,85 @@
-"""The methods: one small file each. ``METHODS`` maps a CLI name to its class; ``sd`` is plain sampling."""
+"""The methods: one small file each, registered by :func:`register` under their ``name``.
+
+Every module of this package is imported here, so a new method is one file in this folder and nothing else.
+``sd`` is plain sampling (no method object). :func:`make_method` builds a method from its name and ``-o`` options;
+:func:`route_options` is the one rule that sends ``-o`` options to methods (also for sweeps of several methods).
+"""
 
 from __future__ import annotations
 
-from ..errors import UnbleedError
-from .astar import AStar
-from .attend_excite import AttendExcite
-from .base import Method, Schedule, group_map, scaled_steps
-from .compose import Composite
-from .divide_bind import DivideBind
-from .ela import ELA
-from .structure import StructureDiffusion
-from .syngen import SynGen
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method] | None] = {
-    "sd": None, "ela": ELA, "attend-excite": AttendExcite, "divide-bind": DivideBind, "astar": AStar, "syngen": SynGen, "structure": StructureDiffusion,
-}
+from ..errors import UnbleedError
+from .base import METHODS, Conditioning, Maps, Method, Options, StepContext, method_names, register
+from .compose import Composite
+
+# ELA, the headline method, first; then the others alphabetically (the order of every list of methods).
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "ela", m.name)):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _known(names: list[str]) -> None:
+    for n in names:
+        if n not in METHODS:
+            raise UnbleedError(f"method {n!r} is unknown: use one of {', '.join(METHODS)} (or a +-joined list of "
+                               f"guidance methods, e.g. ela+syngen)", field="method")
+
+
+def route_options(method: str, options: dict[str, str] | None, strict: bool = True) -> dict[str, dict[str, str]]:
+    """Which of ``options`` (``-o`` KEY=VALUE) go to which part of ``method`` (``ela`` or ``ela+syngen``).
+
+    ``ela.lam=…`` goes to ela only (ignored when ela is not part of ``method``, unless ``strict``); a plain
+    ``lam=…`` goes to every part that has that option. With ``strict`` (one method run) every option must reach a
+    part; a sweep of several methods calls it with ``strict=False`` and checks the union itself.
+    Returns ``{part name: {option: value}}``, each part present.
+    """
+    names = [n.strip() for n in method.split("+")]
+    _known(names)
+    per: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in (options or {}).items():
+        target, _, option = key.rpartition(".")
+        if target:
+            if target in per:
+                per[target][option] = value
+            elif strict:
+                raise UnbleedError(f"-o {key}: {target!r} is not one of the methods {', '.join(names)}",
+                                   field="options")
+            continue
+        if strict and len(names) == 1 and METHODS[names[0]] is not None:
+            per[names[0]][option] = value  # its own from_options names an unknown option with the list of options
+            continue
+        owners = [n for n in names if METHODS[n] is not None and option.replace("-", "_") in METHODS[n].option_names()]
+        if not owners and strict:
+            if names == ["sd"]:
+                raise UnbleedError(f"-o {key}: method sd takes no options", field="options")
+            raise UnbleedError(f"-o {key}: none of {', '.join(names)} has this option", field="options")
+        for n in owners:
+            per[n][option] = value
+    return per
 
 
 def make_method(name: str, options: dict[str, str] | None = None,
-                weights: tuple[float, ...] | None = None) -> Method | None:
-    """``make_method("ela", {"lam": "0.3"})`` → an :class:`ELA`; ``"sd"`` → ``None`` (no guidance).
+                weights: tuple[float, ...] | None = None) -> Options | None:
+    """``make_method("ela", {"lam": "0.3"})`` → an ELA; ``"sd"`` → ``None`` (no guidance).
 
-    ``"ela+syngen"`` composes methods (:class:`Composite`); options may be namespaced (``ela.lam``) or plain (given
-    to every method that has that option).
+    ``"ela+syngen"`` composes guidance methods (:class:`Composite`); options may be namespaced (``ela.lam``) or
+    plain (given to every part that has that option).
     """
-    options = dict(options or {})
     names = [n.strip() for n in name.split("+")]
-    for n in names:
-        if n not in METHODS:
-            raise UnbleedError(f"--method {n!r} is unknown: use one of {', '.join(METHODS)} (or a +-joined list)")
+    per = route_options(name, options)
     if len(names) == 1:
         if weights:
-            raise UnbleedError("--weights is for composed methods (e.g. --method ela+syngen)")
-        cls = METHODS[name]
-        if cls is None:
-            if options:
-                raise UnbleedError(f"-o {next(iter(options))}: method sd takes no options")
-            return None
-        return cls.from_options(options)
-    if "sd" in names or "structure" in names or len(set(names)) != len(names):
-        raise UnbleedError(f"--method {name}: compose distinct guided methods, e.g. ela+syngen (not sd or structure)")
-    per: dict[str, dict[str, str]] = {n: {} for n in names}
-    for key, value in options.items():
-        target, _, field_name = key.rpartition(".")
-        if target:
-            if target not in per:
-                raise UnbleedError(f"-o {key}: {target!r} is not one of the composed methods {', '.join(names)}")
-            per[target][field_name] = value
-            continue
-        owners = [n for n in names if field_name.replace("-", "_") in METHODS[n].__dataclass_fields__]
-        if not owners:
-            raise UnbleedError(f"-o {key}: none of {', '.join(names)} has this option")
-        for n in owners:
-            per[n][field_name] = value
+            raise UnbleedError("weights are for composed methods (e.g. method ela+syngen)", field="weights")
+        cls = METHODS[names[0]]
+        return None if cls is None else cls.from_options(per[names[0]])
+    if len(set(names)) != len(names) or not all(METHODS[n] is not None and issubclass(METHODS[n], Method)
+                                                for n in names):
+        guiding = ", ".join(method_names(Method))
+        raise UnbleedError(f"method {name}: compose distinct guidance methods ({guiding}), e.g. ela+syngen",
+                           field="method")
     return Composite(methods=[METHODS[n].from_options(per[n]) for n in names], weights=tuple(weights or ()))
 
 
-__all__ = ["METHODS", "Method", "Schedule", "ELA", "AttendExcite", "AStar", "DivideBind", "StructureDiffusion", "SynGen", "Composite", "make_method", "group_map",
-           "scaled_steps"]
+__all__ = ["METHODS", "Method", "Conditioning", "Options", "StepContext", "Maps", "Composite", "make_method",
+           "route_options", "method_names", "register"]

@@ -21,14 +21,16 @@ Choices the paper leaves open (all ``-o`` options; defaults and reasons):
   normalize_eot=false`` keeps columns 1…75, A&E's SD 1.4 code path), ×100 and a softmax over those columns; each
   column smoothed by A&E's 3×3 "Gaussian" (reflect padding) — A&E's code uses ``exp(−((d)/(2σ))²)``, not
   ``exp(−d²/(2σ²))``; we reproduce it (σ = 0.5 → 1-D weights ∝ [e⁻¹, 1, e⁻¹]). A word of several BPE pieces uses
-  the mean of its pieces' processed maps (:func:`~unbleed.methods.base.group_map`). Attribute tokens are not used:
+  the mean of its pieces' processed maps (:func:`~unbleed.methods.maps.subject_maps`). Attribute tokens are not used:
   A-STAR's losses are over the prompt's concepts, like A&E's token indices.
-* ``B`` — ``binarize="otsu"`` (default; ``mean`` and ``norm:τ`` as in ELA). After the ×100 softmax a pixel is
-  mostly won or lost by a token, so the maps are close to two-valued, Otsu's case; it adapts to the contrast
-  changing along the trajectory and has no parameter. An empty ``B`` (a constant previous map) gives no retention
-  term for that entity: its term would be the constant 1 (no gradient) and would only block refinement.
+* ``B`` — ``binarize="otsu"`` (default; ``mean`` and ``norm:τ`` as in ELA: :func:`~unbleed.methods.maps.binarize`).
+  After the ×100 softmax a pixel is mostly won or lost by a token, so the maps are close to two-valued, Otsu's
+  case; it adapts to the contrast changing along the trajectory and has no parameter. An empty ``B`` (a constant
+  previous map) gives no retention term for that entity: its term would be the constant 1 (no gradient) and would
+  only block refinement.
 * "Previous step's map": the detached maps the sampler hands to ``prepare_step`` at the previous guided step (the
-  text-conditioned pass on that step's ``z_t``, before its update) — kept in the run's ``memory``; no extra UNet pass.
+  text-conditioned pass on that step's ``z_t``, before its update) — kept in the run's own :class:`AStarRun`
+  (:meth:`AStar.new_run`); no extra UNet pass.
 * First guided step (no previous map): ``first_step="none"`` (default) — no retention term, ``L = L_seg`` (the
   literal reading: Eq. 3 needs a previous step). ``first_step="self"`` binarises the current detached map instead
   (retention then sharpens the step's own layout).
@@ -48,15 +50,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..attention import MapRequest, level_of, resolve_block
 from ..errors import UnbleedError
-from ..tokens import Entity
-from .base import Method, Schedule, scaled_steps
-from .attend_excite import subject_maps
-from .ela import binarize
-
-EPS = 1e-8
-MEMORY_KEY = "astar_previous_maps"  # memory[...]: [B, n, h, w] processed entity maps of the last guided step
+from ..guidance.attention import MapRequest, level_of, resolve_block
+from ..guidance.schedule import Schedule, scaled_steps
+from ..text.tokens import Entity
+from .base import Maps, Method, StepContext, register
+from .maps import EPS, binarize, subject_maps
 
 Box = tuple[float, float, float, float]
 
@@ -68,7 +67,7 @@ def text_columns(prompt_length: int, tokens: int, normalize_eot: bool = True) ->
     return slice(1, prompt_length - 1) if normalize_eot else slice(1, tokens - 1)
 
 
-def entity_maps(maps: torch.Tensor, groups: list[Entity], prompt_length: int, scale: float = 100.0,
+def entity_maps(maps: torch.Tensor, groups: tuple[Entity, ...] | list[Entity], prompt_length: int, scale: float = 100.0,
                 kernel: int = 3, sigma: float = 0.5, normalize_eot: bool = True) -> torch.Tensor:
     """``maps`` ``[B, 77, h, w]`` (raw probabilities) → ``A_m`` ``[B, n, h, w]``: softmax of ``scale ×`` the text
     columns over those columns, smoothed, each entity the mean of its pieces' maps."""
@@ -165,7 +164,7 @@ def box_mask(box: Box, h: int, w: int) -> torch.Tensor:
     return m
 
 
-def match_layout(layout: dict[str, Box], groups: list[Entity]) -> dict[int, Box]:
+def match_layout(layout: dict[str, Box], groups: tuple[Entity, ...] | list[Entity]) -> dict[int, Box]:
     """Which entity (index into ``groups``) each layout name means: its word (case-insensitive), or ``word#k``
     for the k-th entity with that word. Unknown or ambiguous names raise :class:`UnbleedError`."""
     words = [" ".join(e.text.lower().split()) for e in groups]
@@ -193,6 +192,15 @@ def match_layout(layout: dict[str, Box], groups: list[Entity]) -> dict[int, Box]
 # ---------------------------------------------------------------- the method
 
 @dataclass
+class AStarRun:
+    """What A-STAR carries across the steps of one run: ``previous``, the detached processed entity maps
+    ``[B, n, h, w]`` of the last guided step (None before the first)."""
+
+    previous: torch.Tensor | None = None
+
+
+@register
+@dataclass
 class AStar(Method):
     """A-STAR (Agarwal et al., ICCV 2023). Options (``-o key=value``):
 
@@ -204,6 +212,7 @@ class AStar(Method):
     """
 
     name: ClassVar[str] = "astar"
+    source: ClassVar[str] = "Agarwal et al., ICCV 2023"
 
     binarize: str = "otsu"
     first_step: str = "none"
@@ -218,23 +227,25 @@ class AStar(Method):
     def check(self) -> None:
         binarize(torch.zeros(1, 2, 2), self.binarize)  # raises on an unknown B
         if self.first_step not in ("none", "self"):
-            raise UnbleedError(f"-o first_step={self.first_step}: unknown; use none or self")
+            raise UnbleedError(f"-o first_step={self.first_step}: unknown; use none or self", field="options")
         if self.refine_on not in ("normalized", "loss"):
-            raise UnbleedError(f"-o refine_on={self.refine_on}: unknown; use normalized or loss")
+            raise UnbleedError(f"-o refine_on={self.refine_on}: unknown; use normalized or loss", field="options")
         if not (math.isfinite(self.softmax_scale) and self.softmax_scale > 0):
-            raise UnbleedError(f"-o softmax_scale={self.softmax_scale}: must be a finite number > 0")
+            raise UnbleedError(f"-o softmax_scale={self.softmax_scale}: must be a finite number > 0",
+                               field="options")
         if self.kernel < 1 or self.kernel % 2 == 0:
-            raise UnbleedError(f"-o kernel={self.kernel}: must be an odd number ≥ 1 (1 = no smoothing)")
+            raise UnbleedError(f"-o kernel={self.kernel}: must be an odd number ≥ 1 (1 = no smoothing)",
+                               field="options")
         if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0")
+            raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0", field="options")
         parse_layout(self.layout)
 
-    def map_request(self, unet) -> MapRequest:
+    def map_requests(self, unet) -> tuple[MapRequest, ...]:
         level = level_of(unet, resolve_block(unet, "up-1"))  # 16×16 in SD at 512 px
         if not self.layers:
-            return MapRequest(blocks=None, level=level, out_level=level)
+            return (MapRequest(blocks=None, level=level, out_level=level),)
         blocks = tuple(dict.fromkeys(resolve_block(unet, b) for b in self.layers))
-        return MapRequest(blocks=blocks, out_level=level)
+        return (MapRequest(blocks=blocks, out_level=level),)
 
     def default_schedule(self, num_steps: int) -> Schedule:
         """A&E's schedule (the paper follows A&E): guide the first half of the steps (25 of 50), refine at A&E's
@@ -246,28 +257,33 @@ class AStar(Method):
         return Schedule(window=window, refine=scaled_steps({0: 0.5, 10: 0.4, 20: 0.3}, num_steps, window),
                         max_refine_iters=20, step_size=20.0, step_schedule="sqrt-linear")
 
-    def _prompt_length(self, groups: list[Entity], memory: dict[str, Any], tokens: int) -> int:
-        """``memory["prompt_length"]``; without it (direct use) the shortest prompt holding every group token."""
-        last = max(i for e in groups for g in [e, *e.attributes] for i in g.indices)
-        length = int(memory.get("prompt_length") or last + 2)
-        length = min(length, tokens)
-        if self.normalize_eot and not 1 <= min(i for e in groups for i in e.indices) <= last <= length - 2:
-            raise UnbleedError(f"astar: a token index lies outside the prompt's word tokens 1..{length - 2}")
-        return length
+    def new_run(self, unet) -> AStarRun:
+        """A run starts with no previous map (the first guided step has no retention term unless
+        ``first_step=self``)."""
+        return AStarRun()
 
-    def entity_maps(self, maps: torch.Tensor, groups: list[Entity], prompt_length: int) -> torch.Tensor:
+    def entity_maps(self, maps: torch.Tensor, groups: tuple[Entity, ...] | list[Entity],
+                    prompt_length: int) -> torch.Tensor:
+        """``A_m`` ``[B, n, h, w]`` of one ``[B, 77, h, w]`` tensor of raw maps."""
         return entity_maps(maps, groups, prompt_length, self.softmax_scale, self.kernel, self.sigma,
                            self.normalize_eot)
 
-    def prepare_step(self, maps: torch.Tensor, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
+    def prepare_step(self, maps: Maps, ctx: StepContext, run: AStarRun | None) -> dict[str, Any]:
+        """``B_m`` from ``run.previous`` (the previous guided step's maps), then ``run.previous`` ← this step's
+        detached maps. ``run`` None (direct use outside a run): no previous map, nothing kept."""
+        groups = ctx.groups
         if not groups:
             raise UnbleedError("astar needs at least one entity: pass --tokens, e.g. --tokens cat,frog")
-        length = self._prompt_length(groups, memory, maps.shape[1])
-        ent = self.entity_maps(maps, groups, length)
+        a = maps[0]
+        length = min(ctx.prompt_length, a.shape[1])
+        last = max(i for e in groups for g in [e, *e.attributes] for i in g.indices)
+        if self.normalize_eot and not 1 <= min(i for e in groups for i in e.indices) <= last <= length - 2:
+            raise UnbleedError(f"astar: a token index lies outside the prompt's word tokens 1..{length - 2}")
+        ent = self.entity_maps(a, groups, length)
         batch, n, h, w = ent.shape
         masks = torch.zeros_like(ent)
         valid = torch.zeros(batch, n, dtype=torch.bool, device=ent.device)
-        previous = memory.get(MEMORY_KEY)
+        previous = run.previous if run is not None else None
         source = None
         if previous is not None and previous.shape == ent.shape:
             source = previous  # B^t from the previous guided step (Eq. 3)
@@ -279,23 +295,24 @@ class AStar(Method):
         for i, box in match_layout(parse_layout(self.layout), groups).items():
             masks[:, i] = box_mask(box, h, w).to(masks)
             valid[:, i] = True
-        memory[MEMORY_KEY] = ent.detach()
+        if run is not None:
+            run.previous = ent.detach()
         return {"masks": masks, "valid": valid, "prompt_length": length}
 
-    def loss(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
-        ent = self.entity_maps(maps, groups, state["prompt_length"])
+    def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:
+        ent = self.entity_maps(maps[0], ctx.groups, state["prompt_length"])
         return astar_loss(ent, state["masks"], state["valid"])
 
-    def refine_value(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any],
+    def refine_value(self, maps: Maps, ctx: StepContext, state: dict[str, Any],
                      loss: torch.Tensor) -> torch.Tensor:
         if self.refine_on == "loss":
             return loss
-        return normalized_loss(loss, len(groups), state["valid"].sum(-1))
+        return normalized_loss(loss, len(ctx.groups), state["valid"].sum(-1))
 
-    def visuals(self, state: dict[str, Any], groups: list[Entity]) -> dict[str, torch.Tensor]:
+    def visuals(self, state: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """``B_m`` per entity (the retention target of this step); none for an entity without one."""
         out = {}
-        for i, entity in enumerate(groups):
+        for i, entity in enumerate(ctx.groups):
             if state["valid"][:, i].any():
                 out[f"mask: {entity.text}"] = state["masks"][:, i]
         return out

@@ -1,153 +1,109 @@
-"""What a method is: the maps it needs, maps → per-sample loss, and its default schedule.
+"""What a method is, and the registry of methods.
 
-The sampler (:mod:`unbleed.sampler`) owns the loop; a method never runs the UNet. Per guided step the sampler
+Two kinds, both built from ``-o key=value`` options (their dataclass fields):
 
-1. runs the text-conditioned UNet pass on ``z_t`` and asks the attention store for ``map_request(unet)`` (a
-   tuple of requests gives a tuple of map tensors, in the same order);
-2. calls ``prepare_step(maps.detach(), groups, memory)`` once — state that stays fixed for the step (ELA's masks).
-   ``memory`` is one dict per run: the sampler sets ``step`` (the step index), ``num_steps`` (loop length) and
-   ``prompt_length`` (tokens of the encoded prompt, start- and end-of-text included, at most 77); a method may
-   keep what it needs across steps in it (A-STAR's previous maps);
-3. calls ``loss(maps, groups, state)`` → ``[batch]`` and updates ``z_t ← z_t − α_t ∇L``; at refinement steps it
-   repeats while ``refine_value(...)`` (the loss unless a method says otherwise) is above the step's threshold,
-   up to the step's iteration cap.
+* :class:`Method` — latent guidance. The sampler (:mod:`unbleed.guidance.sampler`) owns the loop and runs the
+  UNet; a method never does. Per guided step the sampler
+
+  1. runs the text-conditioned UNet pass on ``z_t`` and records the maps of ``map_requests(unet)``: the hooks
+     always get ``maps``, a tuple of ``[batch, 77, h, w]`` float32 tensors in the order of the requests;
+  2. calls ``prepare_step(detached maps, ctx, run)`` once — state that stays fixed for the step (ELA's masks).
+     ``ctx`` is a :class:`StepContext` (step, number of steps, prompt length, token groups); ``run`` is the
+     method's own per-run object from ``new_run(unet)`` (A-STAR's previous maps), the only state that crosses
+     steps;
+  3. calls ``loss(maps, ctx, state)`` → ``[batch]`` and updates ``z_t ← z_t − α_t ∇L``; at refinement steps it
+     repeats while ``refine_value(...)`` (the loss unless a method says otherwise) is above the step's threshold,
+     up to the step's iteration cap.
+
+* :class:`Conditioning` — methods that change what the UNet is conditioned on instead (StructureDiffusion's
+  value sets); the sampler asks for ``value_sets(...)`` once per run.
+
+A class becomes a ``--method`` with the :func:`register` decorator, under its ``name``; every list of methods
+(CLI help, ``unbleed methods``, the README check) is read from :data:`METHODS`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ..attention import MapRequest
 from ..errors import UnbleedError
-from ..tokens import Entity
+from ..guidance.attention import MapRequest
+from ..guidance.schedule import Schedule
+from ..text.tokens import Entity
+
+Maps = tuple[torch.Tensor, ...]
+
+# name → class; "sd" is plain sampling (no method object). Filled by @register.
+METHODS: dict[str, type | None] = {"sd": None}
 
 
-@dataclass
-class Schedule:
-    """When and how hard to guide. Step indices count denoising steps from 0.
-
-    * ``window``: guide at steps ``start <= i < end``;
-    * ``refine``: ``{step: threshold}`` — at these steps repeat the update while the loss is above the threshold,
-      at most ``max_refine_iters`` times, then make the step's regular update (Attend-and-Excite's Alg.);
-    * ``step_size``/``step_schedule``: ``α_i = step_size · sqrt(linspace(1, 0.5, T)[i])`` for ``sqrt-linear``
-      (A&E's schedule), ``α_i = step_size`` for ``constant``.
-    """
-
-    window: tuple[int, int]
-    refine: dict[int, float] = field(default_factory=dict)
-    max_refine_iters: int = 20
-    step_size: float = 20.0
-    step_schedule: str = "sqrt-linear"
-    refine_iters_at: dict[int, int] = field(default_factory=dict)  # per-step caps overriding max_refine_iters
-
-    def refine_cap(self, step: int) -> int:
-        return self.refine_iters_at.get(step, self.max_refine_iters)
-
-    def alpha(self, step: int, num_steps: int) -> float:
-        if self.step_schedule == "constant":
-            return self.step_size
-        frac = step / (num_steps - 1) if num_steps > 1 else 0.0
-        return self.step_size * math.sqrt(1.0 - 0.5 * frac)
-
-    def guided(self, step: int) -> bool:
-        return self.window[0] <= step < self.window[1]
-
-    def validate(self, num_steps: int) -> "Schedule":
-        start, end = self.window
-        if start < 0 or end < 0:
-            raise UnbleedError(f"--window {start}:{end}: step indices must be ≥ 0 (use START:END with "
-                               f"0 ≤ START ≤ END ≤ {num_steps})")
-        if start > end:
-            raise UnbleedError(f"--window {start}:{end}: START must be ≤ END (guided steps are START ≤ i < END)")
-        if end > num_steps:
-            raise UnbleedError(f"--window {start}:{end}: END {end} is outside the {num_steps} steps: use END ≤ "
-                               f"{num_steps}")
-        for step, thr in self.refine.items():
-            if not self.guided(step):
-                raise UnbleedError(f"--refine-steps: step {step} is outside the guidance window {start}:{end}: "
-                                   f"refine only at guided steps")
-            if not math.isfinite(thr):
-                raise UnbleedError(f"--refine-steps: threshold {thr} at step {step} is not a finite number")
-        if self.max_refine_iters < 0:
-            raise UnbleedError("--refine-iters must be ≥ 0")
-        if self.step_schedule not in ("sqrt-linear", "constant"):
-            raise UnbleedError(f"--step-schedule {self.step_schedule!r} is unknown: use sqrt-linear or constant")
-        if not math.isfinite(self.step_size) or self.step_size < 0:
-            raise UnbleedError(f"--step-size {self.step_size} must be a finite number ≥ 0")
-        return self
-
-    def as_dict(self) -> dict:
-        return {"window": list(self.window), "refine": {str(k): v for k, v in sorted(self.refine.items())},
-                "max_refine_iters": self.max_refine_iters,
-                "refine_iters_at": {str(k): v for k, v in sorted(self.refine_iters_at.items())},
-                "step_size": self.step_size, "step_schedule": self.step_schedule}
+def register(cls):
+    """Class decorator: make ``cls`` available as ``--method cls.name``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or "+" in name or "," in name or name == "sd":
+        raise TypeError(f"{cls.__name__}.name must be a method name without '+' or ',' (not 'sd'), got {name!r}")
+    if name in METHODS and METHODS[name] is not cls:
+        raise TypeError(f"method name {name!r} is already registered by {METHODS[name]!r}")
+    METHODS[name] = cls
+    return cls
 
 
-def scaled_steps(steps_at_50: dict[int, float], num_steps: int, window: tuple[int, int]) -> dict[int, float]:
-    """Papers give schedules for 50 steps; place them at the same fraction of ``num_steps`` (rounded down; the
-    first of colliding steps wins) and keep those inside ``window``."""
-    out: dict[int, float] = {}
-    for step, value in sorted(steps_at_50.items()):
-        scaled = step * num_steps // 50
-        if window[0] <= scaled < window[1]:
-            out.setdefault(scaled, value)
-    return out
+@dataclass(frozen=True)
+class StepContext:
+    """What a method knows of the step: its index, the loop length, the prompt's token count (start- and
+    end-of-text included, at most 77) and the token groups."""
+
+    step: int
+    num_steps: int
+    prompt_length: int
+    groups: tuple[Entity, ...]
+
+    @property
+    def eot(self) -> int:
+        """Column of the end-of-text token."""
+        return self.prompt_length - 1
+
+    @property
+    def words(self) -> slice:
+        """Columns of the prompt's own tokens: ``1 … prompt_length − 2`` (no start-, end-of-text or padding)."""
+        return slice(1, self.prompt_length - 1)
+
+    @classmethod
+    def of(cls, tokenizer, prompt: str, groups, step: int = 0, num_steps: int = 50) -> "StepContext":
+        """The context of ``prompt`` as the sampler builds it."""
+        length = min(len(tokenizer(prompt).input_ids), tokenizer.model_max_length)
+        return cls(step, num_steps, length, tuple(groups))
 
 
-@dataclass
-class Method:
-    """Base class. Subclasses are dataclasses whose fields are the method's options (``-o key=value``)."""
+class Options:
+    """Options from ``-o key=value`` strings: the subclass's dataclass fields, converted to their types."""
 
     name: ClassVar[str] = "method"
     needs_groups: ClassVar[bool] = True
-    guides: ClassVar[bool] = True  # False: no latent updates (StructureDiffusion changes the conditioning instead)
-
-    def value_sets(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
-                   do_cfg: bool) -> list[torch.Tensor] | None:
-        """Extra cross-attention value inputs for the denoising passes (see :meth:`AttentionStore.values`)."""
-        return None
-
-    def map_request(self, unet) -> MapRequest:
-        raise NotImplementedError
-
-    def default_schedule(self, num_steps: int) -> Schedule:
-        raise NotImplementedError
-
-    def prepare_step(self, maps: torch.Tensor, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
-        """Per-timestep state computed once from detached maps (kept through refinement)."""
-        return {}
-
-    def loss(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
-        """``maps`` is ``[batch, tokens, h, w]`` (float32, differentiable); returns the loss per sample."""
-        raise NotImplementedError
-
-    def refine_value(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any],
-                     loss: torch.Tensor) -> torch.Tensor:
-        """What refinement compares with the step's threshold (refine while above it); the loss by default."""
-        return loss
-
-    def visuals(self, state: dict[str, Any], groups: list[Entity]) -> dict[str, torch.Tensor]:
-        """Named ``[batch, h, w]`` pictures of the step state for ``--save-attention`` (ELA: its masks)."""
-        return {}
+    source: ClassVar[str] = ""  # the paper (shown by ``unbleed methods``)
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_options(cls, options: dict[str, str]) -> "Method":
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]):
         """Build from ``-o key=value`` strings, converting each to the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         kwargs: dict[str, Any] = {}
         for key, raw in options.items():
             k = key.replace("-", "_")
             if k not in fields:
                 raise UnbleedError(f"-o {key}: {cls.name} has no such option; its options are "
-                                   f"{', '.join(fields) or 'none'}")
+                                   f"{', '.join(fields) or 'none'}", field="options")
             default = fields[k].default
             try:
                 if isinstance(default, bool):
@@ -163,7 +119,7 @@ class Method:
                 else:
                     kwargs[k] = raw
             except ValueError:
-                raise UnbleedError(f"-o {key}={raw}: expected a value like {default!r}") from None
+                raise UnbleedError(f"-o {key}={raw}: expected a value like {default!r}", field="options") from None
         method = cls(**kwargs)
         method.check()
         return method
@@ -172,6 +128,49 @@ class Method:
         """Validate options; raise :class:`UnbleedError` naming the bad one."""
 
 
-def group_map(maps: torch.Tensor, indices: tuple[int, ...]) -> torch.Tensor:
-    """A word's map: the mean over its token pieces (the default pooling for multi-piece words)."""
-    return maps[:, list(indices)].mean(dim=1)
+class Method(Options, abc.ABC):
+    """A latent-guidance method. Subclasses are dataclasses whose fields are its options."""
+
+    @abc.abstractmethod
+    def map_requests(self, unet) -> tuple[MapRequest, ...]:
+        """The maps the hooks get, in this order."""
+
+    @abc.abstractmethod
+    def default_schedule(self, num_steps: int) -> Schedule:
+        """The paper's window, refinement steps and step size for ``num_steps`` steps."""
+
+    def new_run(self, unet) -> Any:
+        """A fresh object for the state this method carries across the steps of one run (None: nothing)."""
+        return None
+
+    def prepare_step(self, maps: Maps, ctx: StepContext, run: Any) -> dict[str, Any]:
+        """Per-timestep state computed once from detached maps (kept through refinement). ``run`` is this method's
+        ``new_run`` object; a direct caller outside a run may pass ``None`` (nothing is carried over)."""
+        return {}
+
+    @abc.abstractmethod
+    def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:
+        """``maps`` differentiable w.r.t. the latent; returns the loss per sample ``[batch]``."""
+
+    def refine_value(self, maps: Maps, ctx: StepContext, state: dict[str, Any], loss: torch.Tensor) -> torch.Tensor:
+        """What refinement compares with the step's threshold (refine while above it); the loss by default."""
+        return loss
+
+    def visuals(self, state: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Named ``[batch, h, w]`` pictures of the step state for ``--save-attention`` (ELA: its masks)."""
+        return {}
+
+
+class Conditioning(Options, abc.ABC):
+    """A method that changes the conditioning of the denoising passes instead of the latent."""
+
+    @abc.abstractmethod
+    def value_sets(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
+                   do_cfg: bool) -> list[torch.Tensor]:
+        """Cross-attention value inputs, each shaped like ``embeds``; the layers average their outputs
+        (:meth:`AttentionStore.values`)."""
+
+
+def method_names(kind: type | None = None) -> list[str]:
+    """Registered names (``sd`` first), optionally only those whose class is a subclass of ``kind``."""
+    return [n for n, c in METHODS.items() if kind is None or (c is not None and issubclass(c, kind))]

@@ -14,12 +14,29 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UnbleedError
-from ..tokens import Entity
-from .base import Method, Schedule
+from ..guidance.schedule import Schedule
+from .base import Maps, Method, StepContext
+
+
+@dataclass
+class CompositeRun:
+    """Per run: each part's own run object and how many of the maps belong to each part."""
+
+    runs: list[Any]
+    counts: list[int]
+
+    def split(self, maps: Maps) -> list[Maps]:
+        parts, i = [], 0
+        for n in self.counts:
+            parts.append(tuple(maps[i:i + n]))
+            i += n
+        return parts
 
 
 @dataclass
 class Composite(Method):
+    """Not registered: built by :func:`unbleed.methods.make_method` from a ``+``-joined name."""
+
     name: ClassVar[str] = "composite"
 
     methods: list[Method] = field(default_factory=list)
@@ -29,44 +46,35 @@ class Composite(Method):
         if not self.weights:
             self.weights = (1.0,) * len(self.methods)
         if len(self.weights) != len(self.methods):
-            raise UnbleedError(f"--weights: {len(self.weights)} weight(s) for {len(self.methods)} methods: give one "
-                               f"per method, e.g. --weights {','.join(['1'] * len(self.methods))}")
+            raise UnbleedError(f"weights: {len(self.weights)} weight(s) for {len(self.methods)} methods: give one "
+                               f"per method, e.g. --weights {','.join(['1'] * len(self.methods))}", field="weights")
 
     @property
     def label(self) -> str:
         return "+".join(m.name for m in self.methods)
 
-    def map_request(self, unet):
-        out, self._counts = [], []
-        for m in self.methods:
-            r = m.map_request(unet)
-            r = r if isinstance(r, tuple) else (r,)
-            out.extend(r)
-            self._counts.append(len(r))
-        return tuple(out)
-
-    def _split(self, maps: tuple) -> list:
-        """The maps tuple cut back into each method's part (after ``map_request`` recorded the counts)."""
-        parts, i = [], 0
-        for m, n in zip(self.methods, self._counts):
-            parts.append(maps[i:i + n] if n > 1 else maps[i])
-            i += n
-        return parts
+    def map_requests(self, unet):
+        return tuple(r for m in self.methods for r in m.map_requests(unet))
 
     def default_schedule(self, num_steps: int) -> Schedule:
         return self.methods[0].default_schedule(num_steps)
 
-    def prepare_step(self, maps, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
-        return {"states": [m.prepare_step(part, groups, memory) for m, part in zip(self.methods, self._split(maps))]}
+    def new_run(self, unet) -> CompositeRun:
+        return CompositeRun([m.new_run(unet) for m in self.methods], [len(m.map_requests(unet)) for m in self.methods])
 
-    def loss(self, maps, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
-        return sum(w * m.loss(part, groups, s)
-                   for w, m, part, s in zip(self.weights, self.methods, self._split(maps), state["states"]))
+    def prepare_step(self, maps: Maps, ctx: StepContext, run: CompositeRun) -> dict[str, Any]:
+        return {"run": run, "states": [m.prepare_step(part, ctx, r)
+                                       for m, part, r in zip(self.methods, run.split(maps), run.runs)]}
 
-    def visuals(self, state: dict[str, Any], groups: list[Entity]) -> dict[str, torch.Tensor]:
+    def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:
+        parts = state["run"].split(maps)
+        return sum(w * m.loss(part, ctx, s)
+                   for w, m, part, s in zip(self.weights, self.methods, parts, state["states"]))
+
+    def visuals(self, state: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         out = {}
         for m, s in zip(self.methods, state["states"]):
-            out.update({f"{m.name} {k}": v for k, v in m.visuals(s, groups).items()})
+            out.update({f"{m.name} {k}": v for k, v in m.visuals(s, ctx).items()})
         return out
 
     def options(self) -> dict[str, Any]:

@@ -58,11 +58,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..attention import MapRequest, cross_attention_layers, level_of, resolve_block
 from ..errors import UnbleedError
-from ..tokens import Entity
-from .attend_excite import subject_maps
-from .base import Method, Schedule, scaled_steps
+from ..guidance.attention import MapRequest, cross_attention_layers, level_of, resolve_block
+from ..guidance.schedule import Schedule, scaled_steps
+from .base import Maps, Method, StepContext, register
+from .maps import subject_maps
 
 REFERENCE_STEPS = 50  # the official schedule's step count; step options are given at 50 steps
 
@@ -80,7 +80,7 @@ def total_variation(a: torch.Tensor, mode: str = "official") -> torch.Tensor:
     elif mode == "paper":
         vertical = (a[..., :-1, :] - a[..., 1:, :]).abs().mean((-2, -1))
     else:
-        raise UnbleedError(f"-o tv={mode}: unknown; use official or paper")
+        raise UnbleedError(f"-o tv={mode}: unknown; use official or paper", field="options")
     return horizontal + vertical
 
 
@@ -119,7 +119,7 @@ def divide_bind_loss(tv: torch.Tensor, bind: torch.Tensor, weight: float, combin
         return (-tv + weight * bind).amax(-1)
     if combine == "sum":
         return -tv.amin(-1) + weight * bind.sum(-1)
-    raise UnbleedError(f"-o combine={combine}: unknown; use max or sum")
+    raise UnbleedError(f"-o combine={combine}: unknown; use max or sum", field="options")
 
 
 def parse_step_values(items: tuple, option: str) -> dict[int, float]:
@@ -134,13 +134,15 @@ def parse_step_values(items: tuple, option: str) -> dict[int, float]:
             s, v = -1, float("nan")
         if not sep or not 0 <= s < REFERENCE_STEPS or not math.isfinite(v):
             raise UnbleedError(f"-o {option}: {text!r} is not STEP:VALUE with a step in 0..{REFERENCE_STEPS - 1} "
-                               f"(counted at {REFERENCE_STEPS} steps) and a finite value, e.g. 10:0.2")
+                               f"(counted at {REFERENCE_STEPS} steps) and a finite value, e.g. 10:0.2",
+                               field="options")
         if s in out:
-            raise UnbleedError(f"-o {option}: step {s} is given twice")
+            raise UnbleedError(f"-o {option}: step {s} is given twice", field="options")
         out[s] = v
     return dict(sorted(out.items()))
 
 
+@register
 @dataclass
 class DivideBind(Method):
     """Divide & Bind (Li et al., BMVC 2023). Options (``-o key=value``; defaults are the official code's):
@@ -155,6 +157,7 @@ class DivideBind(Method):
     """
 
     name: ClassVar[str] = "divide-bind"
+    source: ClassVar[str] = "Li et al., BMVC 2023"
 
     temperature: float = 100.0
     exclude_padding: bool = False
@@ -179,36 +182,38 @@ class DivideBind(Method):
 
     def check(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise UnbleedError(f"-o temperature={self.temperature}: must be a finite number > 0")
+            raise UnbleedError(f"-o temperature={self.temperature}: must be a finite number > 0", field="options")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1")
+            raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
         if not math.isfinite(self.sigma) or self.sigma <= 0:
-            raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0")
+            raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0", field="options")
         choices = {"tv": ("official", "paper"), "attribute_maps": ("finer", "same"), "combine": ("max", "sum"),
                    "step_schedule": ("sqrt-linear", "constant")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
-                raise UnbleedError(f"-o {option}={getattr(self, option)}: unknown; use {' or '.join(allowed)}")
+                raise UnbleedError(f"-o {option}={getattr(self, option)}: unknown; use {' or '.join(allowed)}",
+                                   field="options")
         for option in ("quantile", "quantile_low_tv"):
             if not 0.0 <= getattr(self, option) <= 1.0:
-                raise UnbleedError(f"-o {option}={getattr(self, option)}: must be in [0, 1]")
+                raise UnbleedError(f"-o {option}={getattr(self, option)}: must be in [0, 1]", field="options")
         if not math.isfinite(self.low_tv) or self.low_tv < 0:
-            raise UnbleedError(f"-o low_tv={self.low_tv}: must be a finite number ≥ 0")
+            raise UnbleedError(f"-o low_tv={self.low_tv}: must be a finite number ≥ 0", field="options")
         if not math.isfinite(self.eps) or self.eps <= 0:
-            raise UnbleedError(f"-o eps={self.eps}: must be a finite number > 0")
+            raise UnbleedError(f"-o eps={self.eps}: must be a finite number > 0", field="options")
         if not math.isfinite(self.step_size) or self.step_size < 0:
-            raise UnbleedError(f"-o step_size={self.step_size}: must be a finite number ≥ 0")
+            raise UnbleedError(f"-o step_size={self.step_size}: must be a finite number ≥ 0", field="options")
         if not 1 <= self.guide_steps <= REFERENCE_STEPS:
             raise UnbleedError(f"-o guide_steps={self.guide_steps}: must be in 1..{REFERENCE_STEPS} "
-                               f"(steps guided out of {REFERENCE_STEPS})")
+                               f"(steps guided out of {REFERENCE_STEPS})", field="options")
         for option in ("refine_iters", "refine_iters_first"):
             if getattr(self, option) < 0:
-                raise UnbleedError(f"-o {option}={getattr(self, option)}: must be ≥ 0")
+                raise UnbleedError(f"-o {option}={getattr(self, option)}: must be ≥ 0", field="options")
         weights = parse_step_values(self.bind_weights, "bind_weights")
         if not weights or 0 not in weights:
-            raise UnbleedError("-o bind_weights: give the weight from step 0 on, e.g. bind_weights=0:1,10:5,20:10")
+            raise UnbleedError("-o bind_weights: give the weight from step 0 on, e.g. bind_weights=0:1,10:5,20:10",
+                               field="options")
         if any(w < 0 for w in weights.values()):
-            raise UnbleedError("-o bind_weights: weights must be ≥ 0")
+            raise UnbleedError("-o bind_weights: weights must be ≥ 0", field="options")
         parse_step_values(self.tv_thresholds, "tv_thresholds")
 
     # --- schedule ---------------------------------------------------------------------------------------------
@@ -235,60 +240,62 @@ class DivideBind(Method):
 
     # --- maps -------------------------------------------------------------------------------------------------
 
-    def map_request(self, unet) -> MapRequest | tuple[MapRequest, ...]:
+    def map_requests(self, unet) -> tuple[MapRequest, ...]:
         """Object maps: every layer at ``up-1``'s level (16×16 in SD at 512 px). With binding on finer maps,
         one more request per finer level (64×64 and 32×32), each at its own size."""
         level = level_of(unet, resolve_block(unet, "up-1"))
         objects = MapRequest(blocks=None, level=level, out_level=level)
         if not (self.bind and self.attribute_maps == "finer"):
-            return objects
+            return (objects,)
         finer = sorted({layer.level for layer in cross_attention_layers(unet) if layer.level < level})
         if not finer:
             raise UnbleedError("-o attribute_maps=finer: this UNet has no cross-attention level finer than up-1's; "
-                               "use -o attribute_maps=same")
+                               "use -o attribute_maps=same", field="options")
         return (objects, *(MapRequest(blocks=None, level=lv, out_level=lv) for lv in finer))
 
-    def _processed(self, maps: torch.Tensor, groups: list[tuple[int, ...]], last: int) -> torch.Tensor:
-        """``[B, len(groups), h, w]``: each group's token-softmaxed map (mean over its pieces), smoothed."""
-        return subject_maps(maps, groups, last, self.temperature, self.kernel_size if self.smooth else 1, self.sigma)
+    def _processed(self, maps: torch.Tensor, words: list[tuple[int, ...]], last: int) -> torch.Tensor:
+        """``[B, len(words), h, w]``: each word's token-softmaxed map (mean over its pieces), smoothed."""
+        return subject_maps(maps, words, last, self.temperature, self.kernel_size if self.smooth else 1, self.sigma)
 
-    def _attribute_source(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _attribute_source(self, maps: Maps) -> torch.Tensor:
         """Raw maps for the attribute tokens: the finer levels nearest-resized to the object size and averaged
         (official ``aggregate_attention_intermediate``), or the object maps themselves (``same``)."""
         if self.attribute_maps == "same":
-            return parts[0]
-        if len(parts) < 2:
-            raise UnbleedError("divide-bind: -o attribute_maps=finer needs the finer-level maps its map_request "
-                               "asks for; pass them, or use -o attribute_maps=same")
-        size = tuple(parts[0].shape[-2:])
-        return torch.stack([F.interpolate(p, size=size, mode="nearest") for p in parts[1:]]).mean(0)
+            return maps[0]
+        if len(maps) < 2:
+            raise UnbleedError("divide-bind: -o attribute_maps=finer needs the finer-level maps its map_requests "
+                               "ask for; pass them, or use -o attribute_maps=same", field="options")
+        size = tuple(maps[0].shape[-2:])
+        return torch.stack([F.interpolate(p, size=size, mode="nearest") for p in maps[1:]]).mean(0)
 
-    def prepare_step(self, maps, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
+    def prepare_step(self, maps: Maps, ctx: StepContext, run: Any) -> dict[str, Any]:
+        """The softmax's last column (``ctx.eot`` with ``exclude_padding``, else the 77th), ``λ_t`` of
+        ``ctx.step`` and the detached object maps (for ``--save-attention``)."""
+        groups = ctx.groups
         if not groups:
             raise UnbleedError("divide-bind needs at least one entity: pass --tokens, e.g. --tokens cat,frog")
-        base = maps[0] if isinstance(maps, tuple) else maps
-        last = memory.get("prompt_length", base.shape[1]) - 1 if self.exclude_padding else base.shape[1] - 1
+        base = maps[0]
+        last = ctx.eot if self.exclude_padding else base.shape[1] - 1
         for entity in groups:
             for text, idx in [(entity.text, entity.indices)] + [(a.text, a.indices) for a in entity.attributes]:
                 if not idx or not all(1 <= i < last for i in idx):
                     raise UnbleedError(f"--tokens: {text!r} has token indices {list(idx)} outside the prompt's "
                                        f"word tokens 1..{last - 1}")
-        step = memory.get("step", 0)
-        weight = self.bind_weight(step, memory.get("num_steps", REFERENCE_STEPS))
+        weight = self.bind_weight(ctx.step, ctx.num_steps)
         objects = self._processed(base, [e.indices for e in groups], last)
         return {"last": last, "bind_weight": weight, "objects": objects.detach()}
 
     # --- loss -------------------------------------------------------------------------------------------------
 
-    def terms(self, maps, groups: list[Entity], state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(TV, bind)``, each ``[B, entities]``: each entity's TV and the sum of its attributes' JSDs."""
-        parts = maps if isinstance(maps, tuple) else (maps,)
+        groups = ctx.groups
         last = state["last"]
-        objects = self._processed(parts[0], [e.indices for e in groups], last)
+        objects = self._processed(maps[0], [e.indices for e in groups], last)
         tv = total_variation(objects, self.tv)
         if not (self.bind and any(e.attributes for e in groups)):
             return tv, torch.zeros_like(tv)
-        source = self._attribute_source(parts)
+        source = self._attribute_source(maps)
         bind = []
         for s, entity in enumerate(groups):
             total = torch.zeros_like(tv[:, s])
@@ -300,17 +307,16 @@ class DivideBind(Method):
             bind.append(total)
         return tv, torch.stack(bind, 1)
 
-    def loss(self, maps, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
-        tv, bind = self.terms(maps, groups, state)
+    def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:
+        tv, bind = self.terms(maps, ctx, state)
         return divide_bind_loss(tv, bind, state["bind_weight"], self.combine)
 
-    def refine_value(self, maps, groups: list[Entity], state: dict[str, Any], loss: torch.Tensor) -> torch.Tensor:
+    def refine_value(self, maps: Maps, ctx: StepContext, state: dict[str, Any], loss: torch.Tensor) -> torch.Tensor:
         """``−min_s TV(A_s)`` (the official ``threshold_indicator="tv_loss"``): refinement goes on while the
         smallest TV is below the threshold, i.e. while this is above the (negated) threshold."""
-        parts = maps if isinstance(maps, tuple) else (maps,)
         with torch.no_grad():
-            objects = self._processed(parts[0], [e.indices for e in groups], state["last"])
+            objects = self._processed(maps[0], [e.indices for e in ctx.groups], state["last"])
             return -total_variation(objects, self.tv).amin(-1)
 
-    def visuals(self, state: dict[str, Any], groups: list[Entity]) -> dict[str, torch.Tensor]:
-        return {f"object map: {e.text}": state["objects"][:, i] for i, e in enumerate(groups)}
+    def visuals(self, state: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {f"object map: {e.text}": state["objects"][:, i] for i, e in enumerate(ctx.groups)}

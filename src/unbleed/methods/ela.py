@@ -21,7 +21,7 @@ Choices the paper leaves open (all options; reasons in docs/ela.md):
   map). It is parameter-free, adapts to each step's contrast (maps sharpen over the trajectory, so a fixed
   threshold is wrong early or late), and the maps it thresholds — the SOT map and entity-difference maps — are
   bimodal by construction. ``"mean"`` (above the map's mean) and ``"norm:τ"`` (min–max normalise, keep > τ) are
-  the alternatives.
+  the alternatives (all in :func:`~unbleed.methods.maps.binarize`, shared with A-STAR).
 * Empty masks — a constant map, or an entity dominated everywhere, gives ``D_i`` or ``M^{e_i}`` empty; then L_c's
   term is a constant 1 and L_a would only push the entity's attention down everywhere, erasing it. With
   ``empty_mask="topk"`` (default) the mask becomes the ``topk_frac`` of pixels (at least one) where the entity
@@ -42,53 +42,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..attention import MapRequest, level_of, resolve_block
 from ..errors import UnbleedError
-from ..tokens import Entity
-from .base import Method, Schedule, group_map, scaled_steps
-
-EPS = 1e-8
-
-
-def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:
-    """Otsu's threshold for each map of ``x`` ``[..., h, w]``; returns ``[...]`` in the units of ``x``.
-
-    Pixels strictly above the threshold form the foreground. A constant map gets its own value as threshold
-    (so nothing is foreground).
-    """
-    flat = x.flatten(-2).float()
-    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
-    span = (hi - lo).clamp_min(EPS)
-    idx = ((flat - lo) / span * (bins - 1)).round().long().clamp(0, bins - 1)
-    hist = torch.zeros(*flat.shape[:-1], bins, device=x.device).scatter_add_(-1, idx, torch.ones_like(flat))
-    p = hist / flat.shape[-1]
-    levels = torch.arange(bins, device=x.device, dtype=torch.float32)
-    w0 = p.cumsum(-1)
-    mu = (p * levels).cumsum(-1)
-    mu_t = mu[..., -1:]
-    between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(EPS)
-    between = torch.where((w0 > 0) & (w0 < 1), between, torch.full_like(between, -1.0))
-    t = between.argmax(-1, keepdim=True).float()  # class 0 = bins 0..t
-    thr = lo + (t + 0.5) / (bins - 1) * span
-    constant = (hi - lo) <= EPS
-    return torch.where(constant, hi, thr).squeeze(-1)
-
-
-def binarize(x: torch.Tensor, how: str = "otsu") -> torch.Tensor:
-    """``B(x)``: a float {0, 1} mask per map of ``x`` ``[..., h, w]`` (see the module docstring)."""
-    if how == "otsu":
-        thr = otsu_threshold(x)
-    elif how == "mean":
-        thr = x.flatten(-2).mean(-1)
-    elif how.startswith("norm"):
-        tau = float(how.split(":", 1)[1]) if ":" in how else 0.5
-        flat = x.flatten(-2)
-        lo, hi = flat.min(-1).values, flat.max(-1).values
-        thr = lo + tau * (hi - lo)
-        return ((x > thr[..., None, None]) & ((hi - lo) > EPS)[..., None, None]).float()
-    else:
-        raise UnbleedError(f"-o binarize={how}: unknown; use otsu, mean or norm:TAU (e.g. norm:0.5)")
-    return (x > thr[..., None, None]).float()
+from ..guidance.attention import MapRequest, level_of, resolve_block
+from ..guidance.schedule import Schedule, scaled_steps
+from ..text.tokens import Entity
+from .base import Maps, Method, StepContext, register
+from .maps import EPS, binarize, group_map
 
 
 def ela_masks(sot: torch.Tensor, entities: torch.Tensor, how: str = "otsu", empty: str = "topk",
@@ -123,7 +82,7 @@ def ela_masks(sot: torch.Tensor, entities: torch.Tensor, how: str = "otsu", empt
             top = top * torch.isfinite(score).float()  # never pick a background pixel when others exist
             masks = torch.where(empty_mask[..., None, None], top.view_as(masks), masks)
         else:
-            raise UnbleedError(f"-o empty_mask={empty}: unknown; use topk or skip")
+            raise UnbleedError(f"-o empty_mask={empty}: unknown; use topk or skip", field="options")
     return bk, masks, valid
 
 
@@ -143,6 +102,7 @@ def ela_loss(maps: torch.Tensor, masks: torch.Tensor, lam: float, valid: torch.T
     return (per_token * w).sum(-1) / w.sum(-1).clamp_min(1)
 
 
+@register
 @dataclass
 class ELA(Method):
     """Entity Localization and Anchoring (Zhang et al., ICML 2024). Options (``-o key=value``):
@@ -153,6 +113,7 @@ class ELA(Method):
     """
 
     name: ClassVar[str] = "ela"
+    source: ClassVar[str] = "Zhang et al., ICML 2024"
 
     layers: tuple[str, ...] = ("up-1",)
     lam: float = 0.5
@@ -163,19 +124,19 @@ class ELA(Method):
 
     def check(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
-            raise UnbleedError(f"-o lam={self.lam}: λ must be in [0, 1]")
+            raise UnbleedError(f"-o lam={self.lam}: λ must be in [0, 1]", field="options")
         if not 0.0 < self.topk_frac <= 1.0:
-            raise UnbleedError(f"-o topk_frac={self.topk_frac}: must be in (0, 1]")
+            raise UnbleedError(f"-o topk_frac={self.topk_frac}: must be in (0, 1]", field="options")
         if self.empty_mask not in ("topk", "skip"):
-            raise UnbleedError(f"-o empty_mask={self.empty_mask}: unknown; use topk or skip")
+            raise UnbleedError(f"-o empty_mask={self.empty_mask}: unknown; use topk or skip", field="options")
         binarize(torch.zeros(1, 2, 2), self.binarize)  # raises on an unknown B
         if not self.layers:
-            raise UnbleedError("-o layers=: name at least one block, e.g. up-1")
+            raise UnbleedError("-o layers=: name at least one block, e.g. up-1", field="options")
 
-    def map_request(self, unet) -> MapRequest:
+    def map_requests(self, unet) -> tuple[MapRequest, ...]:
         blocks = tuple(dict.fromkeys(resolve_block(unet, b) for b in self.layers))
         up1 = resolve_block(unet, "up-1")  # maps are compared at UP-1's size (16×16 in SD at 512 px)
-        return MapRequest(blocks=blocks, out_level=level_of(unet, up1))
+        return (MapRequest(blocks=blocks, out_level=level_of(unet, up1)),)
 
     def default_schedule(self, num_steps: int) -> Schedule:
         """Eq. 8's update ``z_t' = z_t − ∇_{z_t} L``: a unit step, no α (``--step-size 20 --step-schedule
@@ -186,7 +147,7 @@ class ELA(Method):
         return Schedule(window=window, refine=scaled_steps({0: 0.2, 10: 0.1, 20: 0.05}, num_steps, window),
                         max_refine_iters=20, step_size=1.0, step_schedule="constant")
 
-    def _anchored(self, maps: torch.Tensor, groups: list[Entity]) -> tuple[torch.Tensor, list[int]]:
+    def _anchored(self, maps: torch.Tensor, groups: tuple[Entity, ...]) -> tuple[torch.Tensor, list[int]]:
         """Maps of the anchored tokens and, for each, the index of the entity whose mask it uses."""
         tokens, owner = [], []
         for i, entity in enumerate(groups):
@@ -198,24 +159,27 @@ class ELA(Method):
                     owner.append(i)
         return torch.stack(tokens, 1), owner
 
-    def prepare_step(self, maps: torch.Tensor, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
-        if not groups:
+    def prepare_step(self, maps: Maps, ctx: StepContext, run: Any) -> dict[str, Any]:
+        """Localization (sec. 4.1): ``M_bk`` and the entity masks ``M^{e_i}`` from the detached maps, fixed
+        through the step's refinement iterations."""
+        if not ctx.groups:
             raise UnbleedError("ela needs at least one entity: pass --tokens, e.g. --tokens cat,frog")
-        entities = torch.stack([group_map(maps, e.indices) for e in groups], 1)
-        bk, masks, valid = ela_masks(maps[:, 0], entities, self.binarize, self.empty_mask, self.topk_frac)
+        a = maps[0]
+        entities = torch.stack([group_map(a, e.indices) for e in ctx.groups], 1)
+        bk, masks, valid = ela_masks(a[:, 0], entities, self.binarize, self.empty_mask, self.topk_frac)
         if not valid.all():
             warnings.warn("ela: an entity mask was empty; that entity is left out of this step's loss "
                           "(-o empty_mask=skip)", stacklevel=2)
         return {"background": bk, "masks": masks, "valid": valid}
 
-    def loss(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
-        anchored, owner = self._anchored(maps, groups)
+    def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:
+        anchored, owner = self._anchored(maps[0], ctx.groups)
         masks = state["masks"][:, owner]
         valid = state["valid"][:, owner]
         return ela_loss(anchored, masks, self.lam, valid)
 
-    def visuals(self, state: dict[str, Any], groups: list[Entity]) -> dict[str, torch.Tensor]:
+    def visuals(self, state: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         out = {"background mask": state["background"]}
-        for i, entity in enumerate(groups):
+        for i, entity in enumerate(ctx.groups):
             out[f"mask: {entity.text}"] = state["masks"][:, i]
         return out

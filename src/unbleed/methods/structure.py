@@ -18,8 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from ..tokens import Entity
-from .base import Method, Schedule
+from ..text.tokens import Entity
+from .base import Conditioning, register
 
 
 def splice(full: torch.Tensor, phrase: torch.Tensor, start: int, length: int) -> torch.Tensor:
@@ -30,26 +30,19 @@ def splice(full: torch.Tensor, phrase: torch.Tensor, start: int, length: int) ->
     return out
 
 
+@register
 @dataclass
-class StructureDiffusion(Method):
-    """StructureDiffusion. No options beyond the token groups (its noun phrases)."""
+class StructureDiffusion(Conditioning):
+    """StructureDiffusion. No options beyond the token groups (its noun phrases). It records no maps of its own:
+    under ``--save-attention`` the sampler draws plain sampling's UP-1 pictures."""
 
     name: ClassVar[str] = "structure"
-    guides: ClassVar[bool] = False
-
-    def map_request(self, unet):
-        from .attend_excite import AttendExcite
-
-        return AttendExcite().map_request(unet)  # only for --save-attention pictures
-
-    def default_schedule(self, num_steps: int) -> Schedule:
-        return Schedule(window=(0, 0))
-
-    def loss(self, maps, groups, state):  # pragma: no cover - never called: guides is False
-        raise NotImplementedError
+    source: ClassVar[str] = "Feng et al., ICLR 2023"
 
     def value_sets(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
                    do_cfg: bool) -> list[torch.Tensor]:
+        """The full embedding, then per entity a copy with its noun phrase's own encoding spliced in (the
+        unconditional half, under ``do_cfg``, left as is); asked for once per run."""
         ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
         uncond, cond = (embeds[:batch], embeds[batch:]) if do_cfg else (None, embeds)
         sets = [embeds]

@@ -8,8 +8,8 @@ Models`` (the authors' repository, formerly ``RoyiRassin/linguistic-binding-in-d
 
 * Maps: every cross-attention layer at 16×16 (SD 1.x at 512 px: ``AttentionStore(attn_res=(16, 16))`` keeps only
   maps of 256 queries, from down, mid and up blocks), averaged over heads and layers (``aggregate_attention``),
-  then ×100 (``_get_attention_maps_list``) with *no* softmax over tokens. Here: ``MapRequest(level=L,
-  out_level=L)`` with L the level of ``up-1``; ``scale`` = 100.
+  then ×100 (``_get_attention_maps_list``) with *no* softmax over tokens. Here: ``map_requests`` is one
+  ``MapRequest(level=L, out_level=L)`` with L the level of ``up-1``; ``scale`` = 100.
 * Distance: each token map becomes a distribution over pixels (``torch.distributions.Categorical(probs=map)``
   normalises it — so the ×100 cancels and never changes the loss) and ``dist(p, q) = (KL(p‖q) + KL(q‖p)) / 2``
   (``_symmetric_kl``).
@@ -45,10 +45,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..attention import MapRequest, level_of, resolve_block
 from ..errors import UnbleedError
-from ..tokens import Entity
-from .base import Method, Schedule, group_map
+from ..guidance.attention import MapRequest, level_of, resolve_block
+from ..guidance.schedule import Schedule
+from ..text.tokens import Entity
+from .base import Maps, Method, StepContext, register
+from .maps import group_map
 
 EPS = torch.finfo(torch.float32).eps  # torch.distributions' clamp_probs uses the dtype's eps
 
@@ -91,8 +93,8 @@ def pair_losses(modifier: torch.Tensor, noun: torch.Tensor, outside: torch.Tenso
     return positive, negative
 
 
-def syngen_pairs(groups: list[Entity], prompt_length: int) -> list[tuple[tuple[int, ...], tuple[int, ...],
-                                                                           tuple[int, ...]]]:
+def syngen_pairs(groups: tuple[Entity, ...] | list[Entity], prompt_length: int
+                 ) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """``(modifier, noun, outside)`` token indices for every (entity, attribute) pair. ``outside``: the prompt's
     tokens ``1 … prompt_length−2`` not in the entity's subtree (the entity and all its attributes)."""
     pairs = []
@@ -130,6 +132,7 @@ def syngen_loss(maps: torch.Tensor, pairs: list[tuple[tuple[int, ...], tuple[int
     return total
 
 
+@register
 @dataclass
 class SynGen(Method):
     """SynGen (Rassin et al., NeurIPS 2023). Options (``-o key=value``), defaults from the official code:
@@ -141,6 +144,7 @@ class SynGen(Method):
     """
 
     name: ClassVar[str] = "syngen"
+    source: ClassVar[str] = "Rassin et al., NeurIPS 2023"
 
     level_block: str = "up-1"
     scale: float = 100.0
@@ -152,23 +156,24 @@ class SynGen(Method):
 
     def check(self) -> None:
         if not self.level_block.strip():
-            raise UnbleedError("-o level_block=: name a block whose resolution to use, e.g. up-1")
+            raise UnbleedError("-o level_block=: name a block whose resolution to use, e.g. up-1", field="options")
         if not self.scale > 0 or self.scale == float("inf"):
-            raise UnbleedError(f"-o scale={self.scale}: must be a finite number > 0")
+            raise UnbleedError(f"-o scale={self.scale}: must be a finite number > 0", field="options")
         if self.pieces not in ("max", "mean"):
-            raise UnbleedError(f"-o pieces={self.pieces}: unknown; use max or mean")
+            raise UnbleedError(f"-o pieces={self.pieces}: unknown; use max or mean", field="options")
         for key in ("positive_weight", "negative_weight"):
             value = getattr(self, key)
             if not 0.0 <= value < float("inf"):
-                raise UnbleedError(f"-o {key}={value}: must be a finite number ≥ 0")
+                raise UnbleedError(f"-o {key}={value}: must be a finite number ≥ 0", field="options")
         if not 0.0 <= self.step_size < float("inf"):
-            raise UnbleedError(f"-o step_size={self.step_size}: must be a finite number ≥ 0")
+            raise UnbleedError(f"-o step_size={self.step_size}: must be a finite number ≥ 0", field="options")
         if not 0 <= self.guide_steps <= 50:
-            raise UnbleedError(f"-o guide_steps={self.guide_steps}: must be in 0..50 (steps out of 50)")
+            raise UnbleedError(f"-o guide_steps={self.guide_steps}: must be in 0..50 (steps out of 50)",
+                               field="options")
 
-    def map_request(self, unet) -> MapRequest:
+    def map_requests(self, unet) -> tuple[MapRequest, ...]:
         level = level_of(unet, resolve_block(unet, self.level_block))
-        return MapRequest(blocks=None, level=level, out_level=level)
+        return (MapRequest(blocks=None, level=level, out_level=level),)
 
     def default_schedule(self, num_steps: int) -> Schedule:
         """Official: ``z ← z − 20 ∇L`` at steps 0…24 of 50, no refinement. For T steps: the first
@@ -178,12 +183,10 @@ class SynGen(Method):
             end = max(1, end)
         return Schedule(window=(0, min(end, num_steps)), step_size=self.step_size, step_schedule="constant")
 
-    def prepare_step(self, maps: torch.Tensor, groups: list[Entity], memory: dict[str, Any]) -> dict[str, Any]:
-        if "prompt_length" not in memory:
-            raise UnbleedError("syngen needs the prompt's token count (memory['prompt_length']) to find its words")
-        length = min(int(memory["prompt_length"]), maps.shape[1])
-        return {"pairs": syngen_pairs(groups, length)}
+    def prepare_step(self, maps: Maps, ctx: StepContext, run: Any) -> dict[str, Any]:
+        """The (modifier, noun, outside) pairs; the prompt's words are the columns ``1 … ctx.prompt_length − 2``."""
+        return {"pairs": syngen_pairs(ctx.groups, min(ctx.prompt_length, maps[0].shape[1]))}
 
-    def loss(self, maps: torch.Tensor, groups: list[Entity], state: dict[str, Any]) -> torch.Tensor:
-        return syngen_loss(maps, state["pairs"], self.scale, self.pieces, self.positive_weight,
+    def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:
+        return syngen_loss(maps[0], state["pairs"], self.scale, self.pieces, self.positive_weight,
                            self.negative_weight)

@@ -1,7 +1,8 @@
 """``unbleed shapes bench``: every method on the same shapes-world prompts and seeds, scored by the exact detector.
 
-For each prompt the token groups come from the prompt parser (as ``unbleed generate`` without ``--tokens``), every
-contender generates one image per seed (the same seeds for all, one batch), and
+For each prompt the token groups come from each contender's run spec (:meth:`RunSpec.groups`: the prompt parser's, as
+``unbleed generate`` without ``--tokens``), every contender generates one image per seed (the same seeds for all,
+one batch) with its own spec's method, schedule, steps and guidance scale, and
 :func:`unbleed.shapes.detect.detect` gives the verdicts. Figures per contender are fractions of images:
 
 * ``success`` — every requested object present once, in its colour, separate (no leak, no fused blob);
@@ -29,23 +30,25 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UnbleedError
-from ..methods.base import Method, Schedule
 from .world import COLOURS, SHAPES, heldout_prompts, parse_caption, train_prompts
 
 VERDICTS = ("success", "neglected", "malformed", "wrong_shape", "recoloured", "duplicated", "leak", "fused", "missing")
 _CONNECTORS = {"a", "an", "and", "next", "to", "with", "above", "below"}
 
+if TYPE_CHECKING:
+    from ..guidance.spec import RunSpec
+
 
 @dataclass
 class Contender:
-    """One row of the benchmark: a label, a method (``None`` = plain sampling) and its schedule."""
+    """One row of the benchmark: a label and its run (:class:`~unbleed.guidance.spec.RunSpec`: the method, its
+    options and schedule fields, steps, guidance scale; the bench's seeds replace the spec's)."""
 
     label: str
-    method: Method | None
-    schedule: Schedule | None = None
+    spec: RunSpec
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -93,18 +96,19 @@ def bench_prompts(split: str, n: int, prompts_file: str | Path | None = None, se
     raise UnbleedError(f"--split {split!r}: use train or heldout")
 
 
-def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list[int], *, steps: int = 50,
-              guidance_scale: float = 7.5, out: str | Path | None = None, baseline: str | None = None,
-              progress: Callable[[str, str], None] | None = None) -> dict:
+def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list[int], *,
+              out: str | Path | None = None, baseline: str | None = None,
+              progress: Callable[[str, str], None] | None = None, model: str | None = None) -> dict:
     """Run every contender on every prompt and seed; returns ``{label: {VERDICT: rate, …, "seconds", "images",
     "ci": {VERDICT: [lo, hi]}, "vs_baseline": {VERDICT: {diff, ci, excludes_zero, p_mcnemar}}}}`` (see the module
     doc; ``vs_baseline`` is absent for the baseline itself) and, with ``out``, writes per-prompt grids, ``bench.png``
-    (rates with intervals), ``bench-diff.png`` (differences from the baseline with intervals), ``results.json`` and
-    ``records.jsonl``."""
+    (rates with intervals), ``bench-diff.png`` (differences from the baseline with intervals), ``results.json``
+    (with each contender's run spec) and ``records.jsonl`` (per image: :func:`unbleed.io.output.record_for` with the
+    verdicts and the objects' states). Every spec is built before the first image. ``model``: the name the records
+    give the model (default: the pipeline's ``name_or_path``)."""
     import numpy as np
 
-    from ..sampler import generate
-    from ..tokens import token_groups
+    from ..io.output import record_for
     from .detect import detect
 
     if not contenders:
@@ -118,6 +122,10 @@ def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list
         raise UnbleedError(f"--baseline {baseline!r} is not among --methods {','.join(labels)}: name one of them")
     if not seeds or len(set(seeds)) != len(seeds):
         raise UnbleedError(f"--seeds {seeds}: give distinct seeds")
+    specs = {c.label: c.spec.replace(seeds=tuple(seeds)) for c in contenders}
+    built = {label: spec.build() for label, spec in specs.items()}
+    if model is None:
+        model = getattr(pipe, "name_or_path", None) or None
     out = Path(out) if out is not None else None
     if out is not None:
         (out / "grids").mkdir(parents=True, exist_ok=True)
@@ -125,23 +133,21 @@ def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list
     seconds = dict.fromkeys(labels, 0.0)
     records = []
     for p, prompt in enumerate(prompts):
-        groups = token_groups(pipe.tokenizer, prompt, None)
         rows = []
-        for c in contenders:
+        for label, spec in specs.items():
             if progress:
-                progress(prompt, c.label)
+                progress(prompt, label)
             t0 = time.perf_counter()
-            result = generate(pipe, prompt, method=c.method, groups=groups, seeds=seeds,
-                              num_inference_steps=steps, guidance_scale=guidance_scale, schedule=c.schedule)
-            seconds[c.label] += time.perf_counter() - t0
-            for k, (seed, image) in enumerate(zip(seeds, result.images)):
+            result = spec.run(pipe, prompt, groups=spec.groups(pipe.tokenizer, prompt), built=built[label])
+            seconds[label] += time.perf_counter() - t0
+            for k, image in enumerate(result.images):
                 verdict = detect(image, prompt)
                 for v in VERDICTS:
-                    outcomes[c.label][v][p, k] = bool(verdict[v])
-                records.append({"prompt": prompt, "method": c.label, "seed": seed,
+                    outcomes[label][v][p, k] = bool(verdict[v])
+                records.append({**record_for(result, k, prompt, label, model),
                                 **{v: bool(verdict[v]) for v in VERDICTS},
                                 "states": [o["state"] for o in verdict["objects"]]})
-            rows.append((c.label, list(result.images)))
+            rows.append((label, list(result.images)))
         if out is not None:
             _grid(rows, seeds, prompt).save(out / "grids" / f"{p:04d}.png")
     figures = summarise(outcomes, baseline)
@@ -149,9 +155,9 @@ def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list
         figures[c]["seconds"] = round(seconds[c], 2)
     if out is not None:
         write_plots(figures, baseline, out, f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds")
-        (out / "results.json").write_text(json.dumps({"figures": figures, "baseline": baseline, "prompts": prompts,
-                                                      "seeds": seeds, "steps": steps,
-                                                      "guidance_scale": guidance_scale}, indent=1))
+        (out / "results.json").write_text(json.dumps({
+            "figures": figures, "baseline": baseline, "prompts": prompts, "seeds": list(seeds),
+            "contenders": {label: spec.as_dict() for label, spec in specs.items()}}, indent=1))
         with open(out / "records.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
@@ -178,7 +184,7 @@ def summarise(outcomes: dict[str, dict[str, Any]], baseline: str) -> dict:
 def write_plots(figures: dict, baseline: str, out: Path, title: str) -> None:
     """``bench.png``: every rate with its 95 % interval; ``bench-diff.png``: each contender minus the baseline,
     with its paired 95 % interval (when there is more than one contender)."""
-    from ..plots import bar_plot
+    from ..io.plots import bar_plot
 
     shown = [v for v in VERDICTS if v != "missing"]
     labels = list(figures)
@@ -196,7 +202,7 @@ def write_plots(figures: dict, baseline: str, out: Path, title: str) -> None:
 def _grid(rows, seeds, prompt):
     from PIL import Image
 
-    from ..plots import image_grid
+    from ..io.plots import image_grid
 
     big = [(label, [im.resize((128, 128), Image.NEAREST) for im in images]) for label, images in rows]
     return image_grid(big, col_labels=[f"seed {s}" for s in seeds], title=prompt)

@@ -8,9 +8,9 @@ ground truth, four figures (all steps are given for 50 steps and scaled to ``--s
 (the shape noun's) Otsu-binarised cross-attention map with that blob's mask; and for every image the IoU of the
 start-of-text token's (index 0) Otsu mask with the background (pixels in no blob). Maps are the raw softmax
 probabilities of the conditional half of CFG, averaged over heads and over the layers of one block
-(:meth:`unbleed.attention.AttentionStore.maps`), per block with cross-attention (``down-1`` … ``up-2``) at steps
+(:meth:`unbleed.guidance.attention.AttentionStore.maps`), per block with cross-attention (``down-1`` … ``up-2``) at steps
 5, 10 and 25. *Resolution*: each map is upsampled bilinearly to the image (64×64) and then binarised with Otsu
-(:func:`unbleed.methods.ela.binarize`), as DAAM does (upsample, then threshold). Otsu at map resolution followed
+(:func:`unbleed.methods.maps.binarize`), as DAAM does (upsample, then threshold). Otsu at map resolution followed
 by nearest upsampling would make every mask a union of 4-, 8- or 16-pixel cells and cap the IoU of the 4×4 and
 8×8 blocks by their grid alone, mixing "the map is wrong" with "the map is coarse". Reference: DAAM reports
 58.8–64.8 mIoU for noun maps on SD images.
@@ -18,7 +18,7 @@ by nearest upsampling would make every mask a union of 4-, 8- or 16-pixel cells 
 **(b) Predictiveness.** AUC (rank-based, Mann–Whitney, ties count ½: :func:`auc`) of
 
 * an entity's peak attention — Attend-and-Excite's smoothed maximum (:meth:`AttendExcite.max_attention`: ×100
-  softmax over the word tokens, 3×3 Gaussian, max over pixels) on A&E's own maps (its ``map_request``: every
+  softmax over the word tokens, 3×3 Gaussian, max over pixels) on A&E's own maps (its ``map_requests``: every
   layer at the 8×8 level here, the analogue of SD's 16×16), averaged over steps 5–15 — as a predictor that the
   object will be *neglected*; the score is the *negated* peak, so **AUC 1.0 means a lower peak always marks the
   neglected object**, 0.5 is chance, below 0.5 the reverse. Label (:func:`neglect_label`): the detector's
@@ -32,11 +32,12 @@ by nearest upsampling would make every mask a union of 4-, 8- or 16-pixel cells 
 AUC is ``null`` when a class is empty; positives and negatives are counted.
 
 **(c) Carry-over.** Does one guided update lower the method's loss at the *next* step, and at step 25, compared
-with no update on the same seed? For ``attend-excite`` and ``ela`` (their defaults, ``make_method(name, {})``) and
+with no update on the same seed? For ``attend-excite`` and ``ela`` (their default options) and
 the first ``carry_prompts`` prompts × all seeds: the plain run (recorded above) and a run with exactly one update
 at step s = 5 (the method's default schedule with window ``(s, s+1)``, no refinement). The loss is the method's
 own (``prepare_step`` on the detached maps, then ``loss``), from maps recorded on the regular pass, i.e. of the
-latent the scheduler steps, with ``memory`` as the sampler sets it (``step``, ``num_steps``, ``prompt_length``).
+latent the scheduler steps, with the :class:`~unbleed.methods.StepContext` the sampler builds (step, number of
+steps, prompt length, groups). Both runs are :class:`~unbleed.guidance.spec.RunSpec` runs of the sampler.
 Reported per method: the guided − unguided loss difference at s (the updated latent, with the step's own state
 from the pre-update maps — the update's immediate effect), at s+1 and at 25 (state recomputed from that step's
 maps, as the method would), each with its mean, a 95 % paired bootstrap CI over the images (2,000 resamples,
@@ -50,6 +51,7 @@ nearest-neighbour (each cell 8×8 pixels): what ELA's loss sees.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -60,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attention import MapRequest, blocks_with_cross_attention, level_of
+from ..guidance.attention import MapRequest, blocks_with_cross_attention, level_of
 from ..errors import UnbleedError
 from ..stats import rate_interval
 
@@ -110,8 +112,8 @@ def iou(a, b) -> float | None:
 
 def otsu_mask(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``[..., h, w]`` maps → boolean ``[..., H, W]`` masks: bilinear upsampling to ``size``, then Otsu
-    (:func:`unbleed.methods.ela.binarize`)."""
-    from ..methods.ela import binarize
+    (:func:`unbleed.methods.maps.binarize`)."""
+    from ..methods.maps import binarize
 
     lead = maps.shape[:-2]
     flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
@@ -187,23 +189,19 @@ def block_requests(unet) -> dict[str, MapRequest]:
     return {n: MapRequest(blocks=(b,), out_level=level_of(unet, b)) for n, b in names.items()}
 
 
-def _as_tuple(request):
-    return request if isinstance(request, tuple) else (request,)
-
-
-def _maps_for(trace, recorded: list[MapRequest], request, step: int):
-    """Recorded maps of ``request`` (a request or a tuple, as the method's ``map_request``) at ``step``."""
+def _maps_for(trace, recorded: list[MapRequest], requests: tuple[MapRequest, ...], step: int) -> tuple:
+    """Recorded maps of ``requests`` (a method's ``map_requests``, or one block's ``(request,)``) at ``step``."""
     rec = trace[step].raw_maps
-    maps = tuple(rec[recorded.index(r)] for r in _as_tuple(request))
-    return maps if isinstance(request, tuple) else maps[0]
+    return tuple(rec[recorded.index(r)] for r in requests)
 
 
-def _method_loss(method, maps, groups, memory: dict[str, Any], state_maps=None) -> torch.Tensor:
-    """The method's loss ``[B]`` on ``maps``, its step state from ``state_maps`` (default: the same maps)."""
+def _method_loss(method, unet, maps, ctx, state_maps=None) -> torch.Tensor:
+    """The method's loss ``[B]`` on ``maps`` at ``ctx``, its step state from ``state_maps`` (default: the same
+    maps) and a fresh run object."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state = method.prepare_step(maps if state_maps is None else state_maps, groups, memory)
-        return method.loss(maps, groups, state).float()
+        state = method.prepare_step(maps if state_maps is None else state_maps, ctx, method.new_run(unet))
+        return method.loss(maps, ctx, state).float()
 
 
 def _object_groups(pairs, groups) -> list[int | None]:
@@ -220,10 +218,10 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
     """The four figures (module docstring) on ``prompts`` × ``seeds``; a JSON-able dict. ``carry_prompts``: how
     many of the prompts (the first ones) get the carry-over runs (``None`` = all, 0 = none). With ``out``, writes
     ``diagnose.json``, ``records.jsonl`` (per image) and ``maps/NNNN.png`` (per prompt) there."""
-    from ..methods import make_method
-    from ..methods.base import group_map
-    from ..sampler import generate
-    from ..tokens import token_groups
+    from ..guidance.spec import RunSpec
+    from ..methods import StepContext
+    from ..methods.maps import group_map
+    from ..text.prompt import token_groups
     from .detect import detect, find_blobs, load_image
     from .world import parse_caption
 
@@ -239,17 +237,21 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
     t_start = time.perf_counter()
     unet = pipe.unet
     blocks = block_requests(unet)
-    ae, ela = make_method("attend-excite", {}), make_method("ela", {})
-    carry = {name: make_method(name, {}) for name in CARRY_METHODS}
-    ae_req, ela_req = ae.map_request(unet), ela.map_request(unet)
-    recorded: list[MapRequest] = list(dict.fromkeys(
-        [*blocks.values(), *_as_tuple(ae_req), *_as_tuple(ela_req),
-         *(r for m in carry.values() for r in _as_tuple(m.map_request(unet)))]))
+    plain_spec = RunSpec(method="sd", steps=steps, guidance_scale=guidance_scale, seeds=tuple(seeds))
+    ae, ela = RunSpec(method="attend-excite").build()[0], RunSpec(method="ela").build()[0]
+    ae_req, ela_req = ae.map_requests(unet), ela.map_requests(unet)
 
     loc_steps = sorted({scale_step(s, steps) for s in LOCALISATION_STEPS})
     window = list(range(scale_step(PREDICT_WINDOW[0], steps), scale_step(PREDICT_WINDOW[1], steps) + 1))
     s_upd = min(scale_step(CARRY_STEP, steps), steps - 2)
     s_next, s_later = s_upd + 1, max(scale_step(CARRY_LATER, steps), s_upd + 1)
+    # (c)'s runs: each method's defaults with exactly one update, at s_upd, and no refinement
+    carry_specs = {name: plain_spec.replace(method=name, window=(s_upd, s_upd + 1), refine={})
+                   for name in CARRY_METHODS}
+    carry_built = {name: spec.build() for name, spec in carry_specs.items()}
+    carry = {name: built[0] for name, built in carry_built.items()}
+    recorded: list[MapRequest] = list(dict.fromkeys(
+        [*blocks.values(), *ae_req, *ela_req, *(r for m in carry.values() for r in m.map_requests(unet))]))
     carry_steps = sorted({s_upd, s_next, s_later})
     needed = set(loc_steps) | set(window) | set(carry_steps)
 
@@ -273,13 +275,15 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
         pairs = parse_caption(prompt)
         groups = token_groups(pipe.tokenizer, prompt, None)
         obj_group = _object_groups(pairs, groups)
-        memory = {"num_steps": steps, "prompt_length": min(len(pipe.tokenizer(prompt).input_ids),
-                                                           pipe.tokenizer.model_max_length)}
         if progress:
             progress(prompt, "sd")
-        plain = generate(pipe, prompt, groups=groups, seeds=seeds, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, record=tuple(recorded), callback=keep_needed)
-        memory["num_steps"] = len(plain.trace)  # as the sampler sets it (PNDM runs steps + 1 timesteps)
+        plain = plain_spec.run(pipe, prompt, groups=groups, record=tuple(recorded), callback=keep_needed)
+        # the context as the sampler builds it (its number of steps is the loop's: PNDM runs steps + 1 timesteps)
+        context = StepContext.of(pipe.tokenizer, prompt, groups, num_steps=len(plain.trace))
+
+        def ctx(step: int, context: StepContext = context) -> StepContext:
+            return dataclasses.replace(context, step=step)
+
         arrays = [load_image(im) for im in plain.images]
         size = tuple(arrays[0].shape[:2])
         verdicts = [detect(a, prompt) for a in arrays]
@@ -303,7 +307,7 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
         # (a) localisation per block and step; (d) ELA's masks
         for s in loc_steps:
             for name, req in blocks.items():
-                maps = _maps_for(plain.trace, recorded, req, s)
+                (maps,) = _maps_for(plain.trace, recorded, (req,), s)
                 sot = otsu_mask(maps[:, 0], size)
                 for k, gi in enumerate(obj_group):
                     if gi is None:
@@ -321,7 +325,7 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
             maps = _maps_for(plain.trace, recorded, ela_req, s)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                state = ela.prepare_step(maps, groups, {**memory, "step": s})
+                state = ela.prepare_step(maps, ctx(s), ela.new_run(unet))
             bk = nearest_mask(state["background"], size)
             ent_masks = nearest_mask(state["masks"], size)
             for b in range(len(seeds)):
@@ -338,9 +342,9 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
         peaks, overlaps = [], []
         for s in window:
             maps = _maps_for(plain.trace, recorded, ae_req, s)
-            state = ae.prepare_step(maps, groups, {**memory, "step": s})
-            peaks.append(ae.max_attention(maps, state))  # [B, entities]
-            ents = [group_map(maps, groups[gi].indices) for gi in obj_group if gi is not None]
+            state = ae.prepare_step(maps, ctx(s), ae.new_run(unet))
+            peaks.append(ae.max_attention(maps[0], state))  # [B, entities]
+            ents = [group_map(maps[0], groups[gi].indices) for gi in obj_group if gi is not None]
             if len(ents) >= 2:
                 pair = [overlap(ents[i], ents[j]) for i in range(len(ents)) for j in range(i + 1, len(ents))]
                 overlaps.append(torch.stack(pair, 1).amax(1))
@@ -375,26 +379,18 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
             for name, method in carry.items():
                 if progress:
                     progress(prompt, f"{name} (one update at step {s_upd})")
-                req = method.map_request(unet)
-                schedule = method.default_schedule(steps)
-                schedule.window, schedule.refine = (s_upd, s_upd + 1), {}
-                guided = generate(pipe, prompt, method=method, groups=groups, seeds=seeds,
-                                  num_inference_steps=steps, guidance_scale=guidance_scale, schedule=schedule,
-                                  record=tuple(recorded), callback=keep_needed, output_type="latent")
-                mem = lambda s: {**memory, "step": s}  # noqa: E731
+                req = method.map_requests(unet)
+                guided = carry_specs[name].run(pipe, prompt, groups=groups, record=tuple(recorded),
+                                               callback=keep_needed, output_type="latent", built=carry_built[name])
+
+                def loss(trace, step, state_maps=None, method=method, req=req):
+                    return _method_loss(method, unet, _maps_for(trace, recorded, req, step), ctx(step), state_maps)
+
                 pre = _maps_for(plain.trace, recorded, req, s_upd)
                 values = {
-                    "at_step": (_method_loss(method, _maps_for(guided.trace, recorded, req, s_upd), groups,
-                                             mem(s_upd), state_maps=pre),
-                                _method_loss(method, pre, groups, mem(s_upd))),
-                    "next_step": (_method_loss(method, _maps_for(guided.trace, recorded, req, s_next), groups,
-                                               mem(s_next)),
-                                  _method_loss(method, _maps_for(plain.trace, recorded, req, s_next), groups,
-                                               mem(s_next))),
-                    "later": (_method_loss(method, _maps_for(guided.trace, recorded, req, s_later), groups,
-                                           mem(s_later)),
-                              _method_loss(method, _maps_for(plain.trace, recorded, req, s_later), groups,
-                                           mem(s_later))),
+                    "at_step": (loss(guided.trace, s_upd, state_maps=pre), loss(plain.trace, s_upd)),
+                    "next_step": (loss(guided.trace, s_next), loss(plain.trace, s_next)),
+                    "later": (loss(guided.trace, s_later), loss(plain.trace, s_later)),
                 }
                 carry_before[name] += list(guided.trace[s_upd].loss or [])
                 for key, (g, u) in values.items():
@@ -405,7 +401,7 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
                             "guided": round(float(g[b]), 6), "unguided": round(float(u[b]), 6)}
         if out is not None:
             _picture(plain, arrays, truth, background, groups, obj_group, blocks, recorded, ela, ela_req,
-                     memory, loc_steps, prompt).save(out / "maps" / f"{p:04d}.png")
+                     ctx, loc_steps, prompt, unet).save(out / "maps" / f"{p:04d}.png")
         del plain
 
     figures: dict[str, Any] = {
@@ -456,28 +452,28 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
 
 
 def _map_size(request: MapRequest, unet) -> tuple[int, int]:
-    from ..attention import size_at_level
+    from ..guidance.attention import size_at_level
 
     latent = unet.config.sample_size
     return size_at_level((latent, latent), request.out_level)
 
 
-def _picture(plain, arrays, truth, background, groups, obj_group, blocks, recorded, ela, ela_req, memory,
-             loc_steps, prompt):
+def _picture(plain, arrays, truth, background, groups, obj_group, blocks, recorded, ela, ela_req, ctx,
+             loc_steps, prompt, unet):
     """Per seed a row: the image, the detector's masks, then at the middle localisation step the up-1 (or first
     block's) entity and start-of-text maps and ELA's masks."""
     from PIL import Image
 
-    from ..methods.base import group_map
-    from ..plots import image_grid
-    from ..viz import colorize
+    from ..io.plots import image_grid
+    from ..io.viz import colorize
+    from ..methods.maps import group_map
 
     s = loc_steps[len(loc_steps) // 2]
     name = "up-1" if "up-1" in blocks else next(iter(blocks))
-    maps = _maps_for(plain.trace, recorded, blocks[name], s)
+    (maps,) = _maps_for(plain.trace, recorded, (blocks[name],), s)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state = ela.prepare_step(_maps_for(plain.trace, recorded, ela_req, s), groups, {**memory, "step": s})
+        state = ela.prepare_step(_maps_for(plain.trace, recorded, ela_req, s), ctx(s), ela.new_run(unet))
 
     def heat(m):
         up = F.interpolate(m[None, None].float(), size=(64, 64), mode="bilinear", align_corners=False)[0, 0]

@@ -72,7 +72,7 @@ def build_components(arch: Arch, seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..models import load_clip_tokenizer
+    from ..text.tokenizers import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     torch.manual_seed(seed)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import UnbleedError
+from ..errors import UnbleedError
 
 
 @dataclass(frozen=True)

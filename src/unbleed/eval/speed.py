@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch
 
-from .errors import UnbleedError
-from .methods import Schedule, make_method
-from .sampler import default_size, generate
-from .tokens import token_groups
+from ..errors import UnbleedError
+from ..guidance.sampler import default_size
+from ..guidance.schedule import Schedule
+from ..guidance.spec import RunSpec
 
 REFERENCE = "diffusers-attend-excite"
 
@@ -109,7 +109,7 @@ def _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, s
     """A runner for diffusers' own A&E pipeline on ``pipe``'s components (processors restored afterwards)."""
     from diffusers import StableDiffusionAttendAndExcitePipeline
 
-    from .attention import level_of, resolve_block, size_at_level
+    from ..guidance.attention import level_of, resolve_block, size_at_level
 
     parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
     with warnings.catch_warnings():
@@ -149,24 +149,26 @@ def speed(pipe, methods: list[str], prompt: str = "a cat and a frog", steps: int
         raise UnbleedError(f"--repeats {repeats} must be ≥ 1")
     height, width = height or default_size(pipe), width or default_size(pipe)
     names = list(dict.fromkeys(["sd", *methods]))
-    groups = token_groups(pipe.tokenizer, prompt, None)
-    runners: dict[str, Callable[[], None]] = {}
-    schedule = Schedule(window=window or (0, steps), refine=dict(refine or {}), max_refine_iters=20)
-    for name in names:
-        method = make_method(name)
-        sched = None
-        if method is not None:
-            sched = method.default_schedule(steps)
-            sched.window, sched.refine = schedule.window, dict(schedule.refine)
+    window, refine = tuple(window or (0, steps)), dict(refine or {})
 
-        def run(method=method, sched=sched):
-            generate(pipe, prompt, method=method, groups=groups, seeds=[seed], num_inference_steps=steps,
-                     height=height, width=width, schedule=sched, truncate=truncate, output_type=output_type)
+    def spec_of(name: str) -> RunSpec:  # every method's defaults, with the bench's window and refinement steps
+        return RunSpec(method=name, window=window, refine=refine, steps=steps, height=height, width=width,
+                       seeds=(seed,), truncate=truncate)
+
+    runners: dict[str, Callable[[], None]] = {}
+    for name in names:
+        spec = spec_of(name)
+        built = spec.build()
+        groups = spec.groups(pipe.tokenizer, prompt)
+
+        def run(spec=spec, built=built, groups=groups):
+            spec.run(pipe, prompt, groups=groups, built=built, output_type=output_type)
 
         runners[name] = run
     if reference:
-        runners[REFERENCE] = _diffusers_attend_excite(pipe, prompt, groups, seed, steps, height, width, schedule,
-                                                      output_type)
+        ae = spec_of("attend-excite")
+        runners[REFERENCE] = _diffusers_attend_excite(pipe, prompt, ae.groups(pipe.tokenizer, prompt), seed, steps,
+                                                      height, width, ae.build()[1], output_type)
     times: dict[str, list[float]] = {n: [] for n in runners}
     peaks: dict[str, float] = {n: 0.0 for n in runners}
     device = pipe._execution_device

@@ -12,7 +12,8 @@ occurrence nearest the noun that is not separated from it by another entity of `
 by an earlier item; at equal distance (in words) the one before the noun ("a red cat and a red dog":
 ``red:dog`` is the second "red"; "a red dog and a cat that is red": ``red:cat`` is the last "red").
 
-Without ``--tokens`` the groups come from the prompt's dependency parse (:mod:`unbleed.prompt`).
+Without ``--tokens`` the groups come from the prompt's dependency parse: :func:`unbleed.text.prompt.token_groups`
+chooses between the two (this module never imports the parser).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import bisect
 import numbers
 from dataclasses import dataclass, field
 
-from .errors import UnbleedError
+from ..errors import UnbleedError
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def prompt_tokens(tokenizer, prompt: str, truncate: bool = True) -> list[str]:
     return tokenizer.convert_ids_to_tokens(tokenizer(prompt, **kwargs).input_ids)
 
 
-def _pieces(tokenizer, text: str) -> list[str]:
+def _word_pieces(tokenizer, text: str) -> list[str]:
+    """The tokenizer's BPE pieces of ``text`` alone (no start- or end-of-text)."""
     return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -62,7 +64,7 @@ def _hits(tokens: list[str], pieces: list[str]) -> list[int]:
 
 def find_word(tokenizer, prompt: str, word: str, occurrence: int = 1) -> tuple[int, ...]:
     """Token indices of the ``occurrence``-th appearance of ``word`` (one or more words) in ``prompt``."""
-    pieces = _pieces(tokenizer, word)
+    pieces = _word_pieces(tokenizer, word)
     if not pieces:
         raise UnbleedError(f"--tokens: {word!r} is empty after tokenization: name a word of the prompt")
     tokens = prompt_tokens(tokenizer, prompt)
@@ -108,7 +110,7 @@ def _candidates(tokenizer, prompt: str, item: str) -> list[TokenGroup]:
     if not item or item.isdigit() or "#" in item:
         return [_parse_word(tokenizer, prompt, item)]
     find_word(tokenizer, prompt, item)  # one clear error when the word is not there
-    pieces = _pieces(tokenizer, item)
+    pieces = _word_pieces(tokenizer, item)
     hits = _hits(prompt_tokens(tokenizer, prompt), pieces)
     return [TokenGroup(item, tuple(range(i, i + len(pieces)))) for i in hits]
 
@@ -149,18 +151,6 @@ def parse_token_spec(tokenizer, prompt: str, spec: str) -> list[Entity]:
         if attr not in entity.attributes:
             entity.attributes.append(attr)
     return list(entities.values())
-
-
-def token_groups(tokenizer, prompt: str, spec: str | None) -> list[Entity]:
-    """The token groups for a run: from ``--tokens`` when given, else from the prompt's parse."""
-    if spec is not None and spec.strip():
-        return parse_token_spec(tokenizer, prompt, spec)
-    from .prompt import parse
-
-    groups = parse(prompt, tokenizer).entities
-    if not groups:
-        raise UnbleedError(f"found no entity (noun) in the prompt {prompt!r}: pass --tokens, e.g. --tokens cat,frog")
-    return groups
 
 
 def check_groups(tokenizer, prompt: str, groups) -> list[Entity]:

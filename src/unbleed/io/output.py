@@ -1,7 +1,10 @@
 """Writing results: one PNG per seed with every parameter in its text metadata, and the JSON records.
 
-File names never come from the prompt: ``NNNN-METHOD-sSEED.png`` with NNNN the next free number in the folder,
-and a file is created exclusively, so earlier results are never overwritten.
+The one home of the per-image record (:func:`record_for`: what ``unbleed generate`` prints and embeds in the PNG,
+what a sweep's ``records-*.jsonl`` and a shapes bench's ``records.jsonl`` hold around their own fields) and of the
+image names (:func:`image_name`). File names never come from the prompt: ``NNNN-METHOD-sSEED.png`` with NNNN the
+next free number in the folder (a sweep: the prompt's index in its suite), and a file is created exclusively, so
+earlier results are never overwritten.
 """
 
 from __future__ import annotations
@@ -13,14 +16,27 @@ from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
-from .errors import UnbleedError
-from .sampler import Result
-from .tokens import groups_as_dicts
+from .. import __version__
+from ..errors import UnbleedError
+from ..guidance.sampler import Result
+from ..text.tokens import groups_as_dicts
+
+IDENTITY = ("prompt", "seed", "method", "model")  # what names an image; the rest of a record is its parameters
 
 
-def record_for(result: Result, index: int, prompt: str, method: str, model: str) -> dict:
-    """The JSON record of one image (everything needed to reproduce it, and the guidance trace)."""
+def image_name(number: int, method: str, seed: int) -> str:
+    """``NNNN-METHOD-sSEED.png``: the one naming rule of result images (``number``: the next free number of the
+    folder, or a sweep's prompt index — never anything from the prompt's text)."""
+    return f"{number:04d}-{method}-s{seed}.png"
+
+
+def record_for(result: Result, index: int, prompt: str, method: str, model: str | None) -> dict:
+    """The JSON record of ``result``'s ``index``-th image: its identity (prompt, seed, method — the label it runs
+    under — and model), the token groups, the run's parameters (steps, guidance scale, size, scheduler, method
+    options, schedule…), the guidance trace and the version. Everything needed to reproduce the image.
+
+    Front ends add their own fields around it: ``save_result`` the paths, a sweep its key, suite fields, image and
+    metrics (with the parameters nested, :func:`nest_params`), a shapes bench the detector's verdicts."""
     guided = [r for r in result.trace if r.guided]
     return {
         "prompt": prompt,
@@ -34,6 +50,13 @@ def record_for(result: Result, index: int, prompt: str, method: str, model: str)
         "seconds_batch": round(result.seconds, 3),
         "unbleed_version": __version__,
     }
+
+
+def nest_params(record: dict) -> dict:
+    """``record`` with everything but its identity (:data:`IDENTITY`) under ``params``: the layout of a sweep's
+    records, whose top level holds the suite's fields."""
+    return {**{k: record[k] for k in IDENTITY if k in record},
+            "params": {k: v for k, v in record.items() if k not in IDENTITY}}
 
 
 def _next_index(out: Path) -> int:
@@ -94,7 +117,7 @@ def save_result(result: Result, prompt: str, method: str, model: str, out_dir: s
                                     f"{rec['guidance_scale']}, Seed: {rec['seed']}, Size: {rec['width']}x"
                                     f"{rec['height']}, Model: {model}, Method: {method}")
         while True:
-            path = out / f"{number:04d}-{method}-s{rec['seed']}.png"
+            path = out / image_name(number, method, rec["seed"])
             number += 1
             if _write_png(path, image, out_dir, pnginfo=meta):
                 break

@@ -4,6 +4,9 @@
 character offsets, so multi-piece words get all their pieces, a repeated word gets the right occurrence, and
 case or punctuation never shift an index.
 
+``token_groups(tokenizer, prompt, spec)`` gives a run's groups: from a ``--tokens`` spec when there is one
+(:func:`unbleed.text.tokens.parse_token_spec`), else from this parse.
+
 What is an entity: a noun (or proper noun) heading a noun phrase, with its ``compound`` name parts ("teddy
 bear", "cell phone"). Not entities: compound parts themselves, framing nouns with an "of" phrase ("a photo of
 a bench" → bench), quantity nouns with an "of" phrase ("a stack of cubes" → cubes), relational nouns ("on top
@@ -37,8 +40,8 @@ import unicodedata
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import UnbleedError
-from .tokens import Entity, TokenGroup, groups_as_dicts
+from ..errors import UnbleedError
+from .tokens import Entity, TokenGroup, groups_as_dicts, parse_token_spec
 
 COLOURS = {
     "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "brown", "pink", "gray", "grey",
@@ -147,7 +150,8 @@ def _looks_english(prompt: str, doc) -> bool:
     return not (len(set(foreign)) >= 2 and len(foreign) > english and 3 * len(foreign) >= len(words))
 
 
-def _pieces(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, ...]:
+def _span_token_indices(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, ...]:
+    """Indices of the tokens whose character span overlaps ``[start, end)`` (special tokens never do)."""
     return tuple(i for i, (a, b) in enumerate(spans) if b > a and a < end and b > start)
 
 
@@ -247,7 +251,7 @@ def parse(prompt: str, tokenizer) -> Parse:
     def group(words) -> tuple[str, tuple[int, ...], bool]:
         start, end = words[0].idx, words[-1].idx + len(words[-1].text)
         text = prompt[start:end]
-        idx = _pieces(spans, start, end)
+        idx = _span_token_indices(spans, start, end)
         # a word whose pieces were cut off (partly or fully) is dropped, never mapped to a wrong index
         fits = bool(idx) and all(_word_fits(spans, w) for w in words)
         return text, idx, fits
@@ -283,6 +287,16 @@ def parse(prompt: str, tokenizer) -> Parse:
         warnings.warn(f"the prompt parser reads English and {prompt!r} does not look English: its entities may be "
                       f"wrong; pass --tokens to choose tokens by hand", stacklevel=2)
     return Parse(prompt, tokens, entities, dropped)
+
+
+def token_groups(tokenizer, prompt: str, spec: str | None) -> list[Entity]:
+    """The token groups for a run: from ``--tokens`` when given, else from the prompt's parse."""
+    if spec is not None and spec.strip():
+        return parse_token_spec(tokenizer, prompt, spec)
+    groups = parse(prompt, tokenizer).entities
+    if not groups:
+        raise UnbleedError(f"found no entity (noun) in the prompt {prompt!r}: pass --tokens, e.g. --tokens cat,frog")
+    return groups
 
 
 def _word_fits(spans: list[tuple[int, int]], word) -> bool:

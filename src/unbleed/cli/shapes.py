@@ -1,7 +1,8 @@
-"""``unbleed shapes …``: render shapes-world scenes, detect bleeding in an image, validate the detector.
+"""``unbleed shapes …``: render shapes-world scenes, detect bleeding in an image, validate the detector, bench and
+diagnose methods on the shapes model, train it.
 
-Mounted by the main CLI with ``app.add_typer(shapes_app, name="shapes")``. Errors are one line
-``error: …`` on stderr and exit status 2, never a traceback."""
+Mounted by the main CLI as ``unbleed shapes``. Errors are one line ``error: …`` on stderr and exit status 2, never a
+traceback (:func:`unbleed.cli.common.command`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..console import err
-from ..console import fail as _fail
 from ..errors import UnbleedError
+from ..guidance.spec import RunSpec
+from .common import (Bar, Device, GuidanceScale, Steps, command, err, methods_help, parse_options, progress,
+                     quiet_libraries, split_list)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="The shapes world: a synthetic model organism with an exact bleeding detector.")
@@ -27,18 +29,16 @@ def _mark(ok: bool) -> str:
 
 
 @app.command()
+@command()
 def detect(
     image: Path = typer.Argument(..., help="The image to check (any format Pillow reads)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The caption it was generated from."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
 ) -> None:
     """Per requested object: its state, found, right colour, count; and the image's verdicts."""
-    from .detect import detect as run_detect
+    from ..shapes.detect import detect as run_detect
 
-    try:
-        result = run_detect(image, prompt)
-    except UnbleedError as e:
-        _fail(str(e))
+    result = run_detect(image, prompt)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -57,6 +57,7 @@ def detect(
 
 
 @app.command("detect-check")
+@command()
 def detect_check(
     n: int = typer.Option(1000, "--n", help="How many random augmented scenes."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
@@ -65,12 +66,9 @@ def detect_check(
     """Validate the detector on random rendered scenes (with missing, leaked, recoloured, fused, malformed,
     duplicated and wrong-shape perturbations, mild noise and blur): the fraction whose verdicts all match the
     ground truth."""
-    from .detect import detect_check as run_check
+    from ..shapes.detect import detect_check as run_check
 
-    try:
-        result = run_check(n, seed)
-    except UnbleedError as e:
-        _fail(str(e))
+    result = run_check(n, seed)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
@@ -84,6 +82,7 @@ def detect_check(
 
 
 @app.command()
+@command()
 def render(
     prompt: str = typer.Option(..., "--prompt", "-p", help="A caption in the shapes vocabulary."),
     seed: int = typer.Option(0, "--seed", help="Random seed for sizes and positions."),
@@ -91,27 +90,36 @@ def render(
     size: int = typer.Option(64, "--size", help="Image side in pixels."),
 ) -> None:
     """Render a scene that matches a caption (its objects and any "above"/"below" relation)."""
-    from .render import render as run_render
-    from .world import scene_from_caption
+    from ..shapes.render import render as run_render
+    from ..shapes.world import scene_from_caption
 
+    if size < 16:
+        raise UnbleedError(f"--size {size}: use at least 16 pixels")
+    image = run_render(scene_from_caption(prompt, seed, size))
     try:
-        if size < 16:
-            raise UnbleedError(f"--size {size}: use at least 16 pixels")
-        image = run_render(scene_from_caption(prompt, seed, size))
-        try:
-            image.save(out)
-        except (OSError, ValueError) as e:
-            raise UnbleedError(f"--out {str(out)!r}: cannot write it ({e})") from None
-    except UnbleedError as e:
-        _fail(str(e))
+        image.save(out)
+    except (OSError, ValueError) as e:
+        raise UnbleedError(f"--out {str(out)!r}: cannot write it ({e})") from None
     err.print(f"wrote {out}", highlight=False)
 
 
+def bench_options(items: list[str], names: list[str]) -> dict[str, dict[str, str]]:
+    """``-o METHOD.KEY=VALUE`` → ``{METHOD: {KEY: VALUE}}`` for each of ``names`` (a bench compares methods, so an
+    option names the one it is for)."""
+    per: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in parse_options(items).items():
+        name, _, sub = key.partition(".")
+        if name not in per or not sub:
+            raise UnbleedError(f"-o {key}={value}: prefix the option with one of the --methods, e.g. "
+                               f"-o {names[-1]}.lam=0.3")
+        per[name][sub] = value
+    return per
+
+
 @app.command()
+@command(flags={"method": "--methods"})
 def bench(
-    methods: str = typer.Option("sd,ela", "--methods", "-m",
-                                help="Comma-separated methods (sd, ela, attend-excite, divide-bind, astar, syngen, "
-                                     "structure, or a +-composition)."),
+    methods: str = typer.Option("sd,ela", "--methods", "-m", help=methods_help("sd,ela,attend-excite")),
     prompts: int = typer.Option(50, "--prompts", help="How many two-object prompts (with a file: the first N; 0 = all)."),
     seeds: str = typer.Option("4", "--seeds", help="Seeds per prompt and method, the same for all: K (0…K−1), "
                               "a range A:B (A…B−1) or a list 3,7,9."),
@@ -122,59 +130,39 @@ def bench(
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Captions, one per line (world vocabulary)."),
     objects: int = typer.Option(2, "--objects", help="Objects per generated prompt (1-3; 1 measures single objects)."),
     model: str = typer.Option("shapes", "--model", help="shapes (shipped), or a pipeline folder from shapes train."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", "-g", help="Classifier-free guidance scale."),
+    steps: Steps = 50,
+    guidance_scale: GuidanceScale = 7.5,
     option: list[str] = typer.Option([], "--option", "-o", help="METHOD.KEY=VALUE, e.g. -o ela.lam=0.3."),
     as_json: bool = typer.Option(False, "--json", help="Print {METHOD: {VERDICT: rate, seconds, images, ci, "
                                  "vs_baseline}} (see unbleed.shapes.bench)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write per-prompt grids, bench.png, results.json there."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    device: Device = "auto",
 ) -> None:
     """Run methods on the same shapes prompts and seeds; count success and each failure kind with the detector, with
     95 % intervals and paired differences from the baseline."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from .. import models
+    from ..eval.sweep import parse_seeds
+    from ..shapes.bench import Contender, bench_prompts, run_bench
 
-    from ..cli import _quiet_libraries, build_schedule, parse_options, parse_seeds
-    from ..methods import make_method
-    from ..models import load_model
-    from .bench import Contender, bench_prompts, run_bench
-
-    _quiet_libraries()
-    try:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-        if not names:
-            raise UnbleedError("--methods is empty: name methods, e.g. --methods sd,ela")
-        seed_list = parse_seeds(seeds)
-        options: dict[str, dict[str, str]] = {n: {} for n in names}
-        for key, value in parse_options(option).items():
-            name, _, sub = key.partition(".")
-            if name not in options or not sub:
-                raise UnbleedError(f"-o {key}={value}: prefix the option with one of the --methods, e.g. "
-                                   f"-o {names[-1]}.lam=0.3")
-            options[name][sub] = value
-        contenders = []
-        for n in names:
-            guide = make_method(n, options[n])
-            contenders.append(Contender(n, guide, build_schedule(guide, steps)))
-        texts = bench_prompts(split, prompts, prompts_file, objects=objects)
-        with err.status(f"loading model {model}…"):
-            pipe = load_model(model, device=device)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=err) as bar:
-            task = bar.add_task("bench", total=len(texts) * len(contenders))
-
-            started = [0]  # (prompt, method) runs started so far
-
-            def progress(prompt, label):
-                bar.update(task, completed=started[0], description=f"{label}: {prompt}")
-                started[0] += 1
-
-            figures = run_bench(pipe, contenders, texts, seed_list, steps=steps, guidance_scale=guidance_scale,
-                                out=out, baseline=baseline, progress=progress)
-            bar.update(task, completed=len(texts) * len(contenders))
-    except UnbleedError as e:
-        _fail(str(e))
+    quiet_libraries()
+    names = split_list(methods)
+    if not names:
+        raise UnbleedError("--methods is empty: name methods, e.g. --methods sd,ela")
+    seed_list = parse_seeds(seeds)
+    per = bench_options(option, names)
+    contenders = [Contender(n, RunSpec(method=n, options=per[n], seeds=tuple(seed_list), steps=steps,
+                                       guidance_scale=guidance_scale)) for n in names]
+    for c in contenders:
+        c.spec.build()  # every method's options, before the model loads
+    texts = bench_prompts(split, prompts, prompts_file, objects=objects)
+    with err.status(f"loading model {model}…"):
+        pipe = models.load_model(model, device=device)
+    with progress() as display:
+        bar = Bar(display, "bench")
+        bar.start(len(texts) * len(contenders))
+        figures = run_bench(pipe, contenders, texts, seed_list, out=out, baseline=baseline,
+                            progress=lambda prompt, label: bar.begin(f"{label}: {prompt}"))
+        bar.step(len(texts) * len(contenders))
     if as_json:
         sys.stdout.write(json.dumps(figures) + "\n")
     else:
@@ -208,6 +196,7 @@ def _bench_tables(figures: dict, what: str) -> None:
 
 
 @app.command()
+@command()
 def diagnose(
     prompts: int = typer.Option(40, "--prompts", help="How many prompts of the split."),
     seeds: str = typer.Option("4", "--seeds", help="A count (4 → seeds 0…3), a list 0,5,7, or a range 10:20."),
@@ -215,50 +204,39 @@ def diagnose(
     objects: int = typer.Option(2, "--objects", help="Objects per prompt (1-3)."),
     model: str = typer.Option("shapes", "--model", help="shapes (shipped), or a pipeline folder from shapes train."),
     steps: int = typer.Option(50, "--steps", help="Denoising steps (the figures' steps are given at 50, scaled)."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", "-g", help="Classifier-free guidance scale."),
+    guidance_scale: GuidanceScale = 7.5,
     carry_prompts: Optional[int] = typer.Option(None, "--carry-prompts", help="Prompts (the first N) with the "
                                                 "carry-over runs of attend-excite and ela; default all, 0 = none."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write diagnose.json, records.jsonl, maps/*.png there."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    device: Device = "auto",
 ) -> None:
     """Validity of the shapes world for attention methods, on plain sampling: do entity maps localise their
     objects (IoU with the detector's masks), does peak attention predict neglect and map overlap fusion (AUC),
     does one guided update carry over to later steps, and how well ELA's masks localise."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from .. import models
+    from ..eval.sweep import parse_seeds
+    from ..shapes.bench import bench_prompts
+    from ..shapes.diagnose import CARRY_METHODS, run_diagnose
 
-    from ..cli import _quiet_libraries, parse_seeds
-    from ..models import load_model
-    from .bench import bench_prompts
-    from .diagnose import CARRY_METHODS, run_diagnose
-
-    _quiet_libraries()
-    try:
-        seed_list = parse_seeds(seeds)
-        if carry_prompts is not None and carry_prompts < 0:
-            raise UnbleedError(f"--carry-prompts {carry_prompts}: use 0 (none) or more")
-        if steps < 2:
-            raise UnbleedError(f"--steps {steps}: diagnose needs at least 2 steps (an update and the step after it)")
-        texts = bench_prompts(split, prompts, objects=objects)
-        n_carry = len(texts) if carry_prompts is None else min(carry_prompts, len(texts))
-        with err.status(f"loading model {model}…"):
-            pipe = load_model(model, device=device)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=err) as bar:
-            total = len(texts) + n_carry * len(CARRY_METHODS)
-            task = bar.add_task("diagnose", total=total)
-            started = [0]
-
-            def progress(prompt, stage):
-                bar.update(task, completed=started[0], description=f"{stage}: {prompt}")
-                started[0] += 1
-
-            figures = run_diagnose(pipe, texts, seed_list, steps=steps, guidance_scale=guidance_scale,
-                                   carry_prompts=n_carry, out=out, progress=progress)
-            bar.update(task, completed=total)
-    except UnbleedError as e:
-        _fail(str(e))
+    quiet_libraries()
+    seed_list = parse_seeds(seeds)
+    if carry_prompts is not None and carry_prompts < 0:
+        raise UnbleedError(f"--carry-prompts {carry_prompts}: use 0 (none) or more")
+    if steps < 2:
+        raise UnbleedError(f"--steps {steps}: diagnose needs at least 2 steps (an update and the step after it)")
+    texts = bench_prompts(split, prompts, objects=objects)
+    n_carry = len(texts) if carry_prompts is None else min(carry_prompts, len(texts))
+    with err.status(f"loading model {model}…"):
+        pipe = models.load_model(model, device=device)
+    with progress() as display:
+        total = len(texts) + n_carry * len(CARRY_METHODS)
+        bar = Bar(display, "diagnose")
+        bar.start(total)
+        figures = run_diagnose(pipe, texts, seed_list, steps=steps, guidance_scale=guidance_scale,
+                               carry_prompts=n_carry, out=out,
+                               progress=lambda prompt, stage: bar.begin(f"{stage}: {prompt}"))
+        bar.step(total)
     if as_json:
         sys.stdout.write(json.dumps({"model": model, "split": split, "objects": objects, **figures}) + "\n")
     else:
@@ -315,6 +293,7 @@ def _print_diagnose(f: dict, title: str) -> None:
 
 
 @app.command()
+@command(interrupted="interrupted; run the same command again to resume from the last checkpoint in {out}")
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoint/, pipeline/ (the model), log.jsonl. "
                              "An existing run there is resumed."),
@@ -336,39 +315,34 @@ def train(
     arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model), sd32 (32×32 latents, "
                                            "16×16 up-1 maps, 4 heads: SD's geometry) or test."),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", help="Steps between checkpoints."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    device: Device = "auto",
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start a new run from an exported pipeline's "
                                              "weights (e.g. src/unbleed/data/shapes_model) instead of random ones."),
 ) -> None:
     """Train the shapes model (VAE, then text encoder + UNet), resumable: run the same command again to continue."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
 
-    from .train import TrainConfig, train as run_train
+    from ..shapes.train import TrainConfig, train as run_train
 
     try:
-        try:
-            probs = tuple(float(v) for v in p_objects.split(","))
-        except ValueError:
-            raise UnbleedError(f"--p-objects {p_objects!r}: give three comma-separated probabilities") from None
-        cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
-                          warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond,
-                          min_snr=min_snr, seed=seed, arch=arch, checkpoint_every=checkpoint_every).validate()
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err) as bar:
-            tasks: dict[str, int] = {}
+        probs = tuple(float(v) for v in p_objects.split(","))
+    except ValueError:
+        raise UnbleedError(f"--p-objects {p_objects!r}: give three comma-separated probabilities") from None
+    cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
+                      warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond,
+                      min_snr=min_snr, seed=seed, arch=arch, checkpoint_every=checkpoint_every).validate()
+    with progress(TextColumn("loss {task.fields[loss]:.4f}")) as display:
+        tasks: dict[str, int] = {}
 
-            def progress(phase, done, total, loss):
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task(phase, total=total, completed=done - 1, loss=loss)
-                bar.update(tasks[phase], completed=done, loss=loss)
+        def on_step(phase, done, total, loss):
+            if phase not in tasks:
+                tasks[phase] = display.add_task(phase, total=total, completed=done - 1, loss=loss)
+            display.update(tasks[phase], completed=done, loss=loss)
 
-            result = run_train(out, cfg, device=device, progress=progress, init_from=init_from)
-    except UnbleedError as e:
-        _fail(str(e))
+        result = run_train(out, cfg, device=device, progress=on_step, init_from=init_from)
     err.print(f"{'resumed and ' if result['resumed'] else ''}trained to step {result['step']} (VAE {result['vae_step']}) "
               f"in {result['seconds']:.0f} s; model: {out / 'pipeline'} (use --model {out / 'pipeline'})",
               highlight=False)
 
 
-__all__ = ["app"]
+__all__ = ["app", "bench_options"]

@@ -1,0 +1,34 @@
+"""The ``unbleed`` command line (typer): the app, assembled from one module per command group.
+
+* :mod:`.generate` — ``generate``, ``parse``;
+* :mod:`.sweep` — ``sweep``, ``report``;
+* :mod:`.bench` — ``bench speed``;
+* :mod:`.shapes` — ``shapes render|detect|detect-check|bench|diagnose|train``;
+* :mod:`.info` — ``methods``, ``version``;
+* :mod:`.common` — what they share: flag names, the error handling, progress, options, parsers.
+
+Errors are one line ``error: …`` on stderr and exit status 2.
+"""
+
+import typer
+
+from . import bench, generate, info, shapes, sweep
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fix concept bleeding in Stable Diffusion without training (ELA and peers).")
+app.command("generate")(generate.generate)
+app.command("parse")(generate.parse)
+app.command("methods")(info.methods)
+app.command("sweep")(sweep.sweep)
+app.command("report")(sweep.report)
+app.add_typer(bench.app, name="bench")
+app.add_typer(shapes.app, name="shapes", help="The shapes world: render, detect, detect-check, bench, diagnose, "
+                                              "train.")
+app.command("version")(info.version)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,143 @@
+"""``unbleed generate`` (one image per seed, guided by a method) and ``unbleed parse`` (the prompt's entities)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import UnbleedError
+from ..guidance.spec import RunSpec
+from ..methods import Method
+from .common import (DEFAULT_MODEL, AllowPickle, BatchSize, Device, Dtype, GuidanceScale, Height, Layout, MethodName,
+                     MethodOptions, Model, RefineIters, RefineSteps, Scheduler, Steps, StepSchedule, StepSize, Width,
+                     Window, Bar, command, err, parse_options, parse_weights, progress, quiet_libraries, with_layout)
+
+
+def describe(groups) -> str:
+    """``cat=[2]; frog=[5] ← green=[4]``: token groups as the commands print them."""
+    return "; ".join(f"{g.text}={list(g.indices)}" + "".join(f" ← {a.text}={list(a.indices)}" for a in g.attributes)
+                     for g in groups)
+
+
+@command(interrupted="interrupted; images finished so far are in {out}", flags={"seeds": "--seed"})
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The text prompt.")],
+    method: MethodName = "sd",
+    model: Model = DEFAULT_MODEL,
+    tokens: Annotated[Optional[str], typer.Option(
+        "--tokens", "-t", help="Entities (cat,frog) or attribute:entity pairs (blue:bag,yellow:clock); words, word#N "
+                               "for the N-th occurrence, or token indices.")] = None,
+    seed: Annotated[list[int], typer.Option("--seed", "-s", help="Seed; repeat for several images.")] = [0],
+    steps: Steps = 50,
+    height: Height = None,
+    width: Width = None,
+    guidance_scale: GuidanceScale = 7.5,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")] = None,
+    scheduler: Scheduler = "default",
+    window: Window = None,
+    refine_steps: RefineSteps = None,
+    refine_iters: RefineIters = None,
+    step_size: StepSize = None,
+    step_schedule: StepSchedule = None,
+    option: MethodOptions = [],
+    weights: Annotated[Optional[str], typer.Option(
+        "--weights", help="Loss weights of composed methods, e.g. --method ela+syngen --weights 1,0.5.")] = None,
+    layout: Layout = [],
+    out: Annotated[str, typer.Option("--out", help="Output folder (created; files are never overwritten).")] = "out",
+    save_attention: Annotated[bool, typer.Option(
+        "--save-attention", help="Also write a picture of the attention maps and masks per image.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as a JSON list on stdout.")] = False,
+    batch_size: BatchSize = 4,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Generate one image per seed, guided by a method, with full PNG metadata."""
+    from .. import models
+    from ..guidance.sampler import check_size, default_size
+    from ..io.output import check_out_dir, save_result
+
+    quiet_libraries()
+    warnings.filterwarnings("ignore", module="diffusers")
+    if batch_size < 1:
+        raise UnbleedError(f"--batch-size {batch_size} must be ≥ 1")
+    spec = RunSpec(method=method, options=with_layout(parse_options(option), layout, [method]),
+                   weights=parse_weights(weights), window=window, refine=refine_steps, refine_iters=refine_iters,
+                   step_size=step_size, step_schedule=step_schedule, tokens=tokens, seeds=tuple(seed), steps=steps,
+                   guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt)
+    built = spec.build()
+    if not prompt.strip():
+        raise UnbleedError("PROMPT is empty: give the text to draw")
+    guide = built[0]
+    if spec.sets_schedule and not isinstance(guide, Method):
+        err.print(f"note: --method {method} does no guidance; the schedule options are ignored", highlight=False)
+    check_out_dir(out)  # before the model loads: an unwritable --out must not cost a whole run
+    with err.status(f"loading model {model}…"):
+        pipe = models.load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
+    check_size(pipe, height or default_size(pipe), width or default_size(pipe))
+    if isinstance(guide, Method):
+        guide.map_requests(pipe.unet)  # names a bad -o layers=… before any work starts
+    groups = spec.groups(pipe.tokenizer, prompt, pictures=save_attention)
+    if groups:
+        err.print(("tokens: " if tokens else "tokens (from the parse; --tokens overrides): ") + describe(groups),
+                  highlight=False, soft_wrap=True)
+    source = ("--tokens" if tokens else "parse") if groups else None
+    seeds = list(spec.seeds)
+    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+    records = []
+    with progress() as display:
+        bar = Bar(display, f"{method} ×{len(seeds)}")
+        bar.status(bar.label)
+        for b, batch in enumerate(batches):
+            def on_step(i, total, rec, b=b):
+                bar.step(b * total + i + 1, total=total * len(batches))
+
+            result = spec.run(pipe, prompt, groups=groups, seeds=batch, save_attention=save_attention,
+                              callback=on_step, built=built)
+            saved = save_result(result, prompt, method, model, out, save_attention=save_attention,
+                                extra={"tokens_source": source})  # each batch as it is done
+            for rec in saved:
+                err.print(f"wrote {rec['path']}" + (f" and {rec['attention_path']}" if "attention_path" in rec
+                                                    else ""), highlight=False, soft_wrap=True)
+            records += saved
+    if as_json:
+        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+
+
+@command()
+def parse(
+    prompt: Annotated[str, typer.Argument(help="The text prompt.")],
+    model: Annotated[str, typer.Option(
+        "--model", help="Whose tokenizer: clip (SD 1.x/2.x, shipped), tiny, a hub id or a local folder.")] = "clip",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parse as JSON.")] = False,
+) -> None:
+    """Entities, their attributes and their CLIP token indices, from a dependency parse of the prompt."""
+    from rich.table import Table
+
+    from ..text.prompt import parse as parse_prompt
+    from ..text.tokenizers import load_tokenizer
+
+    quiet_libraries()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = parse_prompt(prompt, load_tokenizer(model))
+    for w in caught:
+        err.print(f"warning: {w.message}", highlight=False, soft_wrap=True)
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_dict(), ensure_ascii=False) + "\n")
+        return
+    table = Table("entity", "token indices", "attributes (indices)", title=prompt)
+    for e in result.entities:
+        table.add_row(e.text, ", ".join(map(str, e.indices)),
+                      "; ".join(f"{a.text} ({', '.join(map(str, a.indices))})" for a in e.attributes))
+    Console().print(table)
+    if result.dropped:
+        err.print("dropped: " + ", ".join(d["text"] for d in result.dropped), highlight=False)
+
+
+__all__ = ["generate", "parse", "describe"]

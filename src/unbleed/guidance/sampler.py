@@ -1,0 +1,322 @@
+"""The one guided sampler every method runs on.
+
+:func:`generate` is diffusers' ``StableDiffusionPipeline.__call__`` loop — the pipeline's own ``encode_prompt``,
+``prepare_latents``, ``prepare_extra_step_kwargs``, scheduler and ``image_processor`` — with one addition: inside
+the guidance window, before the scheduler step, :func:`guided_step` moves the latent down the method's loss,
+
+    z_t ← z_t − α_t ∇_{z_t} L(maps(z_t)),
+
+where the maps come from a text-conditioned UNet pass on ``z_t`` (scaled by the scheduler's
+``scale_model_input``). At refinement steps the update repeats while a sample's loss is above the step's
+threshold (at most ``max_refine_iters`` times; samples already below it are left alone), then the step's regular
+update follows — Attend-and-Excite's iterative refinement, which ELA's Alg. 1 also follows. With no method the
+loop is exactly diffusers' (tested for equality).
+
+Seeds are a batch: one UNet pass serves all of them, each seed has its own generator, and losses are per
+sample (summed only to take one gradient), so every image equals the one its seed gives alone.
+
+Attention pictures (``save_attention``) are an observer of the loop: they read the maps the guided step already
+has, or capture UP-1 on the regular pass, and never change the guidance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UnbleedError
+from ..methods import Conditioning, Maps, Method, StepContext
+from ..methods.maps import group_map
+from ..text.tokens import Entity, check_groups
+from .attention import AttentionStore, MapRequest, attention_store, level_of, resolve_block
+from .schedule import Schedule
+
+
+@dataclass
+class StepTrace:
+    """What happened at one denoising step (kept for ``--save-attention`` and the JSON record)."""
+
+    step: int
+    timestep: int
+    guided: bool
+    loss: list[float] | None = None  # per sample, before the step's update
+    final_loss: list[float] | None = None  # per sample, after refinement (before the regular update)
+    refine_iters: int = 0
+    alpha: float | None = None
+    maps: torch.Tensor | None = None  # [B, groups, h, w] on CPU, when saving attention
+    # generate(record=…): per request, the raw maps [B, 77, h, w] (conditional half, CPU) of the latent the
+    # scheduler steps — at a guided step the latent after the update (captured on the regular pass)
+    raw_maps: tuple[torch.Tensor, ...] | None = None
+    visuals: dict[str, torch.Tensor] = field(default_factory=dict)  # method pictures [B, h, w], on CPU
+
+
+@dataclass
+class Result:
+    images: Any  # list of PIL images (or the array for output_type="np")
+    latents: torch.Tensor
+    seeds: list[int]
+    groups: list[Entity]
+    params: dict[str, Any]
+    trace: list[StepTrace]
+    seconds: float
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 … 2**64 − 1 (a negative seed only aliases a large one)
+
+
+def check_seeds(seeds, name: str = "seeds") -> list[int]:
+    """``seeds`` as ints, each ``0 ≤ seed ≤ 2**64 − 1``; the one seed rule of the library and every CLI."""
+    out = []
+    for s in seeds:
+        try:
+            value = operator.index(s)
+        except TypeError:
+            raise UnbleedError(f"{name} {s!r}: a seed is a whole number from 0 to 2**64 − 1", field=name) from None
+        if not 0 <= value <= SEED_MAX:
+            raise UnbleedError(f"{name} {value}: a seed must be from 0 to 2**64 − 1 ({SEED_MAX})", field=name)
+        out.append(value)
+    if not out:
+        raise UnbleedError(f"{name}: give at least one seed", field=name)
+    return out
+
+
+def default_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def check_size(pipe, height: int, width: int) -> None:
+    f = pipe.vae_scale_factor
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % f:
+            raise UnbleedError(f"{name} {v} must be a positive multiple of {f} (the VAE's downsampling factor)",
+                               field=name)
+
+
+def picture_groups(groups: list[Entity]) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Rows of the attention pictures: each entity, then its attributes — names and token indices."""
+    names, idx = [], []
+    for e in groups:
+        names.append(e.text)
+        idx.append(e.indices)
+        for a in e.attributes:
+            names.append(f"{a.text} ({e.text})")
+            idx.append(a.indices)
+    return names, idx
+
+
+class Guide:
+    """One run's guidance: the method, its map requests and schedule, the prompt's context and the method's
+    per-run state. Built by :func:`generate`; tests build one to call :func:`guided_step` directly."""
+
+    def __init__(self, pipe, method: Method, schedule: Schedule, groups: list[Entity], prompt_length: int,
+                 cond: torch.Tensor, latent_hw: tuple[int, int], num_steps: int, truncate: bool = True):
+        self.pipe, self.method, self.schedule = pipe, method, schedule
+        self.groups, self.prompt_length, self.cond = tuple(groups), prompt_length, cond
+        self.latent_hw, self.num_steps, self.truncate = tuple(latent_hw), num_steps, truncate
+        self.requests = method.map_requests(pipe.unet)
+        self.run = method.new_run(pipe.unet)
+
+    def context(self, step: int) -> StepContext:
+        return StepContext(step, self.num_steps, self.prompt_length, self.groups)
+
+    def maps(self, store: AttentionStore, z: torch.Tensor, t) -> Maps:
+        """The method's maps of latent ``z`` at timestep ``t`` (a text-conditioned, possibly truncated pass)."""
+        with store.capture(self.requests, self.latent_hw, truncate=self.truncate):
+            self.pipe.unet(self.pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond,
+                           return_dict=False)
+        return tuple(store.maps(r) for r in self.requests)
+
+
+def guided_step(guide: Guide, store: AttentionStore, latents: torch.Tensor, step: int, t,
+                observe: Callable[[Maps, dict, StepContext], None] | None = None) -> tuple[torch.Tensor, StepTrace]:
+    """One guided step: ``z ← z − α ∇L``, with refinement first when ``step`` is a refinement step.
+
+    Returns the updated latent and the step's trace (losses, refinement iterations, α). ``observe(maps, state,
+    ctx)`` is called with the step's first (detached) maps and state — how attention pictures are drawn.
+    """
+    method, schedule = guide.method, guide.schedule
+    ctx = guide.context(step)
+    alpha = schedule.alpha(step, guide.num_steps)
+    rec = StepTrace(step=step, timestep=int(t), guided=True, alpha=alpha)
+    with torch.enable_grad():
+        z = latents.detach().requires_grad_(True)
+        maps = guide.maps(store, z, t)
+        detached = tuple(m.detach() for m in maps)
+        state = method.prepare_step(detached, ctx, guide.run)
+        loss = method.loss(maps, ctx, state)
+        rec.loss = loss.detach().float().cpu().tolist()
+        if observe is not None:
+            observe(detached, state, ctx)
+        threshold = schedule.refine.get(step)
+        if threshold is not None:
+            while rec.refine_iters < schedule.refine_cap(step):
+                active = method.refine_value(maps, ctx, state, loss).detach() > threshold
+                if not active.any():
+                    break
+                z = _descend(z, loss, alpha, active)
+                maps = guide.maps(store, z, t)
+                loss = method.loss(maps, ctx, state)
+                rec.refine_iters += 1
+        rec.final_loss = loss.detach().float().cpu().tolist()
+        z = _descend(z, loss, alpha)
+    return z.detach(), rec
+
+
+def _descend(z: torch.Tensor, loss: torch.Tensor, alpha: float, active: torch.Tensor | None = None) -> torch.Tensor:
+    """``z − α ∇L`` per sample (only ``active`` samples move); a non-finite gradient skips that sample's update."""
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    ok = torch.isfinite(grad.flatten(1)).all(1)
+    if not ok.all():
+        warnings.warn(f"non-finite gradient for {int((~ok).sum())} sample(s): their update is skipped",
+                      stacklevel=2)
+        grad = torch.where(ok[:, None, None, None], grad, torch.zeros_like(grad))
+    if active is not None:
+        grad = grad * active.to(grad.dtype)[:, None, None, None]
+    return (z - alpha * grad).detach().requires_grad_(True)
+
+
+class _Pictures:
+    """``--save-attention``: pooled maps of each group (and the method's visuals) per step, on CPU."""
+
+    def __init__(self, pipe, method, groups: list[Entity]):
+        self.rows = picture_groups(groups)[1]
+        if isinstance(method, Method):
+            self.request = method.map_requests(pipe.unet)[0]
+        else:  # plain sampling and conditioning methods: UP-1's maps
+            up1 = resolve_block(pipe.unet, "up-1")
+            self.request = MapRequest(blocks=(up1,), out_level=level_of(pipe.unet, up1))
+        self.method = method
+        self.pending: tuple[torch.Tensor, dict] | None = None  # the last guided step's pictures
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        return torch.stack([group_map(maps, i) for i in self.rows], 1).detach().cpu()
+
+    def on_guided(self, maps: Maps, state: dict, ctx: StepContext) -> None:
+        self.pending = (self.pool(maps[0]),
+                        {k: v.detach().cpu() for k, v in self.method.visuals(state, ctx).items()})
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    method: Method | Conditioning | None = None,
+    groups: list[Entity] | None = None,
+    seeds: list[int] = (0,),
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    eta: float = 0.0,
+    schedule: Schedule | None = None,
+    save_attention: bool = False,
+    record: MapRequest | tuple[MapRequest, ...] | None = None,
+    output_type: str = "pil",
+    callback: Callable[[int, int, StepTrace], None] | None = None,
+    truncate: bool = True,
+) -> Result:
+    """Generate one image per seed, guided by ``method`` (``None`` = plain SD, identical to diffusers).
+
+    ``method`` is a guidance :class:`Method` (updates the latent in ``schedule``'s window, default the method's
+    own) or a :class:`Conditioning` (changes the cross-attention values of every pass). ``truncate``: the guided
+    passes stop after the last cross-attention layer the method reads (the loss needs nothing after it; the
+    result is the same as with full passes).
+
+    ``record``: map requests kept at every step in ``StepTrace.raw_maps`` (one ``[B, 77, h, w]`` float32 CPU
+    tensor per request, all token columns, conditional half of CFG), captured on the step's regular UNet pass —
+    so at a guided step they are the maps of the updated latent, the one the scheduler steps. The recorded layers
+    run the explicit-softmax processor (as ``save_attention``), equal to the fused one up to float rounding.
+    """
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    t0 = time.perf_counter()
+    # 1. Check inputs.
+    seeds = check_seeds(seeds)
+    if num_inference_steps < 1:
+        raise UnbleedError(f"steps {num_inference_steps} must be ≥ 1", field="steps")
+    groups = check_groups(pipe.tokenizer, prompt, groups or [])
+    if method is not None and method.needs_groups and not groups:
+        raise UnbleedError(f"{method.name} needs token groups: pass --tokens, e.g. --tokens cat,frog", field="groups")
+    height = height or default_size(pipe)
+    width = width or default_size(pipe)
+    check_size(pipe, height, width)
+    guiding = isinstance(method, Method)
+    if guiding:
+        schedule = (schedule or method.default_schedule(num_inference_steps)).validate(num_inference_steps)
+    # 2. Encode the prompt.
+    device = pipe._execution_device
+    batch = len(seeds)
+    do_cfg = guidance_scale > 1.0
+    cond, uncond = pipe.encode_prompt(prompt, device, batch, do_cfg, negative_prompt)
+    embeds = torch.cat([uncond, cond]) if do_cfg else cond
+    value_sets = (method.value_sets(pipe, prompt, groups, embeds, batch, do_cfg)
+                  if isinstance(method, Conditioning) else None)
+    # 3. Timesteps, 4. initial latents (one CPU generator per seed), 5. extra step kwargs.
+    timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
+                                   generators)
+    extra = pipe.prepare_extra_step_kwargs(generators, eta)
+    latent_hw = tuple(latents.shape[-2:])
+    prompt_length = min(len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length)
+    guide = (Guide(pipe, method, schedule, groups, prompt_length, cond, latent_hw, len(timesteps), truncate)
+             if guiding else None)
+    pictures = _Pictures(pipe, method, groups) if save_attention and groups else None
+    recorded = () if record is None else record if isinstance(record, tuple) else (record,)
+    trace: list[StepTrace] = []
+
+    # 6. The denoising loop.
+    with attention_store(pipe.unet) as store:
+        for i, t in enumerate(timesteps):
+            if guide is not None and schedule.guided(i):
+                # 6a. The guided update of the latent.
+                latents, rec = guided_step(guide, store, latents, i, t,
+                                           pictures.on_guided if pictures is not None else None)
+                if pictures is not None:
+                    rec.maps, rec.visuals = pictures.pending
+            else:
+                rec = StepTrace(step=i, timestep=int(t), guided=False)
+            # 6b. The regular classifier-free-guided pass (capturing pictures and recorded maps when asked).
+            inp = torch.cat([latents] * 2) if do_cfg else latents
+            inp = pipe.scheduler.scale_model_input(inp, t)
+            keep = pictures is not None and not rec.guided
+            wanted = ((pictures.request,) if keep else ()) + recorded
+            ctx = (store.capture(wanted, latent_hw, slice(batch, None) if do_cfg else slice(None))
+                   if wanted else contextlib.nullcontext())
+            with ctx, store.values(value_sets):
+                noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if keep:
+                rec.maps = pictures.pool(store.maps(pictures.request))
+            if recorded:
+                rec.raw_maps = tuple(store.maps(r).detach().cpu() for r in recorded)
+            if do_cfg:
+                noise_uncond, noise_text = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            # 6c. The scheduler step.
+            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            trace.append(rec)
+            if callback is not None:
+                callback(i, len(timesteps), rec)
+
+    # 7. Decode.
+    if output_type == "latent":
+        images = latents
+    else:
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                generator=generators)[0]
+        images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * batch)
+    params = {
+        "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height, "width": width,
+        "negative_prompt": negative_prompt, "eta": eta, "scheduler": type(pipe.scheduler).__name__,
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""), "method_options": method.options() if method else {},
+        "schedule": schedule.as_dict() if guiding else None,
+    }
+    return Result(images, latents, seeds, groups, params, trace, time.perf_counter() - t0)

@@ -1,0 +1,148 @@
+"""One run, specified: the method and its options, the schedule, the token groups, the seeds and the size.
+
+A :class:`RunSpec` is what every front end builds — ``unbleed generate``, ``sweep``, ``shapes bench``,
+``bench speed``, the demo and the scripts — and it is validated in one place (:meth:`RunSpec.build`). Errors
+name the spec's fields (``window 30:10: …``); the command lines turn those names into their flags.
+
+Schedule fields left ``None`` keep the method's defaults; ``window`` and ``refine`` also take their textual
+forms (``"0:25"``, ``"0:0.2,10:0.1"``, ``"none"``), where a bare refinement step takes the method's threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UnbleedError
+from ..methods import Method, Options, make_method
+from .schedule import Schedule, parse_refine, parse_window
+
+SCHEDULE_FIELDS = ("window", "refine", "refine_iters", "step_size", "step_schedule")
+
+
+@dataclass
+class RunSpec:
+    method: str = "sd"
+    options: dict[str, str] = field(default_factory=dict)
+    weights: tuple[float, ...] | None = None
+    window: tuple[int, int] | str | None = None
+    refine: dict[int, float] | str | None = None
+    refine_iters: int | None = None
+    step_size: float | None = None
+    step_schedule: str | None = None
+    tokens: str | None = None  # the --tokens text; None: the prompt parser's groups
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+    eta: float = 0.0
+    truncate: bool = True
+
+    def __post_init__(self):
+        self.options = dict(self.options or {})
+        self.seeds = tuple(self.seeds)
+        if self.weights is not None:
+            self.weights = tuple(self.weights)
+
+    # --- validation -------------------------------------------------------------------------------------------
+    def build(self) -> tuple[Options | None, Schedule | None]:
+        """The method object and its schedule (``None, None`` for plain sampling), every field checked."""
+        from .sampler import check_seeds
+
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise UnbleedError(f"steps {self.steps} must be ≥ 1", field="steps")
+        check_seeds(self.seeds)
+        if not math.isfinite(self.guidance_scale):
+            raise UnbleedError(f"guidance_scale {self.guidance_scale} must be a finite number",
+                               field="guidance_scale")
+        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+            raise UnbleedError(f"weights {','.join(map(str, self.weights))}: weights must be finite numbers",
+                               field="weights")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise UnbleedError(f"{name} {value} must be a positive number of pixels", field=name)
+        method = make_method(self.method, self.options, self.weights)
+        if not isinstance(method, Method):
+            return method, None
+        schedule = method.default_schedule(self.steps)
+        window = parse_window(self.window, self.steps) if isinstance(self.window, str) else self.window
+        if window is not None:
+            schedule.window = tuple(window)
+            schedule.refine = {k: v for k, v in schedule.refine.items() if window[0] <= k < window[1]}
+        refine = (parse_refine(self.refine, method.default_schedule(self.steps).refine)
+                  if isinstance(self.refine, str) else self.refine)
+        if refine is not None:
+            schedule.refine = dict(refine)
+        if self.refine_iters is not None:
+            schedule.max_refine_iters = self.refine_iters
+        if self.step_size is not None:
+            schedule.step_size = self.step_size
+        if self.step_schedule is not None:
+            schedule.step_schedule = self.step_schedule
+        return method, schedule.validate(self.steps)
+
+    @property
+    def sets_schedule(self) -> bool:
+        """Whether any schedule field is given (plain sampling and conditioning methods ignore them)."""
+        return any(getattr(self, f) is not None for f in SCHEDULE_FIELDS)
+
+    # --- token groups -----------------------------------------------------------------------------------------
+    def groups(self, tokenizer, prompt: str, pictures: bool = False) -> list:
+        """The token groups of ``prompt``: from ``tokens`` when given, else from the prompt parser — when the
+        method needs them, or for attention ``pictures``; plain sampling otherwise has none."""
+        from ..methods import METHODS
+        from ..text.prompt import parse, token_groups
+
+        parts = [METHODS.get(n.strip()) for n in self.method.split("+")]
+        if self.tokens or any(c is not None and c.needs_groups for c in parts):
+            return token_groups(tokenizer, prompt, self.tokens)
+        if pictures:  # pictures only: whatever entities the parse finds (none: no attention rows, no error)
+            return parse(prompt, tokenizer).entities
+        return []
+
+    # --- running ----------------------------------------------------------------------------------------------
+    def run(self, pipe, prompt: str, *, groups: list | None = None, seeds=None, save_attention: bool = False,
+            record=None, callback=None, output_type: str = "pil", built=None):
+        """:func:`unbleed.guidance.sampler.generate` with this spec (``seeds`` overrides the spec's; ``groups``
+        defaults to :meth:`groups`; ``built`` reuses a :meth:`build` result)."""
+        from .sampler import generate
+
+        method, schedule = built if built is not None else self.build()
+        if groups is None:
+            groups = self.groups(pipe.tokenizer, prompt, pictures=save_attention)
+        return generate(pipe, prompt, method=method, groups=groups,
+                        seeds=list(self.seeds if seeds is None else seeds), num_inference_steps=self.steps,
+                        guidance_scale=self.guidance_scale, height=self.height, width=self.width,
+                        negative_prompt=self.negative_prompt, eta=self.eta, schedule=schedule,
+                        save_attention=save_attention, record=record, output_type=output_type, callback=callback,
+                        truncate=self.truncate)
+
+    # --- records ----------------------------------------------------------------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["seeds"] = list(self.seeds)
+        if isinstance(self.window, tuple):
+            d["window"] = list(self.window)
+        if isinstance(self.refine, dict):
+            d["refine"] = {str(k): v for k, v in self.refine.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UnbleedError(f"run spec: unknown field(s) {', '.join(sorted(unknown))}")
+        if isinstance(d.get("window"), list):
+            d["window"] = tuple(d["window"])
+        if isinstance(d.get("refine"), dict):
+            d["refine"] = {int(k): float(v) for k, v in d["refine"].items()}
+        return cls(**d)
+
+    def replace(self, **changes) -> "RunSpec":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,1 @@
+"""Files: PNGs with metadata and records, plots, attention pictures."""

@@ -1,0 +1,1 @@
+"""Text: the prompt parser and token groups (which CLIP token indices each entity and attribute has)."""
