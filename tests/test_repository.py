@@ -64,3 +64,16 @@ def test_how_it_works_matches_the_tree():
         if m:
             for module in re.findall(r"`(\w+\.py)`", block):
                 assert (ROOT / "src/unbleed" / m.group(1) / module).is_file(), f"{m.group(1)}/{module}"
+
+
+def test_readme_methods_table_is_the_registry():
+    """The README's methods table has one row per registered method, in the registry's order."""
+    import re
+
+    from unbleed.methods import METHODS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Methods"):]
+    section = section[:section.index("\n## ")]
+    rows = [r for r in re.findall(r"^\| `([\w+-]+)` \|", section, flags=re.M) if r != "--method"]
+    assert rows == list(METHODS), f"README methods table {rows} != registry {list(METHODS)}"
