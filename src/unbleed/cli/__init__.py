@@ -12,7 +12,7 @@ Errors are one line ``error: …`` on stderr and exit status 2.
 
 import typer
 
-from . import bench, generate, info, shapes, sweep
+from . import bench, demo, generate, info, shapes, sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fix concept bleeding in Stable Diffusion without training (ELA and peers).")
@@ -25,6 +25,7 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(shapes.app, name="shapes", help="The shapes world: render, detect, detect-check, bench, diagnose, "
                                               "train.")
 app.command("version")(info.version)
+app.command("demo")(demo.demo)
 
 
 def main() -> None:
