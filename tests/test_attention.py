@@ -67,3 +67,109 @@ def test_processors_restored_and_nothing_kept_outside_capture(tiny):
         tiny.unet(torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=_cond(tiny))
         assert store.records == {}
     assert {k: type(v) for k, v in tiny.unet.attn_processors.items()} == before
+
+
+# --- self-attention capture (kind="self", InitNO's conflict score) ---------------------------------------------
+
+def _self_probs_by_hand(attn, hidden):
+    """softmax(Q Kᵀ · scale) of a self-attention layer from its input, averaged over heads: [B, q, q]."""
+    q = attn.head_to_batch_dim(attn.to_q(hidden))
+    k = attn.head_to_batch_dim(attn.to_k(hidden))
+    probs = torch.softmax(q @ k.transpose(1, 2) * attn.scale, dim=-1)
+    return probs.reshape(hidden.shape[0], attn.heads, *probs.shape[1:]).mean(1)
+
+
+def test_self_attention_maps_are_the_layers_probabilities(tiny):
+    from unbleed.guidance.attention import cross_attention_layers, self_attention_layers
+
+    unet = tiny.unet
+    layers = self_attention_layers(unet)
+    # the attn1 of every transformer block that has a cross-attention layer, with that block's level
+    assert [l.key for l in layers] == [l.key.replace("attn2", "attn1") for l in cross_attention_layers(unet)]
+    assert all(l.kind == "self" for l in layers)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    request = MapRequest(blocks=("up_blocks.1",), out_level=1, kind="self")
+    inputs = {}
+    modules = dict(unet.named_modules())
+    names = [l.key[: -len(".processor")] for l in layers if l.block == "up_blocks.1"]
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            inputs[name] = kwargs.get("hidden_states", args[0] if args else None)
+        return hook
+
+    hooks = [modules[n].register_forward_pre_hook(keep(n), with_kwargs=True) for n in names]
+    try:
+        with attention_store(unet) as store:
+            with store.capture(request, (16, 16)):
+                unet(z, 10, encoder_hidden_states=_cond(tiny, batch=2))
+            maps = store.maps(request)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert maps.shape == (2, 64, 8, 8)  # [batch, query pixel (row-major), key grid]
+    assert torch.allclose(maps.flatten(2).sum(-1), torch.ones(2, 64), atol=1e-5)  # each row is a distribution
+    by_hand = torch.stack([_self_probs_by_hand(modules[n], inputs[n]) for n in names]).mean(0)
+    torch.testing.assert_close(maps, by_hand.reshape(2, 64, 8, 8), atol=1e-6, rtol=1e-5)
+
+
+def test_self_request_leaves_cross_maps_and_output_unchanged(tiny):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    cross = MapRequest(blocks=None, level=1, out_level=1)
+    self_ = MapRequest(blocks=None, level=1, out_level=1, kind="self")
+    plain = tiny.unet(z, 10, encoder_hidden_states=_cond(tiny)).sample
+    with attention_store(tiny.unet) as store:
+        with store.capture(cross, (16, 16)):
+            out_cross = tiny.unet(z, 10, encoder_hidden_states=_cond(tiny)).sample
+        alone = store.maps(cross)
+        with store.capture((cross, self_), (16, 16)):
+            out_both = tiny.unet(z, 10, encoder_hidden_states=_cond(tiny)).sample
+        both, selfmaps = store.maps(cross), store.maps(self_)
+    # the cross-attention maps do not depend on a self request (but for the rounding of the explicit self-attention)
+    torch.testing.assert_close(alone, both, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_both, plain, atol=1e-5, rtol=1e-4)  # explicit probabilities: float rounding only
+    torch.testing.assert_close(out_cross, plain, atol=1e-5, rtol=1e-4)
+    assert selfmaps.shape == (1, 64, 8, 8)
+
+
+def test_truncated_pass_stops_after_the_cross_layer_of_the_last_block(tiny):
+    # attn1 runs before attn2 of the same transformer block: a truncated pass must reach both
+    from unbleed.guidance.attention import forward_order
+
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    requests = (MapRequest(blocks=("up_blocks.1",), out_level=1),
+                MapRequest(blocks=("up_blocks.1",), out_level=1, kind="self"))
+    with attention_store(tiny.unet) as store:
+        last = max(store.select(requests[0]) + store.select(requests[1]), key=forward_order)
+        assert last.key.endswith("attentions.1.transformer_blocks.0.attn2.processor")
+        with store.capture(requests, (16, 16), truncate=True):
+            tiny.unet(z, 10, encoder_hidden_states=_cond(tiny))
+        assert len(store.records) == 4 and all(len(v) == 1 for v in store.records.values())
+
+
+def test_self_maps_resized_to_another_level(tiny):
+    # level-0 (16×16) self-attention of up_blocks.2 at level 1 (8×8): both grids resized, rows sum to the area ratio
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    request = MapRequest(blocks=("up_blocks.2",), out_level=1, kind="self")
+    with attention_store(tiny.unet) as store:
+        with store.capture(request, (16, 16)):
+            tiny.unet(z, 10, encoder_hidden_states=_cond(tiny))
+        maps = store.maps(request)
+    assert maps.shape == (1, 64, 8, 8)
+    assert torch.allclose(maps.flatten(2).sum(-1), torch.full((1, 64), 0.25), atol=1e-5)
+
+
+def test_value_sets_never_reach_self_attention(tiny):
+    # StructureDiffusion's value sets replace cross-attention values only; a set equal to the prompt's own
+    # embeddings leaves the output unchanged, self-attention layers included
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    cond = _cond(tiny)
+    plain = tiny.unet(z, 10, encoder_hidden_states=cond).sample
+    with attention_store(tiny.unet) as store, store.values([cond]):
+        out = tiny.unet(z, 10, encoder_hidden_states=cond).sample
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_request_kind(tiny):
+    with attention_store(tiny.unet) as store, pytest.raises(UnbleedError, match="kind 'both' is unknown"):
+        store.select(MapRequest(blocks=None, out_level=1, kind="both"))

@@ -1,9 +1,12 @@
-"""Model loading: hub id, local diffusers folder, ``shapes``, or ``tiny`` (built in-process with seeded random
-weights by :func:`unbleed.testing.build_tiny_pipeline`).
+"""Model loading: hub id, local diffusers folder, ``shapes``, ``tiny`` or ``tiny-xl`` (built in-process with
+seeded random weights by :func:`unbleed.testing.build_tiny_pipeline` / :func:`~unbleed.testing.build_tiny_xl_pipeline`).
 
-Every model is a diffusers :class:`~diffusers.StableDiffusionPipeline`; the sampler only uses its components
-(tokenizer, text encoder, UNet, VAE, scheduler) and its helpers (``encode_prompt``, ``prepare_latents``…), so
-anything that loads as an SD 1.x / 2.x pipeline runs every method unchanged.
+Every model is a diffusers :class:`~diffusers.StableDiffusionPipeline` (SD 1.x / 2.x) or
+:class:`~diffusers.StableDiffusionXLPipeline` (SDXL: a folder or hub repository whose ``model_index.json`` names
+an SDXL pipeline class, e.g. ``stabilityai/stable-diffusion-xl-base-1.0``). The sampler only uses the components
+(tokenizers, text encoders, UNet, VAE, scheduler) and the pipeline's own helpers (``encode_prompt``,
+``prepare_latents``, SDXL's ``_get_add_time_ids``…) through :mod:`unbleed.guidance.conditioning`, so anything that
+loads as either pipeline runs every method unchanged.
 
 Safety: weights load from ``safetensors`` only. Pickled ``.bin``/``.ckpt`` weights run arbitrary code when
 loaded, so they are accepted only with ``allow_pickle=True`` (CLI ``--allow-pickle``).
@@ -20,7 +23,8 @@ from .errors import UnbleedError
 from .text.tokenizers import load_clip_tokenizer
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the ELA paper's model
-OFFLINE_MODELS = ("tiny", "shapes")
+OFFLINE_MODELS = ("tiny", "tiny-xl", "shapes")
+SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
@@ -89,9 +93,11 @@ def _has_weights(folder: Path, suffixes: tuple[str, ...]) -> bool:
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: str | None = "auto",
                allow_pickle: bool = False, scheduler: str | None = None, seed: int = 0):
-    """Load a model as a ``StableDiffusionPipeline`` on ``device``; inference only (weights frozen).
+    """Load a model as a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` on ``device``; inference only
+    (weights frozen).
 
-    ``spec`` is ``tiny``, ``shapes`` (the shipped shapes-world model), a local diffusers folder, or a hub id (resolved from the local cache first).
+    ``spec`` is ``tiny``, ``tiny-xl`` (SDXL in miniature), ``shapes`` (the shipped shapes-world model), a local
+    diffusers folder, or a hub id (resolved from the local cache first).
     Raises :class:`UnbleedError` with one line naming the fix when the model cannot be had.
     """
     dev = resolve_device(device)
@@ -100,6 +106,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
         from .testing import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(seed=seed)
+    elif spec == "tiny-xl":
+        from .testing import build_tiny_xl_pipeline
+
+        pipe = build_tiny_xl_pipeline(seed=seed)
     elif spec == "shapes":
         # the folder ships without a tokenizer: it is the package's CLIP one (no second copy of the vocabulary)
         pipe = _load_pretrained(str(_shapes_folder()), torch_dtype, allow_pickle=False,
@@ -109,7 +119,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
     pipe.to(device=dev)
     if pipe.unet.dtype != torch_dtype:
         pipe.to(dtype=torch_dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is None:
+            continue
         module.requires_grad_(False)
         module.eval()
     pipe.set_progress_bar_config(disable=True)
@@ -118,8 +130,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
 
 
 def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **components):
-    kwargs = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
-                  use_safetensors=None if allow_pickle else True, **components)
+    kwargs = dict(torch_dtype=torch_dtype, use_safetensors=None if allow_pickle else True, **components)
     path = Path(spec).expanduser()
     if path.is_file():
         raise UnbleedError(f"--model {spec}: single-file checkpoints are not supported; convert it to a diffusers "
@@ -136,14 +147,18 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **
                                f"you trust them")
         try:
             return _from_pretrained(str(path), kwargs)
+        except UnbleedError:
+            raise
         except (OSError, ValueError) as err:
-            raise UnbleedError(f"--model {spec}: could not load the folder as a Stable Diffusion pipeline "
-                               f"({_first_line(err)})") from None
+            raise UnbleedError(f"--model {spec}: could not load the folder as a Stable Diffusion (or SDXL) "
+                               f"pipeline ({_first_line(err)})") from None
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UnbleedError(f"--model {spec}: no such folder, and it is not a hub id of the form owner/name: "
                            f"pass a local diffusers folder, a hub id, or one of: {', '.join(OFFLINE_MODELS)}")
     try:
         return _from_pretrained(spec, kwargs)
+    except UnbleedError:
+        raise
     except Exception as err:  # hub errors come as many types (OSError, HTTP, connection, offline-mode)
         text = _first_line(err)
         if not allow_pickle and "safetensors" in text.lower():
@@ -151,17 +166,36 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **
                                f"to load its pickled .bin weights if you trust it") from None
         raise UnbleedError(
             f"--model {spec}: not in the local cache, and the Hugging Face Hub cannot be reached or has no such "
-            f"repository ({type(err).__name__}); offline, use --model tiny or a local diffusers folder "
-            f"(--model /path/to/folder)"
+            f"repository ({type(err).__name__}); offline, use --model tiny (or tiny-xl) or a local diffusers "
+            f"folder (--model /path/to/folder)"
         ) from None
+
+
+def pipeline_class(name: str):
+    """The pipeline class for a folder or hub id, from its ``model_index.json``: ``StableDiffusionXLPipeline`` when
+    it names an SDXL text-to-image pipeline, else ``StableDiffusionPipeline`` (SD 1.x / 2.x and their kin)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    with warnings.catch_warnings():  # huggingface_hub's deprecation notes about diffusers' own download arguments
+        warnings.simplefilter("ignore")
+        class_name = str(DiffusionPipeline.load_config(name).get("_class_name", ""))
+    if "XL" not in class_name:
+        return StableDiffusionPipeline
+    if class_name != "StableDiffusionXLPipeline":
+        raise UnbleedError(f"--model {name}: a {class_name}; unbleed samples text-to-image, so an SDXL model must "
+                           f"be a StableDiffusionXLPipeline (e.g. {SDXL_MODEL}; the refiner is not one)")
+    return StableDiffusionXLPipeline
 
 
 def _from_pretrained(name: str, kwargs: dict):
     from diffusers import StableDiffusionPipeline
 
+    cls = pipeline_class(name)
+    if cls is StableDiffusionPipeline:
+        kwargs = dict(kwargs, safety_checker=None, requires_safety_checker=False)
     with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype to dtype; the old name works up to 1.0
         warnings.simplefilter("ignore", FutureWarning)
-        return StableDiffusionPipeline.from_pretrained(name, **kwargs)
+        return cls.from_pretrained(name, **kwargs)
 
 
 def _first_line(err: BaseException) -> str:

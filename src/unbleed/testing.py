@@ -1,7 +1,8 @@
 """Builders of tiny or random-weight models for tests and benchmarks; nothing is downloaded.
 
-``build_tiny_pipeline`` makes the in-process ``tiny`` model of :func:`unbleed.models.load_model`;
-``save_random_sd`` writes a full-size SD 1.x folder with random weights for speed work.
+``build_tiny_pipeline`` makes the in-process ``tiny`` model of :func:`unbleed.models.load_model`,
+``build_tiny_xl_pipeline`` its SDXL counterpart ``tiny-xl``; ``save_random_sd`` writes a full-size SD 1.x or
+SDXL folder with random weights for speed work.
 """
 
 from __future__ import annotations
@@ -52,14 +53,89 @@ def build_tiny_pipeline(seed: int = 0):
     return pipe
 
 
-def save_random_sd(path: str | os.PathLike, arch: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float16):
-    """Write a local diffusers folder with the full-size SD 1.x architecture and random weights (for speed work).
+# SDXL base 1.0's scheduler config (scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0)
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+SDXL_VAE_SCALING = 0.13025  # SDXL's VAE latent scale (SD 1.x: 0.18215)
 
-    The configs are SD 1.4's (CLIP ViT-L/14 text encoder, 860M-parameter UNet, the KL-f8 VAE), the tokenizer is
-    the real CLIP BPE one. Weights are seeded random in ``dtype`` and saved as safetensors.
+
+def sdxl_tokenizers():
+    """SDXL's two tokenizers: CLIP ViT-L's (padding with end-of-text) and OpenCLIP bigG's, the same BPE padding
+    with ``!`` (id 0) — the shipped CLIP BPE both times, with SDXL's pad tokens."""
+    from transformers import CLIPTokenizer
+
+    from .text.tokenizers import clip_tokenizer_path
+
+    return load_clip_tokenizer(), CLIPTokenizer.from_pretrained(clip_tokenizer_path(), pad_token="!")
+
+
+def _sdxl_pipeline(text_encoder, text_encoder_2, unet, vae, tokenizers=None):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = tokenizers or sdxl_tokenizers()
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def build_tiny_xl_pipeline(seed: int = 0):
+    """A tiny SDXL-format pipeline (``--model tiny-xl``) with seeded random weights and SDXL's two tokenizers.
+
+    It mirrors SDXL base's layout in miniature: two text encoders (a CLIPTextModel and a
+    CLIPTextModelWithProjection whose pooled output feeds the UNet), their penultimate hidden states concatenated
+    (32 + 48 = 80 channels); a three-level UNet with no cross-attention in the first down block and the last up
+    block, more transformer layers at the coarsest level (``transformer_layers_per_block=(1, 1, 2)``, SDXL's
+    (1, 2, 10)), linear projections and the "text_time" added embedding (pooled text + six time ids); an 8× VAE
+    with SDXL's scaling factor and ``force_upcast``; SDXL's Euler scheduler config. Default size 256 px (32×32
+    latents: ``up-1`` maps 8×8, the finer level 16×16 — SDXL's 32×32 and 64×64 at 1024 px, scaled by 1/4).
     """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizers = sdxl_tokenizers()
+    common = dict(vocab_size=tokenizers[0].vocab_size, max_position_embeddings=77, bos_token_id=49406,
+                  eos_token_id=49407, pad_token_id=49407)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, projection_dim=32, **common))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, projection_dim=32,
+        hidden_act="gelu", **common))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+        norm_num_groups=16, cross_attention_dim=32 + 48, attention_head_dim=(2, 4, 4),
+        transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256,
+        scaling_factor=SDXL_VAE_SCALING, force_upcast=True,
+    )
+    return _sdxl_pipeline(text_encoder, text_encoder_2, unet, vae, tokenizers)
+
+
+def save_random_sd(path: str | os.PathLike, arch: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float16):
+    """Write a local diffusers folder with a full-size architecture and random weights (for speed work).
+
+    ``arch="sd1"``: SD 1.4's configs (CLIP ViT-L/14 text encoder, 860M-parameter UNet, the KL-f8 VAE).
+    ``arch="sdxl"``: SDXL base 1.0's (:func:`save_random_sdxl`). The tokenizers are the real CLIP BPE. Weights are
+    seeded random in ``dtype`` and saved as safetensors.
+    """
+    if arch == "sdxl":
+        return save_random_sdxl(path, seed=seed, dtype=dtype)
     if arch != "sd1":
-        raise UnbleedError(f"save_random_sd: arch {arch!r} is not supported: use sd1")
+        raise UnbleedError(f"save_random_sd: arch {arch!r} is not supported: use sd1 or sdxl")
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -86,5 +162,44 @@ def save_random_sd(path: str | os.PathLike, arch: str = "sd1", seed: int = 0, dt
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(dtype=dtype)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def save_random_sdxl(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float16):
+    """A full-size SDXL base 1.0 architecture with random weights, saved as a diffusers folder (about 7 GB in fp16).
+
+    Configs are SDXL base's: CLIP ViT-L/14 (768) and OpenCLIP bigG/14 (1280, with projection) text encoders, the
+    2.6B-parameter UNet (320/640/1280 channels, transformer depths 1/2/10, no cross-attention at the finest level,
+    "text_time" added embedding of 6×256 + 1280), the KL-f8 VAE with scale 0.13025 and ``force_upcast``, Euler.
+    Each component is cast to ``dtype`` as soon as it is built, so the peak memory stays near the UNet's fp32 size
+    (about 10 GB).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                  pad_token_id=49407)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="quick_gelu", projection_dim=768, **common)).to(dtype)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+        projection_dim=1280, **common)).to(dtype)
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ).to(dtype)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=1024, scaling_factor=SDXL_VAE_SCALING, force_upcast=True,
+    ).to(dtype)
+    pipe = _sdxl_pipeline(text_encoder, text_encoder_2, unet, vae)
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)

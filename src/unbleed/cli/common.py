@@ -216,8 +216,10 @@ def methods_help(example: str) -> str:
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
-Model = Annotated[str, typer.Option("--model", help="Hub id, local diffusers folder, 'shapes' (the shipped "
-                                                    "shapes-world model) or 'tiny' (offline, random weights).")]
+Model = Annotated[str, typer.Option("--model", help="Hub id (SD 1.x/2.x or SDXL, e.g. stabilityai/stable-diffusion-"
+                                                    "xl-base-1.0), local diffusers folder, 'shapes' (the shipped "
+                                                    "shapes-world model), 'tiny' or 'tiny-xl' (SD / SDXL in "
+                                                    "miniature: offline, random weights).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle",

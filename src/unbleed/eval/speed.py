@@ -9,7 +9,8 @@ sampled every 2 ms) above its size at the start, after freed heap memory is hand
 (``malloc_trim``) — without that, a warm run reuses memory the allocator kept and shows no growth at all.
 
 The reference ``diffusers-attend-excite`` is diffusers' ``StableDiffusionAttendAndExcitePipeline`` on the same
-components, with the same guided steps (``max_iter_to_alter``), refinement thresholds and step size.
+components, with the same guided steps (``max_iter_to_alter``), refinement thresholds and step size. diffusers has
+no SDXL Attend-and-Excite pipeline, so on an SDXL model the reference is left out (with a warning).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Callable
 import torch
 
 from ..errors import UnbleedError
+from ..guidance.conditioning import is_xl
 from ..guidance.sampler import default_size
 from ..guidance.schedule import Schedule
 from ..guidance.spec import RunSpec
@@ -165,6 +167,10 @@ def speed(pipe, methods: list[str], prompt: str = "a cat and a frog", steps: int
             spec.run(pipe, prompt, groups=groups, built=built, output_type=output_type)
 
         runners[name] = run
+    if reference and is_xl(pipe):
+        warnings.warn(f"{REFERENCE} is left out: diffusers' Attend-and-Excite pipeline is for SD 1.x/2.x, not SDXL",
+                      stacklevel=2)
+        reference = False
     if reference:
         ae = spec_of("attend-excite")
         runners[REFERENCE] = _diffusers_attend_excite(pipe, prompt, ae.groups(pipe.tokenizer, prompt), seed, steps,

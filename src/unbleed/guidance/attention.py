@@ -13,6 +13,11 @@ n−1, ``up_blocks.k`` → n−1−k for n levels); its maps are ``ceil(latent /
 Only the layers of an active request are computed through explicit probabilities and kept; every other
 attention layer runs its original (fused) processor, so a run that captures nothing is numerically identical
 to diffusers.
+
+A request's ``kind`` is ``"cross"`` (default: the text cross-attention ``attn2``, maps ``[batch, 77, h, w]``) or
+``"self"`` (the self-attention ``attn1`` of the same transformer blocks, maps ``[batch, h·w, h, w]``: row
+``q = y·w + x`` is the attention of query pixel ``(y, x)`` over the key pixels) — InitNO's conflict score reads
+the latter.
 """
 
 from __future__ import annotations
@@ -33,16 +38,21 @@ class CrossAttentionLayer:
     key: str  # the processor key, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
     block: str  # "down_blocks.2" | "mid_block" | "up_blocks.1"
     level: int
+    kind: str = "cross"  # "cross" (attn2) | "self" (attn1 of the same transformer block)
 
 
 @dataclass(frozen=True)
 class MapRequest:
     """Which maps a method needs: the cross-attention layers of ``blocks`` (or of every block when ``None``),
-    optionally only those at ``level``, each resized to the size of ``out_level`` and averaged."""
+    optionally only those at ``level``, each resized to the size of ``out_level`` and averaged.
+
+    ``kind="self"`` asks for the self-attention layers of those blocks instead (``[batch, h·w, h, w]``, both the
+    query and the key grid resized to ``out_level``'s size)."""
 
     blocks: tuple[str, ...] | None
     out_level: int
     level: int | None = None
+    kind: str = "cross"
 
 
 def _block_of(module_name: str) -> str | None:
@@ -70,10 +80,29 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
     return layers
 
 
+def self_attention_layers(unet) -> list[CrossAttentionLayer]:
+    """The self-attention layer (``attn1``) of every transformer block that has a cross-attention layer
+    (``attn2``), in forward order, with the block and level of that cross-attention layer (``kind="self"``)."""
+    from diffusers.models.attention_processor import Attention
+
+    modules = dict(unet.named_modules())
+    layers = []
+    for layer in cross_attention_layers(unet):
+        if not layer.key.endswith("attn2.processor"):
+            continue
+        name = layer.key[: -len("attn2.processor")] + "attn1"
+        module = modules.get(name)
+        if isinstance(module, Attention) and not module.is_cross_attention:
+            layers.append(CrossAttentionLayer(f"{name}.processor", layer.block, layer.level, "self"))
+    return layers
+
+
 def forward_order(layer: CrossAttentionLayer) -> tuple[int, ...]:
-    """Sort key giving the order in which the UNet runs its cross-attention layers (down, mid, up)."""
+    """Sort key giving the order in which the UNet runs its attention layers (down, mid, up; in a transformer
+    block ``attn1`` before ``attn2``)."""
     rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[layer.block.split(".")[0]]
-    return (rank, *(int(n) for n in re.findall(r"\.(\d+)", layer.key)))
+    attn = re.search(r"attn(\d+)\.processor$", layer.key)
+    return (rank, *(int(n) for n in re.findall(r"\.(\d+)", layer.key)), int(attn.group(1)) if attn else 0)
 
 
 class StopForward(Exception):
@@ -125,12 +154,14 @@ class AttentionStore:
     """Records cross-attention probabilities of the layers a :class:`MapRequest` selects.
 
     ``maps(request)`` returns ``[batch, tokens, h, w]`` in float32: averaged over heads (at capture) and over
-    the selected layers (after resizing each to the request's output size), differentiable w.r.t. the latent.
+    the selected layers (after resizing each to the request's output size), differentiable w.r.t. the latent;
+    ``[batch, h·w, h, w]`` for a ``kind="self"`` request.
     """
 
     def __init__(self, unet):
         self.unet = unet
         self.layers = cross_attention_layers(unet)
+        self.self_layers = self_attention_layers(unet)  # attn1 of the same transformer blocks
         self.wanted: set[str] = set()
         self.batch_slice = slice(None)
         self.latent_hw: tuple[int, int] | None = None
@@ -149,11 +180,14 @@ class AttentionStore:
             self.value_sets = None
 
     def select(self, request: MapRequest) -> list[CrossAttentionLayer]:
-        chosen = [l for l in self.layers
+        if request.kind not in ("cross", "self"):
+            raise UnbleedError(f"map request kind {request.kind!r} is unknown: use cross or self")
+        chosen = [l for l in (self.self_layers if request.kind == "self" else self.layers)
                   if (request.blocks is None or l.block in request.blocks)
                   and (request.level is None or l.level == request.level)]
         if not chosen:
-            raise UnbleedError(f"no cross-attention layer matches blocks={request.blocks} level={request.level}")
+            raise UnbleedError(f"no {request.kind}-attention layer matches blocks={request.blocks} "
+                               f"level={request.level}")
         return chosen
 
     @contextlib.contextmanager
@@ -192,14 +226,31 @@ class AttentionStore:
             for probs in self.records.get(layer.key, []):
                 b, q, k = probs.shape
                 hw = self._query_hw(q)
-                m = probs.float().transpose(1, 2).reshape(b, k, *hw)
-                if hw != out_hw:
-                    m = F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)
+                if layer.kind == "self":
+                    m = self._self_map(probs.float(), hw, out_hw)
+                else:
+                    m = probs.float().transpose(1, 2).reshape(b, k, *hw)
+                    if hw != out_hw:
+                        m = F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)
                 acc = m if acc is None else acc + m
                 count += 1
         if acc is None:
             raise UnbleedError("no attention maps were recorded: the UNet ran no selected cross-attention layer")
         return acc / count
+
+    @staticmethod
+    def _self_map(probs: torch.Tensor, hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+        """Self-attention ``[b, q, q]`` → ``[b, q, h, w]`` (row = query pixel, row-major; columns = key pixels on
+        the grid). At another level both grids are resized bilinearly (keys first, then queries); the rows then
+        sum to the area ratio instead of 1."""
+        b = probs.shape[0]
+        m = probs.reshape(b, probs.shape[1], *hw)
+        if hw == out_hw:
+            return m
+        m = F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)  # key grid
+        m = m.reshape(b, *hw, -1).permute(0, 3, 1, 2)  # [b, key, query_h, query_w]
+        m = F.interpolate(m, size=out_hw, mode="bilinear", align_corners=False)  # query grid
+        return m.flatten(2).transpose(1, 2).reshape(b, -1, *out_hw)
 
     def _query_hw(self, q: int) -> tuple[int, int]:
         for level in range(8):
@@ -210,14 +261,15 @@ class AttentionStore:
 
 
 class CaptureProcessor:
-    """Attention processor: explicit softmax probabilities for wanted layers, the original processor otherwise."""
+    """Attention processor: explicit softmax probabilities for wanted layers, the original processor otherwise.
+    ``cross=False`` marks a self-attention layer (never given value sets)."""
 
-    def __init__(self, store: AttentionStore, key: str, original):
-        self.store, self.key, self.original = store, key, original
+    def __init__(self, store: AttentionStore, key: str, original, cross: bool = True):
+        self.store, self.key, self.original, self.cross = store, key, original, cross
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        value_sets = self.store.value_sets
+        value_sets = self.store.value_sets if self.cross else None
         if self.key not in self.store.wanted and value_sets is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         # The same computation as diffusers' AttnProcessor, keeping the probabilities.
@@ -228,12 +280,15 @@ class CaptureProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None
+                                          else encoder_hidden_states).shape
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        if attn.norm_cross:
+        if encoder_hidden_states is None:  # self-attention
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         query = attn.head_to_batch_dim(query)
@@ -259,11 +314,13 @@ class CaptureProcessor:
 
 @contextlib.contextmanager
 def attention_store(unet):
-    """Install capture processors on every cross-attention layer for the block; restore the originals after."""
+    """Install capture processors on every cross-attention layer (and its block's self-attention layer) for the
+    block; restore the originals after."""
     store = AttentionStore(unet)
     originals = dict(unet.attn_processors)
-    keys = {l.key for l in store.layers}
-    unet.set_attn_processor({k: CaptureProcessor(store, k, p) if k in keys else p for k, p in originals.items()})
+    kinds = {l.key: l.kind for l in store.layers + store.self_layers}
+    unet.set_attn_processor({k: CaptureProcessor(store, k, p, cross=kinds[k] == "cross") if k in kinds else p
+                             for k, p in originals.items()})
     try:
         yield store
     finally:

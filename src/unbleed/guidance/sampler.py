@@ -1,16 +1,23 @@
 """The one guided sampler every method runs on.
 
-:func:`generate` is diffusers' ``StableDiffusionPipeline.__call__`` loop — the pipeline's own ``encode_prompt``,
-``prepare_latents``, ``prepare_extra_step_kwargs``, scheduler and ``image_processor`` — with one addition: inside
+:func:`generate` is diffusers' ``StableDiffusionPipeline.__call__`` loop (on SDXL ``StableDiffusionXLPipeline``'s:
+the family's differences — two text encoders, pooled embedding, time ids, VAE upcast — are behind
+:mod:`unbleed.guidance.conditioning`) — the pipeline's own ``encode_prompt``, ``prepare_latents``,
+``prepare_extra_step_kwargs``, scheduler and ``image_processor`` — with one addition: inside
 the guidance window, before the scheduler step, :func:`guided_step` moves the latent down the method's loss,
 
     z_t ← z_t − α_t ∇_{z_t} L(maps(z_t)),
 
 where the maps come from a text-conditioned UNet pass on ``z_t`` (scaled by the scheduler's
-``scale_model_input``). At refinement steps the update repeats while a sample's loss is above the step's
-threshold (at most ``max_refine_iters`` times; samples already below it are left alone), then the step's regular
-update follows — Attend-and-Excite's iterative refinement, which ELA's Alg. 1 also follows. With no method the
-loop is exactly diffusers' (tested for equality).
+``scale_model_input``, ``x_t = c_t z_t``). The step is taken on the model input, ``x_t ← x_t − α_t ∇_{x_t} L``,
+i.e. ``z_t ← z_t − (α_t / c_t²) ∇_{z_t} L`` (:meth:`Guide.gain`). For DDIM, PNDM and DPM++ ``c_t = 1``: the
+papers' update as written. For Euler-type schedulers (SDXL's default) ``c_t = 1/sqrt(σ_t² + 1)`` and ``x_t`` is
+exactly the variance-preserving latent the papers' α were set on; without the gain the update would be
+``σ_t² + 1`` times (about 170× at the first of 50 SDXL steps) smaller, a silent no-op (docs/sdxl.md).
+At refinement steps the update repeats while a sample's loss is above the step's threshold (at most
+``max_refine_iters`` times; samples already below it are left alone), then the step's regular update follows —
+Attend-and-Excite's iterative refinement, which ELA's Alg. 1 also follows. With no method the loop is exactly
+diffusers' (tested for equality).
 
 Seeds are a batch: one UNet pass serves all of them, each seed has its own generator, and losses are per
 sample (summed only to take one gradient), so every image equals the one its seed gives alone.
@@ -34,6 +41,7 @@ from ..errors import UnbleedError
 from ..methods import Conditioning, Maps, Method, StepContext
 from ..methods.maps import group_map
 from ..text.tokens import Entity, check_groups
+from . import conditioning
 from .attention import AttentionStore, MapRequest, attention_store, level_of, resolve_block
 from .schedule import Schedule
 
@@ -115,9 +123,11 @@ class Guide:
     per-run state. Built by :func:`generate`; tests build one to call :func:`guided_step` directly."""
 
     def __init__(self, pipe, method: Method, schedule: Schedule, groups: list[Entity], prompt_length: int,
-                 cond: torch.Tensor, latent_hw: tuple[int, int], num_steps: int, truncate: bool = True):
+                 cond: torch.Tensor, latent_hw: tuple[int, int], num_steps: int, truncate: bool = True,
+                 added_cond: dict[str, torch.Tensor] | None = None):
         self.pipe, self.method, self.schedule = pipe, method, schedule
         self.groups, self.prompt_length, self.cond = tuple(groups), prompt_length, cond
+        self.added_cond = added_cond  # the conditional half's added_cond_kwargs (SDXL: pooled text, time ids)
         self.latent_hw, self.num_steps, self.truncate = tuple(latent_hw), num_steps, truncate
         self.requests = method.map_requests(pipe.unet)
         self.run = method.new_run(pipe.unet)
@@ -129,13 +139,58 @@ class Guide:
         """The method's maps of latent ``z`` at timestep ``t`` (a text-conditioned, possibly truncated pass)."""
         with store.capture(self.requests, self.latent_hw, truncate=self.truncate):
             self.pipe.unet(self.pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond,
-                           return_dict=False)
+                           added_cond_kwargs=self.added_cond, return_dict=False)
         return tuple(store.maps(r) for r in self.requests)
+
+    def gain(self, z: torch.Tensor, t) -> float:
+        """``1/c²`` for the scheduler's ``scale_model_input(z, t) = c·z``: the factor that makes
+        ``z − (α/c²) ∇_z L`` the update ``x − α ∇_x L`` of the UNet's input ``x = c·z`` (1 for DDIM, PNDM and
+        DPM++; ``σ² + 1`` for Euler)."""
+        one = torch.ones((1,) * z.dim(), dtype=torch.float32, device=z.device)
+        c = float(self.pipe.scheduler.scale_model_input(one, t).flatten()[0])
+        return 1.0 / (c * c)
+
+
+class NoiseStage:
+    """What :meth:`Method.initial_noise` gets in step 4b of :func:`generate` (InitNO's initial-noise
+    optimisation): the method's maps of a candidate initial latent at the first timestep, fresh noise from one
+    seed's own generator, and a ``record`` the method may fill (JSON values; kept in ``Result.params``).
+
+    No denoising step runs here: a stage evaluates candidates at the first timestep only, and the loop of step 6
+    starts from the latents it returns.
+    """
+
+    def __init__(self, guide: Guide, store: AttentionStore, timestep, generators: list[torch.Generator],
+                 dtype: torch.dtype):
+        self.guide, self.store, self.timestep, self.generators, self.dtype = guide, store, timestep, generators, dtype
+        self.sigma = float(guide.pipe.scheduler.init_noise_sigma)  # the scheduler's scale of the initial noise
+        self.record: dict[str, Any] = {}
+
+    @property
+    def context(self) -> StepContext:
+        """The context of the first denoising step (step 0)."""
+        return self.guide.context(0)
+
+    def maps(self, z: torch.Tensor) -> Maps:
+        """The method's maps of initial latents ``z`` (the whole batch, in seed order) at the first timestep: the
+        guided steps' own pass (:meth:`Guide.maps`), differentiable w.r.t. ``z`` under ``torch.enable_grad``."""
+        return self.guide.maps(self.store, z, self.timestep)
+
+    def draw(self, index: int) -> torch.Tensor:
+        """A fresh initial latent ``[1, C, h, w]`` for sample ``index``, from its own seed's generator (as the
+        pipeline's ``prepare_latents`` draws it, ``init_noise_sigma`` included), so a seed's draws do not depend on
+        the other seeds of the batch."""
+        pipe = self.guide.pipe
+        h, w = self.guide.latent_hw
+        f = pipe.vae_scale_factor
+        return pipe.prepare_latents(1, pipe.unet.config.in_channels, h * f, w * f, self.dtype,
+                                    pipe._execution_device, [self.generators[index]])
 
 
 def guided_step(guide: Guide, store: AttentionStore, latents: torch.Tensor, step: int, t,
                 observe: Callable[[Maps, dict, StepContext], None] | None = None) -> tuple[torch.Tensor, StepTrace]:
-    """One guided step: ``z ← z − α ∇L``, with refinement first when ``step`` is a refinement step.
+    """One guided step: ``z ← z − α ∇L`` (on the model input: α × :meth:`Guide.gain`), with refinement first
+    when ``step`` is a refinement step.
 
     Returns the updated latent and the step's trace (losses, refinement iterations, α). ``observe(maps, state,
     ctx)`` is called with the step's first (detached) maps and state — how attention pictures are drawn.
@@ -144,6 +199,7 @@ def guided_step(guide: Guide, store: AttentionStore, latents: torch.Tensor, step
     ctx = guide.context(step)
     alpha = schedule.alpha(step, guide.num_steps)
     rec = StepTrace(step=step, timestep=int(t), guided=True, alpha=alpha)
+    size = alpha * guide.gain(latents, t)  # α on the model input (scale_model_input), see the module docstring
     with torch.enable_grad():
         z = latents.detach().requires_grad_(True)
         maps = guide.maps(store, z, t)
@@ -159,12 +215,12 @@ def guided_step(guide: Guide, store: AttentionStore, latents: torch.Tensor, step
                 active = method.refine_value(maps, ctx, state, loss).detach() > threshold
                 if not active.any():
                     break
-                z = _descend(z, loss, alpha, active)
+                z = _descend(z, loss, size, active)
                 maps = guide.maps(store, z, t)
                 loss = method.loss(maps, ctx, state)
                 rec.refine_iters += 1
         rec.final_loss = loss.detach().float().cpu().tolist()
-        z = _descend(z, loss, alpha)
+        z = _descend(z, loss, size)
     return z.detach(), rec
 
 
@@ -255,20 +311,29 @@ def generate(
     device = pipe._execution_device
     batch = len(seeds)
     do_cfg = guidance_scale > 1.0
-    cond, uncond = pipe.encode_prompt(prompt, device, batch, do_cfg, negative_prompt)
-    embeds = torch.cat([uncond, cond]) if do_cfg else cond
+    text = conditioning.encode(pipe, prompt, device, batch, do_cfg, negative_prompt, height, width)
+    embeds, cond = text.embeds, text.cond
     value_sets = (method.value_sets(pipe, prompt, groups, embeds, batch, do_cfg)
                   if isinstance(method, Conditioning) else None)
     # 3. Timesteps, 4. initial latents (one CPU generator per seed), 5. extra step kwargs.
     timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device)
+    conditioning.begin(pipe)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
                                    generators)
     extra = pipe.prepare_extra_step_kwargs(generators, eta)
     latent_hw = tuple(latents.shape[-2:])
     prompt_length = min(len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length)
-    guide = (Guide(pipe, method, schedule, groups, prompt_length, cond, latent_hw, len(timesteps), truncate)
-             if guiding else None)
+    guide = (Guide(pipe, method, schedule, groups, prompt_length, cond, latent_hw, len(timesteps), truncate,
+                   added_cond=text.added_cond) if guiding else None)
+    # 4b. Initial-noise stage: the method may replace the initial latents, evaluating candidates at the first
+    # timestep (InitNO); every other method keeps them as drawn. Not a denoising loop: step 6 starts from them.
+    noise_record: dict[str, Any] = {}
+    if guide is not None:
+        with attention_store(pipe.unet) as store:
+            stage = NoiseStage(guide, store, timesteps[0], generators, embeds.dtype)
+            latents = method.initial_noise(stage, latents)
+        noise_record = stage.record
     pictures = _Pictures(pipe, method, groups) if save_attention and groups else None
     recorded = () if record is None else record if isinstance(record, tuple) else (record,)
     trace: list[StepTrace] = []
@@ -292,7 +357,7 @@ def generate(
             ctx = (store.capture(wanted, latent_hw, slice(batch, None) if do_cfg else slice(None))
                    if wanted else contextlib.nullcontext())
             with ctx, store.values(value_sets):
-                noise = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                noise = pipe.unet(inp, t, **text.unet_kwargs(), return_dict=False)[0]
             if keep:
                 rec.maps = pictures.pool(store.maps(pictures.request))
             if recorded:
@@ -310,8 +375,7 @@ def generate(
     if output_type == "latent":
         images = latents
     else:
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
-                                generator=generators)[0]
+        image = conditioning.decode(pipe, latents, generators)
         images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * batch)
     params = {
         "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height, "width": width,
@@ -319,4 +383,6 @@ def generate(
         "dtype": str(pipe.unet.dtype).replace("torch.", ""), "method_options": method.options() if method else {},
         "schedule": schedule.as_dict() if guiding else None,
     }
+    if noise_record:  # the initial-noise stage's record, one entry per seed in the order of "seeds"
+        params["initial_noise"] = {"seeds": list(seeds), **noise_record}
     return Result(images, latents, seeds, groups, params, trace, time.perf_counter() - t0)

@@ -78,6 +78,10 @@ def make_method(name: str, options: dict[str, str] | None = None,
         guiding = ", ".join(method_names(Method))
         raise UnbleedError(f"method {name}: compose distinct guidance methods ({guiding}), e.g. ela+syngen",
                            field="method")
+    staged = [n for n in names if METHODS[n].initial_noise is not Method.initial_noise]
+    if staged:  # the composition has one loop of guided steps; an initial-noise stage is not composed (yet)
+        raise UnbleedError(f"method {name}: {staged[0]} optimises the initial noise, which a composition does not "
+                           f"run: use --method {staged[0]} alone", field="method")
     return Composite(methods=[METHODS[n].from_options(per[n]) for n in names], weights=tuple(weights or ()))
 
 

@@ -30,12 +30,9 @@ from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
 from ..guidance.schedule import Schedule, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import subject_maps
+from .maps import excite_loss, subject_maps
 
-
-def excite_loss(max_attention: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: ``max_s max(0, 1 − max A_s)`` per sample; ``max_attention`` is ``[B, subjects]``."""
-    return (1 - max_attention).clamp_min(0).amax(-1)
+__all__ = ["AttendExcite", "excite_loss"]  # excite_loss (Eq. 1) lives in maps.py, shared with InitNO
 
 
 @register

@@ -160,6 +160,15 @@ class Method(Options, abc.ABC):
         """Named ``[batch, h, w]`` pictures of the step state for ``--save-attention`` (ELA: its masks)."""
         return {}
 
+    def initial_noise(self, stage: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The initial-noise stage, run once before the denoising loop (step 4b of
+        :func:`~unbleed.guidance.sampler.generate`): return the initial latents to sample from, ``[batch, C, h, w]``
+        like the seeds' ``latents``. ``stage`` is a :class:`~unbleed.guidance.sampler.NoiseStage`: this method's
+        maps of a latent at the first timestep (``stage.maps(z)``), a fresh draw from one seed's own generator
+        (``stage.draw(i)``), the scheduler's noise scale and a ``record`` for the run's JSON. Each sample must depend
+        on its own seed only. Default: the latents unchanged (InitNO optimises them)."""
+        return latents
+
 
 class Conditioning(Options, abc.ABC):
     """A method that changes the conditioning of the denoising passes instead of the latent."""

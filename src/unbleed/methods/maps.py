@@ -1,5 +1,6 @@
 """Map preprocessing shared by several methods: a word's map from its pieces, Attend-and-Excite's token softmax
-and Gaussian smoothing (also used by Divide & Bind and A-STAR), Otsu's threshold (ELA, A-STAR)."""
+and Gaussian smoothing (also used by Divide & Bind, A-STAR, InitNO and CONFORM), Attend-and-Excite's loss (also
+InitNO's cross-attention response score), Otsu's threshold (ELA, A-STAR, InitNO)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def subject_maps(maps: torch.Tensor, subjects: list[tuple[int, ...]], last: int,
     probs = token_probs(maps, last, temperature)
     out = torch.stack([probs[:, [i - 1 for i in idx]].mean(1) for idx in subjects], 1)
     return smooth(out, kernel_size, sigma)
+
+
+def excite_loss(max_attention: torch.Tensor) -> torch.Tensor:
+    """Attend-and-Excite's Eq. 1, ``max_s max(0, 1 − max A_s)`` per sample; ``max_attention`` is ``[B, subjects]``.
+    It is also InitNO's cross-attention response score (``fn_compute_loss``'s ``cross_attn_loss``)."""
+    return (1 - max_attention).clamp_min(0).amax(-1)
 
 
 def otsu_threshold(x: torch.Tensor, bins: int = 256) -> torch.Tensor:

@@ -9,6 +9,10 @@ copy (Eq. 4–5). The unconditional half of classifier-free guidance is left as 
 Choices: the noun phrases are the parser's entities with their attributes (the span from the first attribute to
 the entity's last piece), where the paper uses a constituency parser's NPs (it also keeps the full prompt as one
 value set, as we do); a phrase that re-tokenises to a different length than its span is cut to the shorter.
+
+On SDXL each phrase is encoded by both text encoders (their penultimate hidden states concatenated, as the prompt:
+:func:`unbleed.guidance.conditioning.encode_phrase`), so the spliced copies have the prompt's channels; the pooled
+embedding and time ids (the UNet's added conditioning, not cross-attention values) stay the full prompt's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import ClassVar
 
 import torch
 
+from ..guidance.conditioning import encode_phrase
 from ..text.tokens import Entity
 from .base import Conditioning, register
 
@@ -51,7 +56,7 @@ class StructureDiffusion(Conditioning):
             start, end = span[0], span[-1]
             text = pipe.tokenizer.decode(ids[start:end + 1])
             n_phrase = len(pipe.tokenizer(text).input_ids) - 2
-            phrase, _ = pipe.encode_prompt(text, embeds.device, batch, False)
+            phrase = encode_phrase(pipe, text, embeds.device, batch)
             spliced = splice(cond, phrase.to(cond.dtype), start, min(end - start + 1, n_phrase))
             sets.append(torch.cat([uncond, spliced]) if do_cfg else spliced)
         return sets
