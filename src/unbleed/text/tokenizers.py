@@ -24,9 +24,10 @@ def load_clip_tokenizer():
 
 
 def load_tokenizer(spec: str = "clip"):
-    """Only the tokenizer of a model: ``clip``/``tiny`` (the shipped CLIP BPE one, SD 1.x's; SD 2.x shares its
-    BPE, so prompt token indices are equal), a local diffusers folder, or a hub id."""
-    if spec in ("clip", "tiny"):
+    """Only the tokenizer of a model: ``clip``/``tiny``/``tiny-xl`` (the shipped CLIP BPE one: SD 1.x's, and the
+    first of the tiny SDXL's two; SD 2.x shares its BPE, so prompt token indices are equal), a local diffusers
+    folder, or a hub id."""
+    if spec in ("clip", "tiny", "tiny-xl"):
         return load_clip_tokenizer()
     from transformers import CLIPTokenizer
 
