@@ -329,7 +329,7 @@ def generate(
     # 4b. Initial-noise stage: the method may replace the initial latents, evaluating candidates at the first
     # timestep (InitNO); every other method keeps them as drawn. Not a denoising loop: step 6 starts from them.
     noise_record: dict[str, Any] = {}
-    if guide is not None:
+    if guide is not None and type(method).initial_noise is not Method.initial_noise:  # only methods with a stage
         with attention_store(pipe.unet) as store:
             stage = NoiseStage(guide, store, timesteps[0], generators, embeds.dtype)
             latents = method.initial_noise(stage, latents)
