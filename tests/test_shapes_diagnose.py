@@ -16,7 +16,7 @@ from unbleed.guidance.schedule import Schedule
 from unbleed.models import load_model
 from unbleed.guidance.sampler import default_size
 from unbleed.shapes.diagnose import (auc, auc_ci, iou, nearest_mask, neglect_label, otsu_mask, overlap, mean_ci,
-                                     run_diagnose)
+                                     cleaned_columns, run_diagnose)
 
 runner = CliRunner()
 
@@ -112,6 +112,29 @@ def test_record_captures_the_steps_maps_without_changing_the_latents(shipped):
     assert (guided.trace[1].raw_maps[0] - rec.trace[1].raw_maps[0]).abs().max() > 1e-6
 
 
+def test_cleaned_columns_replace_exactly_those_columns_of_the_conditional_half(shipped):
+    unet = shipped.unet
+    z, t = torch.randn(4, 4, 16, 16), torch.tensor(500)
+    text = torch.randn(4, 77, unet.config.cross_attention_dim)
+    clean = torch.randn(77, unet.config.cross_attention_dim)
+
+    def run(states):
+        with torch.no_grad():
+            return unet(z, t, encoder_hidden_states=states).sample
+
+    expected = text.clone()
+    expected[2:, [5, 6]] = clean[[5, 6]]
+    reference = run(expected)  # the plain UNet on the hand-replaced encoding
+    assert (reference - run(text))[2:].abs().max() > 1e-3  # the two columns matter to the plain UNet
+    with cleaned_columns(unet, [5, 6], clean):
+        torch.testing.assert_close(run(text), reference)
+        changed = text.clone()
+        changed[:2, 5] += 3
+        assert (run(changed) - reference)[:2].abs().max() > 1e-3  # the unconditional half keeps its own columns
+    assert "forward" not in vars(unet)  # restored
+    torch.testing.assert_close(run(expected), reference)
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 def _in01(x):
@@ -144,8 +167,18 @@ def test_run_diagnose_on_the_shipped_model(shipped, tmp_path):
         for k in ("at_step", "next_step", "later"):
             assert m[k]["n"] == 1 and m[k]["ci95"][0] <= m[k]["mean_diff"] <= m[k]["ci95"][1]
             assert m[k]["fraction_down"] in (0.0, 1.0)
+    k = f["knockout"]
+    assert k["prompts"] == 1 and set(k) >= {"own_words", "other_words", "summary"}
+    present = sum(o["state"] == "present" for o in
+                  json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])["objects"])
+    assert k["own_words"]["n"] == k["other_words"]["n"] == k["summary"]["n"] == present
+    assert k["own_words_and_summary"]["n"] == present
+    for key in ("own_words", "other_words", "summary", "own_words_and_summary"):
+        assert _in01(k[key]["kept"])
     record = json.loads((tmp_path / "records.jsonl").read_text().splitlines()[0])
     assert set(record["carry_over"]) == {"attend-excite", "ela"} and len(record["objects"]) == 2
+    assert set(record["knockout"]) == {"words of object 0", "words of object 1", "summary",
+                                       "words of object 0 and summary", "words of object 1 and summary"}
     assert (tmp_path / "maps" / "0000.png").is_file() and (tmp_path / "diagnose.json").is_file()
 
 

@@ -127,6 +127,7 @@ def test_diffusion_loss_goes_down_on_a_fixed_batch(monkeypatch):
     (dict(batch=0), "--batch 0"),
     (dict(p_uncond=1.0), "--p-uncond"),
     (dict(lr_decay="linear"), "--lr-decay 'linear'"),
+    (dict(p_words_only=1.5), "--p-words-only 1.5"),
 ])
 def test_bad_config(bad, message):
     with pytest.raises(UnbleedError, match=message):
@@ -136,6 +137,8 @@ def test_bad_config(bad, message):
 def test_cli_train_bad_input_is_one_line(tmp_path):
     res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--p-objects", "1,x,0"])
     assert res.exit_code == 2 and "--p-objects" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--p-words-only", "2"])
+    assert res.exit_code == 2 and "--p-words-only 2" in res.output and "Traceback" not in res.output
 
 
 def test_bench_cli(trained, tmp_path):
@@ -337,7 +340,8 @@ def test_resume_may_switch_to_cosine_decay_and_reads_older_checkpoints(tmp_path)
     train(run, small(steps=2), device="cpu")
     meta_path = run / "checkpoint" / "state.json"
     meta = json.loads(meta_path.read_text())
-    del meta["config"]["lr_decay"]  # a checkpoint written before the option existed
+    del meta["config"]["lr_decay"]  # a checkpoint written before the options existed
+    del meta["config"]["p_words_only"]
     meta_path.write_text(json.dumps(meta))
     assert Trainer(run, small(), torch.device("cpu")).load()
     result = train(run, small(lr_decay="cosine"), device="cpu")
@@ -365,3 +369,63 @@ def test_sd32_arch_has_sds_geometry_and_trains(tmp_path):
     pipe = load_model(str(out / "pipeline"))
     image = generate(pipe, "a red circle", seeds=[0], num_inference_steps=2).images[0]
     assert image.size == (64, 64)
+
+
+def test_words_only_training_hides_the_summary_columns_of_captioned_samples():
+    """``p_words_only``: a captioned sample's cross-attention sees start-of-text and the words only, so the UNet's
+    prediction for it does not depend on the text encoder's end-of-text and padding outputs; empty captions (the
+    unconditional samples) are untouched; 0 adds no mask at all."""
+    assert Trainer("/nonexistent-not-written", small(), torch.device("cpu")).words_only_mask(
+        torch.zeros(2, 77, dtype=torch.long), ["a", ""]) is None
+    trainer = Trainer("/nonexistent-not-written", small(p_words_only=1.0), torch.device("cpu"))
+    from unbleed.shapes.train import token_ids
+
+    texts = ["a red circle and a blue square", ""]
+    ids = token_ids(trainer.tokenizer, texts)
+    eot = int((ids[0] == trainer.tokenizer.eos_token_id).nonzero()[0])
+    assert eot == 8
+    mask = trainer.words_only_mask(ids, texts)
+    assert mask[0, :eot].eq(1).all() and mask[0, eot:].eq(0).all() and mask[1].eq(1).all()
+    with torch.no_grad():
+        cond = trainer.text_encoder(ids)[0]
+        noisy, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 500])
+        changed = cond.clone()
+        changed[:, eot:] += torch.randn_like(changed[:, eot:])
+        out = trainer.unet(noisy, t, cond, encoder_attention_mask=mask).sample
+        out_changed = trainer.unet(noisy, t, changed, encoder_attention_mask=mask).sample
+        plain = trainer.unet(noisy, t, changed).sample
+    torch.testing.assert_close(out[0], out_changed[0])  # the summary is hidden from the captioned sample
+    assert (out[1] - out_changed[1]).abs().max() > 1e-4  # the empty caption still sees every column
+    assert (plain[0] - out_changed[0]).abs().max() > 1e-4  # and without the mask the summary matters
+    half = Trainer("/nonexistent-not-written", small(p_words_only=0.5), torch.device("cpu"))
+    hidden = [float(half.words_only_mask(ids[:1].repeat(200, 1), texts[:1] * 200)[:, -1].eq(0).float().mean())
+              for _ in range(2)]
+    assert all(0.4 < h < 0.6 for h in hidden) and hidden[0] != hidden[1]  # drawn afresh from the run's generator
+
+
+def test_clean_pads_replace_the_padding_and_teach_the_encoder_to_produce_it():
+    """``clean_pads``: the UNet's end-of-text and padding columns are the empty caption's; the words stay the
+    caption's; the auxiliary loss is the distance of the encoder's own outputs there from the clean ones, and
+    training on it lowers it (the encoder learns columns that carry nothing of the caption)."""
+    from unbleed.shapes.train import token_ids
+
+    trainer = Trainer("/nonexistent-not-written", small(clean_pads=True), torch.device("cpu"))
+    texts = ["a red circle and a blue square", ""]
+    ids = token_ids(trainer.tokenizer, texts)
+    cond = trainer.text_encoder(ids)[0]
+    new, loss = trainer.with_clean_pads(ids, cond)
+    clean = trainer.text_encoder(token_ids(trainer.tokenizer, [""]))[0][0]
+    torch.testing.assert_close(new[0, 8:], clean[8:])  # end-of-text (at 8) and padding: the empty caption's
+    torch.testing.assert_close(new[0, :8], cond[0, :8])  # start-of-text and the words: the caption's own
+    torch.testing.assert_close(new[1, 2:], cond[1, 2:])  # the empty caption's padding is clean already
+    torch.testing.assert_close(new[1, 1], clean[1])  # its end-of-text column: the clean output at position 1
+    assert float(loss.detach()) > 1e-3
+    opt = torch.optim.Adam(trainer.text_encoder.parameters(), lr=1e-2)
+    first = float(loss.detach())
+    for _ in range(30):
+        _, loss = trainer.with_clean_pads(ids[:1], trainer.text_encoder(ids[:1])[0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.3 * first
+    assert np.isfinite(trainer.diffusion_update())  # and a training step runs with it

@@ -207,13 +207,16 @@ def diagnose(
     guidance_scale: GuidanceScale = 7.5,
     carry_prompts: Optional[int] = typer.Option(None, "--carry-prompts", help="Prompts (the first N) with the "
                                                 "carry-over runs of attend-excite and ela; default all, 0 = none."),
+    knockout_prompts: Optional[int] = typer.Option(None, "--knockout-prompts", help="Prompts (the first N) with "
+                                                   "the token-knockout runs (e); default all, 0 = none."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write diagnose.json, records.jsonl, maps/*.png there."),
     device: Device = "auto",
 ) -> None:
     """Validity of the shapes world for attention methods, on plain sampling: do entity maps localise their
     objects (IoU with the detector's masks), does peak attention predict neglect and map overlap fusion (AUC),
-    does one guided update carry over to later steps, and how well ELA's masks localise."""
+    does one guided update carry over to later steps, how well ELA's masks localise, and do the words decide what is
+    drawn (token knockout)."""
     from .. import models
     from ..eval.sweep import parse_seeds
     from ..shapes.bench import bench_prompts
@@ -221,20 +224,22 @@ def diagnose(
 
     quiet_libraries()
     seed_list = parse_seeds(seeds)
-    if carry_prompts is not None and carry_prompts < 0:
-        raise UnbleedError(f"--carry-prompts {carry_prompts}: use 0 (none) or more")
+    for flag, value in (("--carry-prompts", carry_prompts), ("--knockout-prompts", knockout_prompts)):
+        if value is not None and value < 0:
+            raise UnbleedError(f"{flag} {value}: use 0 (none) or more")
     if steps < 2:
         raise UnbleedError(f"--steps {steps}: diagnose needs at least 2 steps (an update and the step after it)")
     texts = bench_prompts(split, prompts, objects=objects)
     n_carry = len(texts) if carry_prompts is None else min(carry_prompts, len(texts))
+    n_knock = len(texts) if knockout_prompts is None else min(knockout_prompts, len(texts))
     with err.status(f"loading model {model}…"):
         pipe = models.load_model(model, device=device)
     with progress() as display:
-        total = len(texts) + n_carry * len(CARRY_METHODS)
+        total = len(texts) + n_carry * len(CARRY_METHODS) + n_knock * (2 * objects + 1)
         bar = Bar(display, "diagnose")
         bar.start(total)
         figures = run_diagnose(pipe, texts, seed_list, steps=steps, guidance_scale=guidance_scale,
-                               carry_prompts=n_carry, out=out,
+                               carry_prompts=n_carry, knockout_prompts=n_knock, out=out,
                                progress=lambda prompt, stage: bar.begin(f"{stage}: {prompt}"))
         bar.step(total)
     if as_json:
@@ -286,6 +291,18 @@ def _print_diagnose(f: dict, title: str) -> None:
                             f"({num(m[k]['fraction_down'], 2)})" if m[k]["ci95"] else "—"
                             for k in ("at_step", "next_step", "later")))
         console.print(table)
+    k = f["knockout"]
+    if k["prompts"]:
+        table = Table("columns replaced by the empty caption's", "objects kept", "95 % CI", "n",
+                      title=f"(e) token knockout: of the objects plain sampling draws, the fraction still drawn "
+                            f"({k['prompts']} prompts; SD-like: own words low, another's high)")
+        for key, label in (("own_words", "the object's own words"), ("other_words", "another object's words"),
+                           ("summary", "end-of-text + padding"),
+                           ("own_words_and_summary", "its own words + end-of-text + padding")):
+            v = k[key]
+            table.add_row(label, num(v["kept"]), f"[{num(v['ci95'][0])}, {num(v['ci95'][1])}]" if v["ci95"] else "—",
+                          str(v["n"]))
+        console.print(table)
     console.print(f"{f['images']} images in {f['seconds']:.0f} s; detector: success {num(f['detector']['success'])}, "
                   f"fused {num(f['detector']['fused'])}, {f['detector']['neglected_objects']} of "
                   f"{f['detector']['objects']} objects neglected, {f['detector']['clean_objects']} clean",
@@ -310,6 +327,12 @@ def train(
     p_objects: str = typer.Option("0.5,0.4,0.1", "--p-objects",
                                   help="Caption distribution: probabilities of 1, 2 and 3 objects."),
     p_uncond: float = typer.Option(0.1, "--p-uncond", help="Fraction of empty captions (classifier-free guidance)."),
+    p_words_only: float = typer.Option(0.0, "--p-words-only",
+                                       help="Fraction of captioned samples whose cross-attention sees only the words "
+                                            "(end-of-text and padding hidden), so that word maps decide content."),
+    clean_pads: bool = typer.Option(False, "--clean-pads", help="The UNet sees the empty caption's end-of-text and "
+                                    "padding outputs, and the text encoder learns to produce them: the caption "
+                                    "reaches the UNet only through its words."),
     min_snr: float = typer.Option(5.0, "--min-snr", help="Min-SNR-γ loss weighting (γ)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, the data and the noise."),
     arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model), sd32 (32×32 latents, "
@@ -330,6 +353,7 @@ def train(
         raise UnbleedError(f"--p-objects {p_objects!r}: give three comma-separated probabilities") from None
     cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
                       warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond,
+                      p_words_only=p_words_only, clean_pads=clean_pads,
                       min_snr=min_snr, seed=seed, arch=arch, checkpoint_every=checkpoint_every).validate()
     with progress(TextColumn("loss {task.fields[loss]:.4f}")) as display:
         tasks: dict[str, int] = {}

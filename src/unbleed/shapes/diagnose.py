@@ -1,7 +1,7 @@
 """``unbleed shapes diagnose``: is the shapes world a valid model organism for attention-based methods?
 
 On plain sampling (``--method sd``) of shapes-world prompts, with the detector's masks of the final images as
-ground truth, four figures (all steps are given for 50 steps and scaled to ``--steps`` as ``⌊s·T/50⌋``):
+ground truth, five figures (all steps are given for 50 steps and scaled to ``--steps`` as ``⌊s·T/50⌋``):
 
 **(a) Localisation.** For each requested object that the detector finds *cleanly* — exactly one clean blob
 (one significant colour, one matched shape) of the object's colour and shape — the IoU of its entity token's
@@ -47,10 +47,25 @@ seed 0) and the fraction of images where it went down; plus the trace's loss bef
 the background, masks computed by ELA's own ``prepare_step`` (its ``layers``, Otsu, empty-mask fallback) on the
 maps it requests, at steps 5, 10, 25. These masks are binary at map resolution (8×8), so they are upsampled
 nearest-neighbour (each cell 8×8 pixels): what ELA's loss sees.
+
+**(e) Token knockout** — is a word's attention *causal* for what is drawn? For the first ``knockout_prompts``
+prompts × all seeds, plain sampling again with some columns of the text encoding replaced, in the conditional
+half of CFG only, by the empty caption's encoding at the same positions (:func:`cleaned_columns`; "clean pads" as
+in Toker et al., *Padding Tone*, NAACL 2025): (1) each object's own words (its shape noun and its attribute
+tokens), (2) another object's words, (3) the *summary* columns — end-of-text and the padding after it, (4) an
+object's own words and the summary together.
+Reported: of the objects present (``state == "present"``) in the plain image, the fraction still present under
+each knockout (``kept``), with a 95 % bootstrap CI over objects. On a model whose words carry the content, as in
+SD, replacing an object's words should remove it (low ``kept`` for own words) and replacing another's should
+not. A high ``kept`` for own words says the object reaches the UNet some other way too: a causal text encoder
+lets the end-of-text and padding columns see every word, so (3) and (4) tell whether the summary is that way
+(low ``kept`` for (4), high for (1): the words *or* the summary suffice) — then a word's attention map is not a
+lever on what is drawn, and exciting it changes little.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -212,12 +227,46 @@ def _object_groups(pairs, groups) -> list[int | None]:
     return out
 
 
+@contextlib.contextmanager
+def cleaned_columns(unet, columns: list[int], clean: torch.Tensor, cfg: bool = True):
+    """Within the block, every UNet call sees ``clean[columns]`` — the empty caption's encoding at those positions
+    ("clean pads", Toker et al., *Padding Tone*, NAACL 2025) — in place of the text encoder's outputs at token
+    ``columns``, in the conditional half of the batch (the second half with ``cfg``, else all of it). Figure (e)
+    of the module docstring. Replacing rather than masking keeps the softmax's other columns as they are: masking
+    ~60 padding columns also takes away whatever attention they absorbed, and that alone changes the image."""
+    had_own = "forward" in vars(unet)
+    forward = unet.forward
+
+    def replaced(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        states = encoder_hidden_states.clone()
+        start = states.shape[0] // 2 if cfg else 0
+        states[start:, list(columns)] = clean[list(columns)].to(states.dtype)
+        return forward(sample, timestep, states, *args, **kwargs)
+
+    unet.forward = replaced
+    try:
+        yield
+    finally:
+        if had_own:
+            unet.forward = forward
+        else:
+            del unet.forward
+
+
+def _kept_figure(kept: list[bool]) -> dict[str, Any]:
+    ci = mean_ci([float(k) for k in kept])
+    return {"kept": _r(float(np.mean(kept))) if kept else None, "ci95": [_r(c) for c in ci] if ci else None,
+            "n": len(kept)}
+
+
 def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50, guidance_scale: float = 7.5,
-                 carry_prompts: int | None = None, out: str | Path | None = None,
+                 carry_prompts: int | None = None, knockout_prompts: int | None = None,
+                 out: str | Path | None = None,
                  progress: Callable[[str, str], None] | None = None) -> dict[str, Any]:
-    """The four figures (module docstring) on ``prompts`` × ``seeds``; a JSON-able dict. ``carry_prompts``: how
-    many of the prompts (the first ones) get the carry-over runs (``None`` = all, 0 = none). With ``out``, writes
-    ``diagnose.json``, ``records.jsonl`` (per image) and ``maps/NNNN.png`` (per prompt) there."""
+    """The five figures (module docstring) on ``prompts`` × ``seeds``; a JSON-able dict. ``carry_prompts`` and
+    ``knockout_prompts``: how many of the prompts (the first ones) get the carry-over runs and the knockout runs
+    (``None`` = all, 0 = none). With ``out``, writes ``diagnose.json``, ``records.jsonl`` (per image) and
+    ``maps/NNNN.png`` (per prompt) there."""
     from ..guidance.spec import RunSpec
     from ..methods import StepContext
     from ..methods.maps import group_map
@@ -234,6 +283,9 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
     carry_prompts = len(prompts) if carry_prompts is None else carry_prompts
     if carry_prompts < 0:
         raise UnbleedError(f"--carry-prompts {carry_prompts}: use 0 (none) or more")
+    knockout_prompts = len(prompts) if knockout_prompts is None else knockout_prompts
+    if knockout_prompts < 0:
+        raise UnbleedError(f"--knockout-prompts {knockout_prompts}: use 0 (none) or more")
     t_start = time.perf_counter()
     unet = pipe.unet
     blocks = block_requests(unet)
@@ -265,6 +317,10 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
     ov_scores, ov_labels = [], []
     carry_diffs = {m: {"at_step": [], "next_step": [], "later": []} for m in carry}
     carry_before = {m: [] for m in carry}
+    knocked: dict[str, list[bool]] = {"own_words": [], "other_words": [], "summary": [], "own_words_and_summary": []}
+    plain_built = plain_spec.build()
+    with torch.no_grad():  # the empty caption's encoding: (e)'s clean columns
+        clean = pipe.encode_prompt("", pipe.device, 1, False)[0][0]
     n_images = n_success = n_fused = n_objects = n_neglected = n_clean = 0
     records: list[dict[str, Any]] = []
     out = Path(out) if out is not None else None
@@ -359,7 +415,7 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
                 n_objects += 1
                 n_neglected += neglected
                 n_clean += truth[b][k] is not None
-                entry = {"colour": o["colour"], "shape": o["shape"], "neglected": neglected,
+                entry = {"colour": o["colour"], "shape": o["shape"], "state": o["state"], "neglected": neglected,
                          "clean": truth[b][k] is not None}
                 if gi is not None:
                     pk = float(peak[b, gi])
@@ -399,6 +455,34 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
                     for b, d in enumerate(diffs):
                         records[-len(seeds) + b].setdefault("carry_over", {}).setdefault(name, {})[key] = {
                             "guided": round(float(g[b]), 6), "unguided": round(float(u[b]), 6)}
+        # (e) token knockout: hide an object's words, another's, or the summary columns
+        if p < knockout_prompts:
+            words = [[*groups[g].indices, *(i for a in groups[g].attributes for i in a.indices)]
+                     if g is not None else None for g in obj_group]
+            present = [[o["state"] == "present" for o in v["objects"]] for v in verdicts]
+            summary = list(range(context.eot, clean.shape[0]))
+            conditions = [(f"words of object {i}", cols, i) for i, cols in enumerate(words) if cols]
+            conditions.append(("summary", summary, None))
+            conditions += [(f"words of object {i} and summary", cols + summary, ("and summary", i))
+                           for i, cols in enumerate(words) if cols]
+            for label, cols, hidden in conditions:
+                if progress:
+                    progress(prompt, f"sd, {label} hidden")
+                with cleaned_columns(unet, cols, clean, cfg=guidance_scale > 1.0):
+                    result = plain_spec.run(pipe, prompt, groups=groups, built=plain_built)
+                for b, image in enumerate(result.images):
+                    states = [o["state"] for o in detect(image, prompt)["objects"]]
+                    for i, state in enumerate(states):
+                        if not present[b][i]:
+                            continue
+                        if isinstance(hidden, tuple):  # an object's words and the summary
+                            if hidden[1] != i:
+                                continue
+                            key = "own_words_and_summary"
+                        else:
+                            key = "summary" if hidden is None else "own_words" if hidden == i else "other_words"
+                        knocked[key].append(state == "present")
+                    records[-len(seeds) + b].setdefault("knockout", {})[label] = states
         if out is not None:
             _picture(plain, arrays, truth, background, groups, obj_group, blocks, recorded, ela, ela_req,
                      ctx, loc_steps, prompt, unet).save(out / "maps" / f"{p:04d}.png")
@@ -436,6 +520,9 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
                                **{k: _diff_figure(v) for k, v in carry_diffs[name].items()}}
                         for name in carry} if carry_prompts else {},
         },
+        "knockout": {"prompts": min(knockout_prompts, len(prompts)),
+                     "intervention": "columns replaced by the empty caption's encoding, conditional half",
+                     **{k: _kept_figure(v) for k, v in knocked.items()}},
         "ela_localisation": {
             "steps": loc_steps, "layers": list(ela.layers), "upsampling": "nearest (binary masks at map size)",
             "by_step": {str(s): {"entity": _mean_n(v["entity"]), "background": _mean_n(v["background"])}

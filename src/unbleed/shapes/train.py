@@ -11,7 +11,10 @@ Recipe (two phases, one command):
    2023, γ = 5), AdamW with linear warm-up then a constant (``lr_decay="constant"``) or cosine-annealed
    learning rate (the shipped model: constant to step 4,000, then cosine to 0 at 10,000), gradient clipping at 1,
    an EMA of the weights (the EMA is what gets exported), and 10 % of captions dropped to "" for classifier-free
-   guidance.
+   guidance. Optional, off by default and for the shipped model: ``clean_pads`` (the UNet sees the empty caption's
+   end-of-text and padding outputs, and an auxiliary loss teaches the encoder to produce them:
+   :meth:`Trainer.with_clean_pads`) and ``p_words_only`` (:meth:`Trainer.words_only_mask`), which make the words
+   the only road by which the caption reaches the UNet.
 
 Data come from the world (:mod:`unbleed.shapes.world`, split ``train``: held-out colour–shape pairs never
 appear) rendered on the fly: step ``k``'s batch is a pure function of ``(seed, phase, k)``, and the noise comes
@@ -61,6 +64,8 @@ class TrainConfig:
     ema: float = 0.999
     p_objects: tuple[float, float, float] = (0.5, 0.4, 0.1)
     p_uncond: float = 0.1
+    p_words_only: float = 0.0  # captioned samples whose cross-attention sees only start-of-text and the words
+    clean_pads: bool = False  # end-of-text + padding: the empty caption's, and the text encoder learns to produce it
     min_snr: float = 5.0
     seed: int = 0
     arch: str = "default"
@@ -86,11 +91,15 @@ class TrainConfig:
             raise UnbleedError(f"--lr-decay {self.lr_decay!r}: use one of {', '.join(LR_DECAYS)}")
         if not 0 <= self.p_uncond < 1:
             raise UnbleedError(f"--p-uncond {self.p_uncond}: use a probability in [0, 1)")
+        if not 0 <= self.p_words_only <= 1:
+            raise UnbleedError(f"--p-words-only {self.p_words_only}: use a probability in [0, 1]")
         return self
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # a checkpoint older than a setting has its default
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -203,7 +212,7 @@ class Trainer:
         for k, v in self.cfg.to_dict().items():
             if k in TrainConfig.RESUMABLE:
                 continue
-            if (list(v) if isinstance(v, tuple) else v) != saved.get(k):
+            if (list(v) if isinstance(v, tuple) else v) != saved.get(k, DEFAULTS.get(k)):
                 raise UnbleedError(f"{self.out}: the checkpoint was trained with {k}={saved.get(k)!r}, not {v!r}: "
                                    f"resume with the same settings (only --steps may change), or use a new --out")
         if self.cfg.vae_steps != saved["vae_steps"] and (meta["scaled"] or meta["vae_step"] > self.cfg.vae_steps):
@@ -301,12 +310,15 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         cond = self.text_encoder(ids)[0]
-        pred = self.unet(noisy, t, cond).sample
+        pad_loss = None
+        if cfg.clean_pads:
+            cond, pad_loss = self.with_clean_pads(ids, cond)
+        pred = self.unet(noisy, t, cond, encoder_attention_mask=self.words_only_mask(ids, texts)).sample
         snr = a.view(-1) / (1 - a.view(-1))
         weight = torch.clamp(snr, max=cfg.min_snr) / snr  # Min-SNR-γ for ε-prediction
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if pad_loss is None else loss + pad_loss).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in self._diffusion_params()], 1.0)
         self.opt.step()
         self.step += 1
@@ -315,6 +327,40 @@ class Trainer:
             for k, p in self._diffusion_params():
                 self.ema[k].lerp_(p.detach(), 1 - decay)
         return loss.item()
+
+    def words_only_mask(self, ids: torch.Tensor, texts: list[str]) -> torch.Tensor | None:
+        """``[B, 77]`` key mask for the UNet's cross-attention (1 = visible), or None when ``p_words_only`` is 0:
+        each captioned sample, with probability ``p_words_only`` (drawn from the run's generator, so resumable),
+        has its end-of-text and padding columns hidden. A causal text encoder trained jointly with the UNet
+        otherwise lets the UNet read the whole caption from those ~60 summary columns and ignore the words — then
+        a word's attention map does not decide what is drawn, and no map-reading method can act (docs/shapes.md,
+        "Token knockout")."""
+        if not self.cfg.p_words_only:
+            return None
+        hide = torch.rand(len(texts), generator=self.gen) < self.cfg.p_words_only
+        mask = torch.ones(ids.shape, device=ids.device)
+        eos = self.tokenizer.eos_token_id
+        for b, text in enumerate(texts):
+            if text and hide[b]:
+                mask[b, int((ids[b] == eos).nonzero()[0]):] = 0
+        return mask
+
+    def with_clean_pads(self, ids: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clean_pads``: the text encoder's outputs with the end-of-text column and every padding column after it
+        replaced by the empty caption's output at that position ("clean pads", Toker et al., *Padding Tone*,
+        NAACL 2025), and the mean squared distance of the encoder's own outputs there from those (detached) clean
+        ones — a loss that teaches the encoder to put nothing of the caption in those columns. A causal encoder
+        trained jointly with the UNet otherwise writes the whole caption into them and the UNet reads it from there
+        and ignores the words (docs/shapes.md, "Token knockout"); a frozen CLIP's padding, by contrast, carries
+        nothing SD uses (Toker et al.). So, in an ordinary SD pipeline at inference, the caption reaches the UNet
+        only through its words, and a word's attention map decides where its object is drawn."""
+        empty = token_ids(self.tokenizer, [""]).to(ids.device)
+        clean = self.text_encoder(empty)[0].detach()[0]
+        eos = self.tokenizer.eos_token_id
+        first = (ids == eos).int().argmax(1)  # end-of-text's position
+        pad = torch.arange(ids.shape[1], device=ids.device)[None, :] >= first[:, None]
+        loss = ((cond - clean).pow(2).mean(-1) * pad).sum() / pad.sum().clamp(min=1)
+        return torch.where(pad[..., None], clean.expand_as(cond), cond), loss
 
     def run(self, progress=None, log=None) -> dict:
         """Train both phases up to the configured step counts, checkpointing as it goes.
