@@ -455,7 +455,7 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
                     for b, d in enumerate(diffs):
                         records[-len(seeds) + b].setdefault("carry_over", {}).setdefault(name, {})[key] = {
                             "guided": round(float(g[b]), 6), "unguided": round(float(u[b]), 6)}
-        # (e) token knockout: hide an object's words, another's, or the summary columns
+        # (e) token knockout: replace an object's words, another's, the summary, or words and summary
         if p < knockout_prompts:
             words = [[*groups[g].indices, *(i for a in groups[g].attributes for i in a.indices)]
                      if g is not None else None for g in obj_group]
@@ -467,7 +467,7 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
                            for i, cols in enumerate(words) if cols]
             for label, cols, hidden in conditions:
                 if progress:
-                    progress(prompt, f"sd, {label} hidden")
+                    progress(prompt, f"sd, {label} replaced")
                 with cleaned_columns(unet, cols, clean, cfg=guidance_scale > 1.0):
                     result = plain_spec.run(pipe, prompt, groups=groups, built=plain_built)
                 for b, image in enumerate(result.images):

@@ -332,9 +332,9 @@ class Trainer:
         """``[B, 77]`` key mask for the UNet's cross-attention (1 = visible), or None when ``p_words_only`` is 0:
         each captioned sample, with probability ``p_words_only`` (drawn from the run's generator, so resumable),
         has its end-of-text and padding columns hidden. A causal text encoder trained jointly with the UNet
-        otherwise lets the UNet read the whole caption from those ~60 summary columns and ignore the words — then
-        a word's attention map does not decide what is drawn, and no map-reading method can act (docs/shapes.md,
-        "Token knockout")."""
+        otherwise writes the whole caption into those ~60 summary columns too, and the UNet draws an object from its
+        words *or* from them — then a word's attention map is not a lever on what is drawn (docs/shapes.md, "Why
+        the control fails"). Weaker than ``clean_pads``: the summary stays visible in the other samples."""
         if not self.cfg.p_words_only:
             return None
         hide = torch.rand(len(texts), generator=self.gen) < self.cfg.p_words_only
@@ -349,11 +349,12 @@ class Trainer:
         """``clean_pads``: the text encoder's outputs with the end-of-text column and every padding column after it
         replaced by the empty caption's output at that position ("clean pads", Toker et al., *Padding Tone*,
         NAACL 2025), and the mean squared distance of the encoder's own outputs there from those (detached) clean
-        ones — a loss that teaches the encoder to put nothing of the caption in those columns. A causal encoder
-        trained jointly with the UNet otherwise writes the whole caption into them and the UNet reads it from there
-        and ignores the words (docs/shapes.md, "Token knockout"); a frozen CLIP's padding, by contrast, carries
-        nothing SD uses (Toker et al.). So, in an ordinary SD pipeline at inference, the caption reaches the UNet
-        only through its words, and a word's attention map decides where its object is drawn."""
+        ones (empty captions are clean already and add 0) — a loss that teaches the encoder to put nothing of the
+        caption in those columns. A causal encoder trained jointly with the UNet otherwise writes the whole caption
+        into them, and the UNet draws an object from its words *or* from them (docs/shapes.md, "Why the control
+        fails"); a frozen CLIP's padding, by contrast, carries nothing SD uses (Toker et al.). So, in an ordinary
+        SD pipeline at inference, the caption reaches the UNet only through its words. The training log's loss is
+        the diffusion loss alone."""
         empty = token_ids(self.tokenizer, [""]).to(ids.device)
         clean = self.text_encoder(empty)[0].detach()[0]
         eos = self.tokenizer.eos_token_id
