@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from unbleed.models import load_model
-from unbleed.shapes.train import token_ids
+from unbleed.shapes.train import summary_columns, token_ids
 from unbleed.shapes.world import heldout_prompts
 
 
@@ -25,10 +25,10 @@ def pad_distance(pipe, prompts: list[str]) -> dict[str, float]:
         ids = token_ids(tok, prompts).to(pipe.device)
         out = encoder(ids)[0].float()
         clean = encoder(token_ids(tok, [""]).to(pipe.device))[0][0].float()
-    position = torch.arange(ids.shape[1], device=ids.device)[None]
-    eot = (ids == tok.eos_token_id).int().argmax(1)[:, None]
     dist = (out - clean).pow(2).sum(-1)
-    summary, words = position >= eot, (position >= 1) & (position < eot)
+    summary = summary_columns(ids, tok.eos_token_id)
+    words = ~summary
+    words[:, 0] = False  # start-of-text: the same for every caption
     return {"summary": float((dist * summary).sum() / summary.sum()),
             "words": float((dist * words).sum() / words.sum())}
 

@@ -341,7 +341,7 @@ def test_resume_may_switch_to_cosine_decay_and_reads_older_checkpoints(tmp_path)
     meta_path = run / "checkpoint" / "state.json"
     meta = json.loads(meta_path.read_text())
     del meta["config"]["lr_decay"]  # a checkpoint written before the options existed
-    del meta["config"]["p_words_only"]
+    del meta["config"]["p_words_only"], meta["config"]["clean_pads"]
     meta_path.write_text(json.dumps(meta))
     assert Trainer(run, small(), torch.device("cpu")).load()
     result = train(run, small(lr_decay="cosine"), device="cpu")

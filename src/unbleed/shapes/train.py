@@ -130,6 +130,12 @@ def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor([_token_ids(tokenizer, t) for t in texts])
 
 
+def summary_columns(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``[B, L]`` bool: True at each row's end-of-text (its first ``eos_token_id``) and at the padding after it."""
+    first = (ids == eos_token_id).int().argmax(1)
+    return torch.arange(ids.shape[1], device=ids.device)[None, :] >= first[:, None]
+
+
 # ------------------------------------------------------------------------------------------------ state
 
 class Trainer:
@@ -338,12 +344,8 @@ class Trainer:
         if not self.cfg.p_words_only:
             return None
         hide = torch.rand(len(texts), generator=self.gen) < self.cfg.p_words_only
-        mask = torch.ones(ids.shape, device=ids.device)
-        eos = self.tokenizer.eos_token_id
-        for b, text in enumerate(texts):
-            if text and hide[b]:
-                mask[b, int((ids[b] == eos).nonzero()[0]):] = 0
-        return mask
+        hide &= torch.tensor([bool(t) for t in texts])
+        return (~(summary_columns(ids, self.tokenizer.eos_token_id) & hide[:, None].to(ids.device))).float()
 
     def with_clean_pads(self, ids: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``clean_pads``: the text encoder's outputs with the end-of-text column and every padding column after it
@@ -357,9 +359,7 @@ class Trainer:
         the diffusion loss alone."""
         empty = token_ids(self.tokenizer, [""]).to(ids.device)
         clean = self.text_encoder(empty)[0].detach()[0]
-        eos = self.tokenizer.eos_token_id
-        first = (ids == eos).int().argmax(1)  # end-of-text's position
-        pad = torch.arange(ids.shape[1], device=ids.device)[None, :] >= first[:, None]
+        pad = summary_columns(ids, self.tokenizer.eos_token_id)
         loss = ((cond - clean).pow(2).mean(-1) * pad).sum() / pad.sum().clamp(min=1)
         return torch.where(pad[..., None], clean.expand_as(cond), cond), loss
 
@@ -448,4 +448,4 @@ def train(out: str | os.PathLike, cfg: TrainConfig, device: str | None = "auto",
     return result
 
 
-__all__ = ["TrainConfig", "Trainer", "scene_batch", "token_ids", "train"]
+__all__ = ["TrainConfig", "Trainer", "scene_batch", "summary_columns", "token_ids", "train"]
