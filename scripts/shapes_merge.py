@@ -1,11 +1,13 @@
-"""Merge ``unbleed shapes bench --out`` folders that ran different methods on the same prompts and seeds.
+"""Merge ``unbleed shapes bench --out`` folders that ran parts of one benchmark (the same seeds).
 
     .venv/bin/python scripts/shapes_merge.py runs/control runs/peers-a runs/peers-b --out runs/every-method
 
-A long benchmark can be split by method across processes or machines (each run with the same ``--prompts``,
-``--seeds``, ``--split``, ``--steps`` and, for the comparison, the baseline ``sd``). Sampling is deterministic, so
-the baseline's verdicts must agree image for image across the runs: this is checked, and a mismatch stops the
-merge. The merged figures (the same statistics as the bench: intervals over prompts, paired differences from the
+A long benchmark can be split across processes or machines by method (each run with the same ``--prompts``,
+``--seeds``, ``--split``, ``--steps`` and, for the comparison, the baseline ``sd``) or by prompts (each run the
+same methods on its own part of the prompt list, e.g. ``--prompts-file`` halves). The merged benchmark's prompts
+are the runs' prompts in order of first appearance; every method must then have an image for every prompt and
+seed. Sampling is deterministic, so a method that two runs share must agree image for image across them: this is
+checked, and a mismatch stops the merge. A method's seconds are summed over the runs that added its images. The merged figures (the same statistics as the bench: intervals over prompts, paired differences from the
 baseline) are printed as JSON and written with the bench's plots to ``--out``.
 """
 
@@ -37,9 +39,11 @@ def main() -> None:
         for method, spec in (meta.get("contenders") or {}).items():
             contenders.setdefault(method, spec)
         if prompts is None:
-            prompts, seeds = meta["prompts"], meta["seeds"]
-        elif (meta["prompts"], meta["seeds"]) != (prompts, seeds):
-            sys.exit(f"error: {run}: other prompts or seeds than {args.runs[0]}; merge only runs of one benchmark")
+            prompts, seeds = list(meta["prompts"]), meta["seeds"]
+        elif meta["seeds"] != seeds:
+            sys.exit(f"error: {run}: other seeds than {args.runs[0]}; merge only runs of one benchmark")
+        prompts += [p for p in meta["prompts"] if p not in prompts]
+        added: set[str] = set()
         for line in (run / "records.jsonl").read_text().splitlines():
             r = json.loads(line)
             mine = {v: r[v] for v in VERDICTS}
@@ -47,9 +51,12 @@ def main() -> None:
             key = (r["prompt"], r["seed"])
             if key in seen and seen[key] != mine:
                 sys.exit(f"error: {run}: {r['method']} on {key} differs from another run's; not the same benchmark")
+            if key not in seen:
+                added.add(r["method"])
             seen[key] = mine
         for method, f in meta["figures"].items():
-            seconds.setdefault(method, f["seconds"])
+            if method in added:
+                seconds[method] = seconds.get(method, 0.0) + f["seconds"]
     if args.baseline not in records:
         sys.exit(f"error: --baseline {args.baseline!r} is in none of the runs")
     outcomes = {}

@@ -16,7 +16,7 @@ import torch
 
 from unbleed.models import load_model
 from unbleed.shapes.train import summary_columns, token_ids
-from unbleed.shapes.world import heldout_prompts
+from unbleed.shapes.world import unseen_prompts
 
 
 def pad_distance(pipe, prompts: list[str]) -> dict[str, float]:
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="shapes, or pipeline folders")
     parser.add_argument("--prompts", type=int, default=40)
     args = parser.parse_args()
-    prompts = heldout_prompts(args.prompts)
+    prompts = unseen_prompts(args.prompts)
     for model in args.models:
         d = pad_distance(load_model(model), prompts)
         print(f"{model}: end-of-text + padding {d['summary']:.2f}; words {d['words']:.2f}")

@@ -10,7 +10,7 @@ import pytest
 from unbleed.errors import UnbleedError
 from unbleed.shapes.render import render, template_mask
 from unbleed.shapes.world import (BACKGROUND, COLOURS, HELDOUT, MARGIN, SHAPES, SIZE_RANGE, TRAIN_COMBOS, caption,
-                                  heldout_prompts, parse_caption, parse_relations, sample_scene, scene_from_caption,
+                                  unseen_prompts, parse_caption, parse_relations, sample_scene, scene_from_caption,
                                   train_prompts, vertical_relation)
 
 
@@ -135,7 +135,7 @@ def test_heldout_split():
     assert {c for c, _ in TRAIN_COMBOS} == set(COLOURS) and {s for _, s in TRAIN_COMBOS} == set(SHAPES)
     for seed in range(300):
         assert not set(sample_scene(seed, split="train").pairs) & HELDOUT
-    train, held = train_prompts(200, seed=1), heldout_prompts(200, seed=1)
+    train, held = train_prompts(200, seed=1), unseen_prompts(200, seed=1)
     assert train == train_prompts(200, seed=1) and train != train_prompts(200, seed=2)
     for p in train:
         pairs = parse_caption(p)
@@ -144,3 +144,41 @@ def test_heldout_split():
         pairs = parse_caption(p)
         assert len(pairs) == 2 and set(pairs) & HELDOUT
     assert not set(train) & set(held)
+
+
+def test_test_split_is_disjoint_from_train_by_construction():
+    """Every object set is in exactly one prompt split, whatever the seed, order or connector: a test prompt
+    names only trained combinations and never the objects of any train prompt."""
+    from itertools import combinations, permutations
+
+    from unbleed.shapes.world import PROMPT_SPLITS, canonical_split, object_set_half, prompt_split, split_prompts
+
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    halves = {"train": set(), "test": set()}
+    for k in (1, 2, 3):
+        for objs in combinations(combos, k):
+            if len({c for c, _ in objs}) < k or len({s for _, s in objs}) < k:
+                continue  # the world's objects have distinct colours and shapes
+            split = prompt_split(list(objs))
+            assert split == ("unseen" if set(objs) & HELDOUT else object_set_half(objs))
+            assert all(prompt_split(list(p)) == split for p in permutations(objs))  # order does not matter
+            if split != "unseen":
+                halves[split].add(frozenset(objs))
+    for k in (1, 2, 3):  # both halves are sizeable for every object count
+        sizes = [sum(len(o) == k for o in halves[h]) for h in ("train", "test")]
+        assert min(sizes) >= 0.35 * sum(sizes), (k, sizes)
+    sets = {}
+    for split in PROMPT_SPLITS:
+        for k, n in ((1, 10), (2, 250), (3, 200)):
+            for seed in (0, 1, 5):
+                prompts = split_prompts(split, n, seed=seed, objects=k)
+                objs = [frozenset(parse_caption(p)) for p in prompts]
+                assert len(set(objs)) == n and all(len(o) == k for o in objs)  # one prompt per object set
+                assert all(prompt_split(sorted(o)) == split for o in objs)
+                sets.setdefault(split, set()).update(objs)
+    assert not sets["train"] & sets["test"] and not (sets["train"] | sets["test"]) & sets["unseen"]
+    assert not any(set(o) & HELDOUT for o in sets["test"])
+    with pytest.raises(UnbleedError, match="--split heldout is now called 'unseen'"):
+        canonical_split("heldout")
+    with pytest.raises(UnbleedError, match=r"--split 'nope': use one of train, test, unseen"):
+        split_prompts("nope", 3)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from .detect import detect, detect_check
 from .render import render
-from .world import (BACKGROUND, COLOURS, HELDOUT, SHAPES, Obj, Scene, caption, heldout_prompts, parse_caption,
+from .world import (BACKGROUND, COLOURS, HELDOUT, SHAPES, Obj, Scene, caption, unseen_prompts, parse_caption,
                     sample_scene, scene_from_caption, train_prompts)
 
 __all__ = ["BACKGROUND", "COLOURS", "HELDOUT", "SHAPES", "Obj", "Scene", "caption", "detect", "detect_check",
-           "heldout_prompts", "parse_caption", "render", "sample_scene", "scene_from_caption", "train_prompts"]
+           "unseen_prompts", "parse_caption", "render", "sample_scene", "scene_from_caption", "train_prompts"]

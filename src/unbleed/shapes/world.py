@@ -19,13 +19,24 @@ Choices
 * **Captions.** "a red circle", "a red circle and a blue square", "a green star next to a yellow heart",
   "a purple triangle with an orange cross", "a, b and c", and "X above Y" / "X below Y" only when the scene
   really has X's box entirely above (below) Y's box, so the relation is faithful.
-* **Held-out split.** ``HELDOUT`` is a fixed set of 10 of the 48 colour-shape combinations (21 %); each colour
-  and each shape still occurs in training with other partners. ``train`` scenes and prompts never contain a
-  held-out combination; every ``heldout`` prompt contains at least one.
+* **Held-out combinations.** ``HELDOUT`` is a fixed set of 10 of the 48 colour-shape combinations (21 %); each
+  colour and each shape still occurs in training with other partners. Training scenes (scene split ``train``)
+  never contain one.
+* **Prompt splits** (:data:`PROMPT_SPLITS`, for benchmarks; :func:`prompt_split` decides): a prompt belongs to
+  ``unseen`` when it names a held-out combination (compositional generalisation: a pair the model never saw
+  drawn — no guidance method can teach it that), else to ``train`` or ``test`` by a fixed hash of its *set of
+  objects* (:func:`object_set_half`). So a ``test`` prompt is made only of trained combinations, and no ``test``
+  prompt names the same objects as any prompt the ``train`` split can yield — whatever ``n``, seed, order or
+  connector: disjoint by construction, the way SD's test prompts use familiar concepts never used for tuning.
+  Tune on ``train``; report once on ``test`` (where the bleeding question lives) and beside it on ``unseen``.
+  A split's prompts name distinct object sets (the same two objects with another connector or order would be
+  the same unit twice). ``heldout`` was ``unseen``'s name before the ``test`` split existed (its prompt lists
+  then could repeat an object set); the old name is refused with one line naming the new one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 
@@ -59,7 +70,8 @@ TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(
 SIZE_RANGE = (0.22, 0.38)  # object box side, as a fraction of the image side
 MARGIN = 1 / 16  # minimum gap between object boxes, and between a box and the border, as a fraction of the side
 
-SPLITS = ("train", "heldout", "all")
+SPLITS = ("train", "heldout", "all")  # scene splits (training data); prompts have PROMPT_SPLITS
+PROMPT_SPLITS = ("train", "test", "unseen")
 
 
 @dataclass(frozen=True)
@@ -252,37 +264,68 @@ def scene_from_caption(text: str, seed: int = 0, size: int = 64) -> Scene:
 
 # ----------------------------------------------------------------------------------------------- prompts
 
+def object_set_half(pairs: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
+    """``"train"`` or ``"test"``: a fixed half of the object sets, by the SHA-256 of the sorted ``colour shape``
+    names (independent of order, connector, seed and Python's hash seed)."""
+    key = "|".join(sorted(f"{c} {s}" for c, s in pairs))
+    return ("train", "test")[hashlib.sha256(key.encode()).digest()[0] & 1]
+
+
+def prompt_split(pairs: list[tuple[str, str]]) -> str:
+    """The prompt split (``train`` | ``test`` | ``unseen``) that a prompt naming these objects belongs to."""
+    return "unseen" if set(pairs) & HELDOUT else object_set_half(pairs)
+
+
+def canonical_split(split: str) -> str:
+    """``split`` itself when it is a prompt split; an unknown or old name is one line."""
+    if split == "heldout":
+        raise UnbleedError("--split heldout is now called 'unseen' (prompts with a colour-shape combination the "
+                           "model never saw); 'test' holds unseen prompts of trained combinations")
+    if split not in PROMPT_SPLITS:
+        raise UnbleedError(f"--split {split!r}: use one of {', '.join(PROMPT_SPLITS)}")
+    return split
+
+
 def _prompts(n: int, seed: int, split: str, objects: int = 2) -> list[str]:
     if not 1 <= objects <= 3:
         raise UnbleedError(f"--objects {objects}: a prompt names 1 to 3 objects")
-    rng = np.random.default_rng(seed if objects == 2 else [seed, objects])
-    out: dict[str, None] = {}  # distinct prompts in draw order: a benchmark's unit is the prompt
+    split = canonical_split(split)
+    rng = np.random.default_rng([seed, objects, PROMPT_SPLITS.index(split)])
+    out: dict[frozenset, str] = {}  # one prompt per object set, in draw order: a benchmark's unit is the prompt
     for _ in range(200 * n):
         if len(out) == n:
             break
-        pairs = sample_pairs(rng, objects, split)
+        pairs = sample_pairs(rng, objects, "heldout" if split == "unseen" else "train")
+        if prompt_split(pairs) != split or frozenset(pairs) in out:
+            continue
         if objects == 2:
             conn = ("and", "next to", "with")[rng.integers(3)]
-            out[f"{noun_phrase(*pairs[0])} {conn} {noun_phrase(*pairs[1])}"] = None
+            out[frozenset(pairs)] = f"{noun_phrase(*pairs[0])} {conn} {noun_phrase(*pairs[1])}"
         else:
             phrases = [noun_phrase(*p) for p in pairs]
-            out[phrases[0] if objects == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]] = None
+            out[frozenset(pairs)] = phrases[0] if objects == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if len(out) < n:
         raise UnbleedError(f"--prompts {n}: the {split} split has only {len(out)} distinct {objects}-object "
                            f"prompts; ask for at most {len(out)}")
-    return list(out)
+    return list(out.values())
+
+
+def split_prompts(split: str, n: int, seed: int = 0, objects: int = 2) -> list[str]:
+    """``n`` distinct prompts of ``objects`` objects (default two) from the prompt split ``split``
+    (:data:`PROMPT_SPLITS`; see the module docstring)."""
+    return _prompts(n, seed, split, objects)
 
 
 def train_prompts(n: int, seed: int = 0, objects: int = 2) -> list[str]:
-    """``n`` distinct prompts of ``objects`` objects (default two), all training combinations (distinct colours
-    and shapes)."""
+    """``n`` distinct tuning prompts of ``objects`` objects (default two): trained combinations (distinct colours
+    and shapes) whose object set is in the ``train`` half."""
     return _prompts(n, seed, "train", objects)
 
 
-def heldout_prompts(n: int, seed: int = 0, objects: int = 2) -> list[str]:
-    """``n`` distinct prompts of ``objects`` objects (default two), each containing at least one held-out
-    combination."""
-    return _prompts(n, seed, "heldout", objects)
+def unseen_prompts(n: int, seed: int = 0, objects: int = 2) -> list[str]:
+    """``n`` distinct ``unseen`` prompts of ``objects`` objects (default two), each containing at least one
+    held-out combination."""
+    return _prompts(n, seed, "unseen", objects)
 
 
 def with_objects(scene: Scene, objects: list[Obj]) -> Scene:
@@ -293,6 +336,7 @@ def with_objects(scene: Scene, objects: list[Obj]) -> Scene:
 __all__ = [
     "SHAPES", "COLOURS", "BACKGROUND", "HELDOUT", "TRAIN_COMBOS", "SIZE_RANGE", "MARGIN", "Obj", "Scene",
     "sample_pairs", "place_boxes", "scene_from_pairs", "sample_scene", "noun_phrase", "caption",
-    "parse_caption", "parse_relations", "scene_from_caption", "train_prompts", "heldout_prompts",
-    "with_objects", "vertical_relation",
+    "parse_caption", "parse_relations", "scene_from_caption", "train_prompts", "unseen_prompts",
+    "split_prompts", "prompt_split", "object_set_half", "canonical_split", "PROMPT_SPLITS", "with_objects",
+    "vertical_relation",
 ]

@@ -1,0 +1,79 @@
+"""scripts/shapes_merge.py: a benchmark split across runs by method or by prompts merges into the one-run figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from unbleed.shapes.bench import VERDICTS, summarise
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "shapes_merge.py"
+PROMPTS = [f"a red circle and a blue square {k}" for k in range(6)]
+SEEDS = [0, 1, 2]
+
+
+def _verdicts(method: str, prompt: str, seed: int) -> dict:
+    rng = np.random.default_rng([len(method), PROMPTS.index(prompt), seed])
+    flags = {v: bool(rng.random() < 0.3) for v in VERDICTS}
+    flags["success"] = not any(flags[v] for v in VERDICTS if v != "success")
+    return flags
+
+
+def _run(folder: Path, methods: list[str], prompts: list[str], seconds: float = 1.0, flip: bool = False) -> Path:
+    folder.mkdir(parents=True)
+    lines = []
+    for m in methods:
+        for p in prompts:
+            for s in SEEDS:
+                v = _verdicts(m, p, s)
+                if flip and (p, s) == (prompts[0], 0):
+                    v["success"] = not v["success"]
+                lines.append(json.dumps({"method": m, "prompt": p, "seed": s, **v}))
+    (folder / "records.jsonl").write_text("\n".join(lines) + "\n")
+    figures = {m: {"seconds": seconds} for m in methods}
+    (folder / "results.json").write_text(json.dumps({"prompts": prompts, "seeds": SEEDS, "figures": figures}))
+    return folder
+
+
+def _merge(tmp_path: Path, *runs: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, runs), "--out", str(tmp_path / "merged")],
+                          capture_output=True, text=True)
+
+
+def _expected(methods: list[str]) -> dict:
+    outcomes = {m: {v: np.array([[_verdicts(m, p, s)[v] for s in SEEDS] for p in PROMPTS]) for v in VERDICTS}
+                for m in methods}
+    return summarise(outcomes, "sd")
+
+
+def test_merge_by_method_and_by_prompts_equals_one_run(tmp_path):
+    expected = _expected(["sd", "attend-excite"])
+    by_method = _merge(tmp_path / "a", _run(tmp_path / "m1", ["sd"], PROMPTS),
+                       _run(tmp_path / "m2", ["sd", "attend-excite"], PROMPTS, seconds=2.0))
+    assert by_method.returncode == 0, by_method.stderr
+    halves = _merge(tmp_path / "b", _run(tmp_path / "p1", ["sd", "attend-excite"], PROMPTS[:3]),
+                    _run(tmp_path / "p2", ["sd", "attend-excite"], PROMPTS[3:], seconds=3.0))
+    assert halves.returncode == 0, halves.stderr
+    for res, sd_seconds, ae_seconds in ((by_method, 1.0, 2.0), (halves, 4.0, 4.0)):
+        figures = json.loads(res.stdout)
+        for m in expected:
+            for v in VERDICTS:
+                assert figures[m][v] == expected[m][v], (m, v)
+        assert figures["attend-excite"]["vs_baseline"] == json.loads(json.dumps(expected["attend-excite"]
+                                                                                 ["vs_baseline"]))
+        assert (figures["sd"]["seconds"], figures["attend-excite"]["seconds"]) == (sd_seconds, ae_seconds)
+    merged = json.loads((tmp_path / "b" / "merged" / "results.json").read_text())
+    assert merged["prompts"] == PROMPTS
+
+
+def test_merge_refuses_disagreeing_or_incomplete_runs(tmp_path):
+    clash = _merge(tmp_path / "a", _run(tmp_path / "r1", ["sd"], PROMPTS),
+                   _run(tmp_path / "r2", ["sd"], PROMPTS, flip=True))
+    assert clash.returncode != 0 and "differs from another run's" in clash.stderr
+    partial = _merge(tmp_path / "b", _run(tmp_path / "r3", ["sd", "attend-excite"], PROMPTS[:3]),
+                     _run(tmp_path / "r4", ["sd"], PROMPTS[3:]))
+    assert partial.returncode != 0 and "attend-excite has 9 of 18 images" in partial.stderr
