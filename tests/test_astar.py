@@ -267,7 +267,7 @@ def test_layout_names_must_be_entities():
     ({"refine_on": "max"}, "unknown; use normalized or loss"),
     ({"kernel": "2"}, "odd number"),
     ({"sigma": "0"}, "sigma=0.0"),
-    ({"softmax_scale": "-1"}, "softmax_scale"),
+    ({"map_scale": "-1"}, "map_scale"),
     ({"colour": "red"}, "astar has no such option"),
 ])
 def test_bad_options(opts, match):

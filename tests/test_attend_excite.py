@@ -33,7 +33,7 @@ def test_loss_on_hand_made_maps():
     maps = torch.zeros(1, 77, 2, 2)
     maps[0, 2] = torch.tensor([[0.5, 0.0], [0.0, 0.0]])  # cat
     maps[0, 5] = torch.tensor([[0.0, 0.0], [0.0, 0.2]])  # frog
-    ae = AttendExcite(smooth=False)
+    ae = AttendExcite(smooth=False, exclude_padding="true")
     ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=(Entity("cat", (2,)), Entity("frog", (5,))))
     state = ae.prepare_step((maps,), ctx, None)
     # columns 1..5, ×100, softmax over 5 tokens; at the cat pixel: e^50 / (e^50 + 4) ≈ 1;
@@ -51,7 +51,8 @@ def test_loss_on_hand_made_maps():
 
 
 def test_one_update_lowers_the_loss(tiny):
-    ae = make_method("attend-excite", {"temperature": "1"})  # the random tiny model's maps are flat at ×100
+    # the random tiny model's maps are flat at ×100
+    ae = make_method("attend-excite", {"map_scale": "1", "exclude_padding": "true"})
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
     before, after, _ = one_update(tiny, ae, groups, PROMPT, alpha=50.0, batch=1, t=500)
     assert after.item() < before.item()
@@ -76,9 +77,9 @@ def _diffusers_ae(seed, steps, thresholds, max_iter_to_alter):
 def test_side_by_side_with_diffusers_attend_and_excite(thresholds):
     """Same latents as diffusers' pipeline on the tiny model (same seed, indices, settings).
 
-    Deliberate differences, each neutralised here and documented:
-    * token columns: diffusers softmaxes over all 75 non-SOT/EOT columns (padding included), the official code over
-      the prompt's own tokens: ``-o exclude_padding=false`` reproduces diffusers;
+    With the default options: on an SD 1.x UNet (the tiny model's convolutional projections) ``exclude_padding=auto``
+    takes columns 1:-1, padding included — the official SD 1.4 path and diffusers'. Deliberate differences, each
+    neutralised here and documented:
     * refinement: the official/diffusers loop makes one more update after the loss crosses the threshold; ours
       stops at it. Compared here with no refinement and with an unreachable threshold (both loops run the full
       20 iterations), where the two agree;
@@ -88,7 +89,7 @@ def test_side_by_side_with_diffusers_attend_and_excite(thresholds):
     steps = 4
     ref = _diffusers_ae(0, steps, thresholds, max_iter_to_alter=2)
     pipe = load_model("tiny")
-    ae = make_method("attend-excite", {"exclude_padding": "false"})
+    ae = make_method("attend-excite")  # the default options
     res = generate(pipe, PROMPT, method=ae, groups=token_groups(pipe.tokenizer, PROMPT, "cat,frog"), seeds=[0],
                    num_inference_steps=steps, schedule=Schedule(window=(0, 2), refine=dict(thresholds and
                    {0: 0.0, 1: 0.0}), max_refine_iters=20, step_size=20.0), output_type="latent")
@@ -97,3 +98,32 @@ def test_side_by_side_with_diffusers_attend_and_excite(thresholds):
     torch.testing.assert_close(res.latents, ref, atol=1e-4, rtol=1e-4)
     plain = generate(pipe, PROMPT, seeds=[0], num_inference_steps=steps, output_type="latent")
     assert (plain.latents - ref).abs().max() > 1e-3  # the guidance did change the latents
+
+
+def test_softmax_columns_follow_the_model_family():
+    """``exclude_padding=auto``: columns 1:-1 (padding in the softmax) on SD 1.x, the prompt's words on SD 2.x and
+    SDXL (linear projections: the official ``normalize_eot``); ``true``/``false`` force one rule."""
+    from types import SimpleNamespace
+
+    sd1 = SimpleNamespace(config=SimpleNamespace(use_linear_projection=False))
+    sd2 = SimpleNamespace(config=SimpleNamespace(use_linear_projection=True))
+    maps = torch.zeros(1, 77, 2, 2)
+    ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=(Entity("frog", (5,)),))
+    auto = AttendExcite()
+    assert auto.prepare_step((maps,), ctx, auto.new_run(sd1))["last"] == 76
+    assert auto.prepare_step((maps,), ctx, auto.new_run(sd2))["last"] == 6
+    assert AttendExcite(exclude_padding="true").new_run(sd1) is False
+    assert AttendExcite(exclude_padding="false").new_run(sd2) is True
+    assert load_model("tiny").unet.config.use_linear_projection is False  # the tiny model is SD 1.x's family
+    assert make_method("attend-excite", {"exclude_padding": "no"}).new_run(sd1) is True
+    with pytest.raises(Exception, match="exclude_padding=maybe: use auto"):
+        make_method("attend-excite", {"exclude_padding": "maybe"})
+
+
+def test_old_option_name_is_refused_naming_the_new_one():
+    from unbleed.errors import UnbleedError
+
+    with pytest.raises(UnbleedError, match="-o temperature: this option is now called map_scale in attend-excite: use -o map_scale=50"):
+        make_method("attend-excite", {"temperature": "50"})
+    with pytest.raises(UnbleedError, match="now called map_scale in attend-excite"):
+        make_method("ela+attend-excite", {"temperature": "50"})

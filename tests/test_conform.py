@@ -54,7 +54,7 @@ def test_two_entities_exact_value():
     assert state["labels"].tolist() == [0, 0, 1, 1]  # cat, red | frog, blue
     loss = method.loss((maps,), CTX, state)
     assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-2)), rel=1e-6)
-    tau = Conform(temperature=0.25)
+    tau = Conform(tau=0.25)
     assert tau.loss((maps,), CTX, state).item() == pytest.approx(math.log(1 + 2 * math.exp(-4)), rel=1e-5)
 
 
@@ -144,7 +144,7 @@ def test_cli_on_tiny(tmp_path):
                               "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
     (rec,) = json.loads(res.stdout)
-    assert rec["method"] == "conform" and rec["method_options"]["temperature"] == 0.5
+    assert rec["method"] == "conform" and rec["method_options"]["tau"] == 0.5
     assert [(g["step"], g["refine_iters"]) for g in rec["guidance"]] == [(0, 20)]
 
 

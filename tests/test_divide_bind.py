@@ -127,7 +127,7 @@ def _ctx(groups, step=10, prompt_length=4):
 
 
 def _hand_expected():
-    # softmax over tokens 1..2 (temperature 1): cat = [[3/4, 1/2], [1/2, 1/2]], red = 1 − cat
+    # softmax over tokens 1..2 (map_scale 1): cat = [[3/4, 1/2], [1/2, 1/2]], red = 1 − cat
     # official TV(cat): horizontal row 0 |3/4 − 1/2| = 1/4, row 1 0 → 1/8; vertical: last row vs itself 0 → 1/8
     tv = 1 / 8
     # binding: red (max 1/2) rescaled to cat's max 3/4 → ×1.5: (3/8, 3/4, 3/4, 3/4)
@@ -142,7 +142,7 @@ def _hand_expected():
 
 
 def test_loss_on_hand_made_maps():
-    db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
+    db = DivideBind(tv="official", map_scale=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
     state = db.prepare_step((_hand_maps(),), CTX, None)
     assert state["last"] == 3 and state["bind_weight"] == 5.0
     tv, jsd = _hand_expected()
@@ -153,10 +153,10 @@ def test_loss_on_hand_made_maps():
     # one entity: L = −TV + λ·JSD with λ = 5 at step 10
     assert db.loss((_hand_maps(),), CTX, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
     # the paper's TV adds the vertical difference |3/4 − 1/2| / 2 = 1/8 → 1/4
-    paper = DivideBind(temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same", tv="paper")
+    paper = DivideBind(map_scale=1.0, smooth=False, exclude_padding=True, attribute_maps="same", tv="paper")
     assert paper.terms((_hand_maps(),), CTX, state)[0].item() == pytest.approx(0.25, rel=1e-5)
     # without binding the loss is −TV
-    plain = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, bind=False)
+    plain = DivideBind(tv="official", map_scale=1.0, smooth=False, exclude_padding=True, bind=False)
     assert plain.loss((_hand_maps(),), CTX, state).item() == pytest.approx(-tv, rel=1e-5)
 
 
@@ -164,7 +164,7 @@ def test_several_attributes_of_one_entity_add_their_jsds():
     maps = torch.zeros(1, 77, 2, 2)
     maps[0, 2, 0, 0] = LN3
     maps[0, 3, 1, 1] = 1.0
-    db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
+    db = DivideBind(tv="official", map_scale=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
     red, big = TokenGroup("red", (1,)), TokenGroup("big", (3,))
     both = [Entity("cat", (2,), [red, big])]
     state = db.prepare_step((maps,), _ctx(both, step=0, prompt_length=5), None)
@@ -180,7 +180,7 @@ def test_attribute_maps_come_from_the_finer_level_nearest_resized():
     # values that make red's softmaxed map the same as in the "same" example, garbage everywhere else.
     fine = torch.full((1, 77, 4, 4), 5.0)
     fine[0, :, ::2, ::2] = _hand_maps()[0]
-    db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True)
+    db = DivideBind(tv="official", map_scale=1.0, smooth=False, exclude_padding=True)
     state = db.prepare_step((_hand_maps(), fine), CTX, None)
     tv, jsd = _hand_expected()
     assert db.loss((_hand_maps(), fine), CTX, state).item() == pytest.approx(-tv + 5 * jsd, rel=1e-4)
@@ -192,8 +192,8 @@ def test_attribute_maps_come_from_the_finer_level_nearest_resized():
 
 def test_official_token_columns_keep_padding_in_the_softmax():
     # exclude_padding=False (official [:, :, 1:-1]): tokens 1..75 share the softmax, so with all other columns
-    # zero and temperature 1, cat's pixel (0, 0) is 3 / (3 + 74) and the others 1/75
-    db = DivideBind(tv="official", temperature=1.0, smooth=False, bind=False)
+    # zero and map_scale 1, cat's pixel (0, 0) is 3 / (3 + 74) and the others 1/75
+    db = DivideBind(tv="official", map_scale=1.0, smooth=False, bind=False)
     state = db.prepare_step((_hand_maps(),), CTX, None)
     assert state["last"] == 76
     # official TV: horizontal |3/77 − 1/75| / 2 (only row 0 differs), vertical 0
@@ -201,7 +201,7 @@ def test_official_token_columns_keep_padding_in_the_softmax():
 
 
 def test_refine_value_is_minus_the_smallest_tv_and_thresholds_are_negated():
-    db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
+    db = DivideBind(tv="official", map_scale=1.0, smooth=False, exclude_padding=True, attribute_maps="same")
     state = db.prepare_step((_hand_maps(),), CTX, None)
     loss = db.loss((_hand_maps(),), CTX, state)
     value = db.refine_value((_hand_maps(),), CTX, state, loss)
@@ -216,12 +216,12 @@ def test_refine_value_is_minus_the_smallest_tv_and_thresholds_are_negated():
 
 
 def test_refine_value_takes_the_smallest_tv_of_several_entities():
-    # tokens 1..3 share the softmax (prompt_length 5, temperature 1); token 2 is ln 3 at pixel (0, 0), rest 0:
+    # tokens 1..3 share the softmax (prompt_length 5, map_scale 1); token 2 is ln 3 at pixel (0, 0), rest 0:
     # pixel (0, 0) → (1, 3, 1)/5, other pixels 1/3 each
     maps = torch.zeros(1, 77, 2, 2)
     maps[0, 2, 0, 0] = LN3
     ctx = _ctx([Entity("dog", (2,)), Entity("bird", (3,))], step=0, prompt_length=5)
-    db = DivideBind(tv="official", temperature=1.0, smooth=False, exclude_padding=True)
+    db = DivideBind(tv="official", map_scale=1.0, smooth=False, exclude_padding=True)
     state = db.prepare_step((maps,), ctx, None)
     # official TV = horizontal row 0 only (vertical: last row vs itself = 0):
     # dog |3/5 − 1/3| / 2 = 2/15, bird |1/5 − 1/3| / 2 = 1/15
@@ -245,6 +245,29 @@ def test_default_schedule_is_the_official_one_and_scales():
     assert DivideBind().default_schedule(1).window == (0, 1)
 
 
+def test_default_score_and_thresholds_are_one_pair():
+    """The official thresholds were set on the official score, so that is the default score. On a smoothed blob
+    (σ = 3 px on 16×16) the official score is 0.27, past step 10's 0.2: no refinement there; the paper's TV of the
+    same map is 0.12, which under the same thresholds would refine to the cap. The paper's score needs thresholds of
+    its own (no default is inferred)."""
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    maps = torch.zeros(1, 77, 16, 16)
+    maps[0, 2] = 0.1 * torch.exp(-((xx - 8) ** 2 + (yy - 8) ** 2) / (2 * 3.0 ** 2))
+    ctx = StepContext(step=10, num_steps=50, prompt_length=5, groups=(Entity("cat", (2,)),))
+    db = DivideBind()
+    assert db.tv == "official" and db.default_schedule(50).refine == {0: -0.05, 10: -0.2, 20: -0.3}
+    official = db.refine_value((maps,), ctx, db.prepare_step((maps,), ctx, None), None).item()
+    assert official == pytest.approx(-0.27, abs=0.01) and official <= db.default_schedule(50).refine[10]
+    paper = DivideBind(tv="paper", tv_thresholds=("0:0.05", "10:0.2", "20:0.3"))
+    assert paper.refine_value((maps,), ctx, paper.prepare_step((maps,), ctx, None), None).item() > -0.2
+    with pytest.raises(UnbleedError, match="-o tv=paper: the official refinement thresholds were set on the official"):
+        DivideBind.from_options({"tv": "paper"})
+    assert DivideBind.from_options({"tv": "paper", "tv_thresholds": "none"}).default_schedule(50).refine == {}
+    assert DivideBind.from_options({"tv": "paper", "tv_thresholds": "10:0.1"}).default_schedule(50).refine == {10: -0.1}
+    with pytest.raises(UnbleedError, match="-o temperature: this option is now called map_scale in divide-bind"):
+        DivideBind.from_options({"temperature": "50"})
+
+
 def test_binding_weight_schedule():
     db = DivideBind()
     at50 = {i: db.bind_weight(i, 50) for i in (0, 9, 10, 19, 20, 24, 49)}
@@ -265,7 +288,7 @@ def test_binding_weight_schedule():
 def test_options_are_validated_by_name():
     DivideBind().check()
     bad = [({"tv": "l2"}, "tv"), ({"kernel_size": "4"}, "kernel_size"), ({"sigma": "0"}, "sigma"),
-           ({"temperature": "-1"}, "temperature"), ({"combine": "mean"}, "combine"),
+           ({"map_scale": "-1"}, "map_scale"), ({"combine": "mean"}, "combine"),
            ({"attribute_maps": "coarse"}, "attribute_maps"), ({"quantile": "2"}, "quantile"),
            ({"eps": "0"}, "eps"), ({"guide_steps": "0"}, "guide_steps"), ({"refine_iters": "-1"}, "refine_iters"),
            ({"bind_weights": "10:5"}, "bind_weights"), ({"bind_weights": "0:x"}, "bind_weights"),
@@ -300,7 +323,7 @@ def test_map_requests_objects_at_up1_level_attributes_from_finer_levels(tiny):
     assert DivideBind(bind=False).map_requests(tiny.unet) == req[:1]
 
 
-@pytest.mark.parametrize("options", [{}, {"combine": "sum", "tv": "paper"}])
+@pytest.mark.parametrize("options", [{}, {"combine": "sum", "tv": "paper", "tv_thresholds": "none"}])
 def test_one_update_lowers_the_divide_bind_loss(tiny, options):
     # one_update makes step 0's update; λ = 5 from step 0 gives the loss of step 10 of 50 (official weights)
     db = DivideBind.from_options({**options, "bind_weights": "0:5"})

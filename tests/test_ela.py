@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unbleed.errors import UnbleedError
 from unbleed.methods import make_method
@@ -73,6 +74,53 @@ def test_three_entities():
     for k, m in enumerate([(0, 3, 0, 3), (0, 3, 6, 9), (6, 9, 3, 6)]):
         assert torch.equal(masks[0, k], blob(9, 9, m[:2], m[2:])), k
     assert masks[0].sum(0).max() == 1  # pairwise disjoint
+
+
+def _random_blobs(n: int, cases: int = 200, side: int = 16, seed: int = 0):
+    """``cases`` synthetic scenes of ``n`` Gaussian blobs (random centres, widths, heights, a little noise) on
+    ``side × side``: (SOT maps ``[cases, h, w]``, entity maps ``[cases, n, h, w]``)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    centre = torch.rand(cases, n, 2, generator=g) * (side - 1)
+    width = 1.5 + 1.5 * torch.rand(cases, n, 1, 1, generator=g)
+    height = 0.2 + 0.4 * torch.rand(cases, n, 1, 1, generator=g)
+    d2 = (xx - centre[..., 0, None, None]) ** 2 + (yy - centre[..., 1, None, None]) ** 2
+    ents = height * torch.exp(-d2 / (2 * width ** 2)) + 0.01 * torch.rand(cases, n, side, side, generator=g)
+    return (1 - ents.sum(1)).clamp_min(0), ents
+
+
+def _paper_rule_masks(sot, ents):
+    """Eq. 4 read literally: ``B(A^{e_i} − max_{j≠i} A^{e_j}) ∧ ¬B(A⁰)`` (the masks before the disjoint rule)."""
+    n = ents.shape[1]
+    others = torch.stack([torch.cat([ents[:, :i], ents[:, i + 1:]], 1).amax(1) for i in range(n)], 1)
+    return (binarize(ents - others) - binarize(sot)[:, None]).clamp(0, 1)
+
+
+@pytest.mark.parametrize("n, overlaps", [(3, 150), (4, 180)])
+def test_masks_are_disjoint_for_three_or_more_entities_on_synthetic_blobs(n, overlaps):
+    sot, ents = _random_blobs(n)
+    literal = _paper_rule_masks(sot, ents)
+    overlapping = (literal.sum(1) > 1).flatten(1).any(-1)
+    assert overlapping.sum() > overlaps  # Otsu's threshold on a difference map is usually below 0: overlaps
+    _, masks, valid = ela_masks(sot, ents)
+    assert valid.all() and masks.sum(1).max() == 1  # pairwise disjoint in every case
+    # a pixel claimed by several masks stays with the most attended claimant, nothing else changes; an entity
+    # left with no pixel (some are, here) gets the top-k fallback, which avoids the others' pixels
+    top = ents.masked_fill(literal == 0, float("-inf")).argmax(1)
+    kept = F.one_hot(top, n).permute(0, 3, 1, 2).float() * (literal.sum(1, keepdim=True) > 0)
+    nonempty = kept.flatten(-2).sum(-1) > 0
+    assert torch.equal(masks[nonempty], kept[nonempty]) and (~nonempty).sum() > 5
+
+
+def test_two_entity_masks_are_unchanged_where_they_were_disjoint():
+    sot, ents = _random_blobs(2, seed=1)
+    literal = _paper_rule_masks(sot, ents)
+    disjoint = (literal.sum(1) <= 1).flatten(1).all(-1) & (literal.flatten(-2).sum(-1) > 0).all(-1)
+    assert disjoint.sum() > 190
+    _, masks, _ = ela_masks(sot, ents)
+    assert torch.equal(masks[disjoint], literal[disjoint])
+    assert masks.sum(1).max() == 1
 
 
 def test_overlapping_entities_split_by_difference():
@@ -168,6 +216,33 @@ def test_bad_options(opts, match):
     with pytest.raises(UnbleedError, match=match) as err:
         make_method("ela", opts)
     assert err.value.field == "options"
+
+
+def test_start_step_begins_masks_and_anchoring_there():
+    """T_start (Alg. 1): the window starts at ``start`` (at 50 steps, scaled); refinement steps before it are dropped
+    and the start step refines with the threshold in force there; before it there are no masks and no loss."""
+    assert ELA().start == 0 and ELA().default_schedule(50).window == (0, 25)  # default: step 0 (pending tuning)
+    s = make_method("ela", {"start": "5"}).default_schedule(50)
+    assert s.window == (5, 25) and s.refine == {5: 0.2, 10: 0.1, 20: 0.05}
+    s = make_method("ela", {"start": "15"}).default_schedule(20)  # ⌊15·20/50⌋ = 6
+    assert s.window == (6, 10) and s.refine == {6: 0.1, 8: 0.05}
+    sot, cat, frog = _scene()
+    maps = torch.zeros(1, 77, 8, 8)
+    maps[0, 0], maps[0, 2], maps[0, 5] = sot, cat, frog
+    groups = (Entity("cat", (2,)), Entity("frog", (5,)))
+    ela = ELA(start=10)
+    early = StepContext(step=9, num_steps=50, prompt_length=7, groups=groups)
+    state = ela.prepare_step((maps,), early, None)
+    assert state == {"anchoring": False} and ela.visuals(state, early) == {}
+    x = maps.clone().requires_grad_(True)
+    loss = ela.loss((x,), early, state)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert loss.tolist() == [0.0] and grad.abs().max() == 0
+    at = StepContext(step=10, num_steps=50, prompt_length=7, groups=groups)
+    state = ela.prepare_step((maps,), at, None)
+    assert state["anchoring"] and ela.loss((maps,), at, state).item() > 0
+    with pytest.raises(UnbleedError, match="-o start=25: T_start must be a step in 0..24"):
+        make_method("ela", {"start": "25"})
 
 
 def test_default_schedule_is_scaled_and_inside_the_window():

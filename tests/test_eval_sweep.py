@@ -235,14 +235,14 @@ def test_parse_seeds_counts_lists_ranges_and_the_seed_rule():
 
 def test_options_are_routed_per_method_by_the_one_router(tmp_path):
     cfg = config(tmp_path / "run", methods=["sd", "ela", "attend-excite", "ela+syngen"],
-                 options={"ela.lam": "0.3", "temperature": "50"})
+                 options={"ela.lam": "0.3", "map_scale": "50"})
     W.validate(cfg)
     specs = {m: W.method_spec(cfg, m) for m in cfg.methods}
     assert specs["sd"].options == {}
     assert specs["ela"].options == {"lam": "0.3"}  # ela.lam to ela only
-    assert specs["attend-excite"].options == {"temperature": "50"}  # a plain key to every method that has it
-    assert specs["ela+syngen"].options == {"ela.lam": "0.3"}
-    assert specs["ela"].build()[0].lam == 0.3 and specs["attend-excite"].build()[0].temperature == 50.0
+    assert specs["attend-excite"].options == {"map_scale": "50"}  # a plain key to every method that has it
+    assert specs["ela+syngen"].options == {"ela.lam": "0.3", "syngen.map_scale": "50"}  # syngen has it too
+    assert specs["ela"].build()[0].lam == 0.3 and specs["attend-excite"].build()[0].map_scale == 50.0
     assert all((s.steps, s.guidance_scale, s.height, s.width) == (2, 7.5, 64, 64) for s in specs.values())
     # an option no method takes: one line naming it, before any model loads
     for options, message in (({"lam": "0.3"}, "-o lam: none of the methods sd, syngen has this option"),

@@ -181,10 +181,56 @@ def test_initial_noise_stage_rounds_and_the_final_optimisation(fresh_tiny):
     assert torch.equal(gens[0].get_state(), replay.get_state())
 
 
+class _ScriptedInitNO(InitNO):
+    """InitNO whose scores are a hand-made table: round k's noise is the constant k (``draw`` gives k for its k-th
+    call), and its (S_CA, S_SA) are ``table[k]`` whatever the optimisation does (zero gradients)."""
+
+    table: dict = None
+
+    def scores(self, maps, ctx):
+        x = maps[0]
+        k = x.flatten(1).mean(1).round().long()
+        zero = 0 * x.flatten(1).sum(1)
+        cross = torch.tensor([self.table[int(i)][0] for i in k]) + zero
+        conflict = torch.tensor([self.table[int(i)][1] for i in k]) + zero
+        return {"cross": cross, "self": conflict, "clean": zero}
+
+
+def _scripted_stage(table, **options):
+    from types import SimpleNamespace
+
+    method = _ScriptedInitNO(**{"rounds": 5, "round_steps": 10, "final_steps": 3, **options})
+    method.table = table
+    draws = iter(range(1, 10))
+    stage = SimpleNamespace(context=CTX, sigma=1.0, record={}, maps=lambda x: (x,),
+                            draw=lambda i: torch.full((1, 1, 2, 2), float(next(draws))))
+    out = method.initial_noise(stage, torch.zeros(1, 1, 2, 2))
+    return out, stage.record
+
+
+def test_round_selection_ranks_every_round_the_successful_one_included():
+    """The official code sorts all rounds by score (S_CA + S_SA, +1 when S_SA ≤ 1e-6), the successful one included:
+    a failed round that scored lower is optimised again for ``final_steps``; a best successful round is taken."""
+    # round 0 fails (S_CA 0.21 ≥ 0.2) with score 0.26; round 1 succeeds with 0.40: round 0 is re-optimised
+    out, rec = _scripted_stage({0: (0.21, 0.05), 1: (0.15, 0.25)})
+    assert rec["rounds"] == [2] and rec["best_round"] == [0] and rec["succeeded"] == [False]
+    assert rec["noise_steps"] == [10 + 1 + 3] and torch.equal(out, torch.zeros(1, 1, 2, 2))
+    # round 0 fails with 0.5; round 1 succeeds with 0.25 and is the best: its noise, at once
+    out, rec = _scripted_stage({0: (0.3, 0.2), 1: (0.15, 0.1)})
+    assert rec["rounds"] == [2] and rec["best_round"] == [1] and rec["succeeded"] == [True]
+    assert rec["noise_steps"] == [11] and torch.equal(out, torch.ones(1, 1, 2, 2))
+    # S_SA ≤ 1e-6 costs 1: round 1 succeeds with 0.1 + 0 + 1 = 1.1 > round 0's 0.25 + 0.1 = 0.35
+    out, rec = _scripted_stage({0: (0.25, 0.1), 1: (0.1, 0.0)})
+    assert rec["best_round"] == [0] and rec["noise_steps"] == [14] and torch.equal(out, torch.zeros(1, 1, 2, 2))
+    # final_steps=0: the best round's optimised noise as it is
+    out, rec = _scripted_stage({0: (0.21, 0.05), 1: (0.15, 0.25)}, final_steps=0)
+    assert rec["noise_steps"] == [11] and rec["best_round"] == [0] and torch.equal(out, torch.zeros(1, 1, 2, 2))
+
+
 def test_every_seed_equals_its_run_alone(tiny):
     # ×1000 and τ_cross = 0.93 make seed 0 valid at once (S_CA 0.92) while seed 1 (0.94) optimises further: the
     # two take different paths in one batch, and each image is the one its seed gives alone
-    options = {"temperature": "1000", "tau_cross": "0.93", "tau_self": "1", "rounds": "2", "round_steps": "3",
+    options = {"map_scale": "1000", "tau_cross": "0.93", "tau_self": "1", "rounds": "2", "round_steps": "3",
                "final_steps": "2"}
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
     kw = dict(groups=groups, num_inference_steps=2, output_type="latent")

@@ -53,3 +53,28 @@ def test_composition_sums_weighted_losses(tiny):
                        schedule=Schedule(window=(0, 1)))
     # same latent at step 0, so the composite loss is the weighted sum of the two losses there
     assert res.trace[0].loss[0] == pytest.approx(ela_only.trace[0].loss[0] + 0.5 * ae_only.trace[0].loss[0], rel=1e-5)
+
+
+def test_one_name_for_the_map_scale_and_old_names_refused_in_one_line():
+    """The ×100 on the maps is ``map_scale`` in every method that has one; CONFORM's τ is ``tau``. An old name is
+    refused in one line that names the new one, alone or in a composition."""
+    from unbleed.errors import UnbleedError
+
+    scaled = {n for n in GUIDED if "map_scale" in METHODS[n].option_names()}
+    assert scaled == {"attend-excite", "astar", "conform", "divide-bind", "initno", "syngen"}
+    assert not any({"temperature", "softmax_scale", "scale"} & set(METHODS[n].option_names()) for n in GUIDED)
+    assert "tau" in METHODS["conform"].option_names()
+    renamed = {n: METHODS[n].renamed for n in GUIDED if METHODS[n].renamed}
+    assert renamed == {"attend-excite": {"temperature": "map_scale"}, "astar": {"softmax_scale": "map_scale"},
+                       "conform": {"temperature": "tau"}, "divide-bind": {"temperature": "map_scale"},
+                       "initno": {"temperature": "map_scale"}, "syngen": {"scale": "map_scale"}}
+    for name, old_new in renamed.items():
+        for old, new in old_new.items():
+            with pytest.raises(UnbleedError, match=rf"^-o {old}: this option is now called {new} in {name}: "
+                                                   rf"use -o {new}=2$") as err:
+                make_method(name, {old: "2"})
+            assert err.value.field == "options" and "\n" not in str(err.value)
+    with pytest.raises(UnbleedError, match=r"^-o temperature: this option is now called map_scale in attend-excite, "
+                                           r"tau in conform: use -o map_scale=2$"):
+        make_method("attend-excite+conform", {"temperature": "2"})
+    assert make_method("conform", {"tau": "0.25"}).tau == 0.25

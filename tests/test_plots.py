@@ -51,3 +51,26 @@ def test_bar_plot_writes_png(tmp_path):
     assert (np.abs(arr.astype(int) - [255, 127, 14]).sum(-1) < 10).sum() > 100
     with pytest.raises(ValueError):
         bar_plot({}, tmp_path / "empty.png")
+
+
+def test_a_long_title_is_wrapped_inside_the_figure(tmp_path):
+    """``bench-diff.png``'s title (``shapes world: 100 prompts × 4 seeds: difference from sd (paired 95 % CI)``) on
+    a one-contender plot was cut at both edges; wrapped, every line fits the figure's width."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from unbleed.io.plots import wrap_title
+
+    title = "shapes world: 100 prompts × 4 seeds: difference from sd (paired 95 % CI over prompts, bootstrap)"
+    for width in (4.0, 6.0, 9.0):
+        wrapped = wrap_title(title, width)
+        assert wrapped.replace("\n", " ") == title
+        fig = Figure(figsize=(width, 2), dpi=100)
+        FigureCanvasAgg(fig)
+        text = fig.text(0.5, 0.5, wrapped, ha="center", fontsize=11)
+        box = text.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= width * 100, (width, box)
+    assert "\n" not in wrap_title("CLIP", 4.0)
+    path = bar_plot({v: {"attend-excite": 0.01} for v in ("neglected", "leak", "fused")}, tmp_path / "d.png",
+                    title=title)
+    assert Image.open(path).height > 200

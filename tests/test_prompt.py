@@ -62,9 +62,12 @@ def test_punctuation_and_case_do_not_shift_indices(tokenizer):
 
 def test_words_past_the_token_limit_are_dropped_with_a_warning(tokenizer):
     prompt = "a cat " + "and a very long story " * 20 + "and a frog"
-    with pytest.warns(UserWarning, match="past the text encoder's 77-token limit"):
+    with pytest.warns(UserWarning, match="past the text encoder's 77-token limit") as caught:
         res = parse(prompt, tokenizer)
     assert "frog" in [d["text"] for d in res.dropped]
+    # every cut word is counted, not only the dropped entities: 105 one-token words, of which 75 fit between
+    # start- and end-of-text
+    assert "30 of the prompt's 105 words lie past" in str(caught[0].message), caught[0].message
     assert all(i < 77 for e in res.entities for i in e.indices)
     assert res.entities[0].text == "cat" and res.entities[0].indices == (2,)
 

@@ -219,7 +219,8 @@ def test_bench_prompts_file_and_errors(trained, tmp_path):
     for args, message in [
         (["--prompts-file", str(bad)], "line 2: 'pink' is not in the shapes world's vocabulary"),
         (["-o", "lam=0.3"], "prefix the option with one of the --methods"),
-        (["--split", "test"], "--split 'test': use train or heldout"),
+        (["--split", "nope"], "--split 'nope': use one of train, test, unseen"),
+        (["--split", "heldout"], "--split heldout is now called 'unseen'"),
         (["--methods", "sd,nope"], "nope"),
         (["--seeds", "3:1"], "--seeds '3:1'"),
         (["--methods", "sd", "--baseline", "ela"], "--baseline 'ela' is not among --methods sd"),
@@ -233,12 +234,12 @@ def test_bench_prompts_by_split_and_object_count():
     from unbleed.shapes.bench import bench_prompts
     from unbleed.shapes.world import train_prompts
 
-    singles = bench_prompts("heldout", len(HELDOUT), objects=1)  # every held-out pair once
+    singles = bench_prompts("unseen", len(HELDOUT), objects=1)  # every held-out pair once
     assert all(len(parse_caption(p)) == 1 and parse_caption(p)[0] in HELDOUT for p in singles)
     assert {parse_caption(p)[0] for p in singles} == set(HELDOUT)
-    with pytest.raises(UnbleedError, match=r"--prompts 11: the heldout split has only 10 distinct 1-object prompts"):
-        bench_prompts("heldout", 11, objects=1)
-    for split in ("train", "heldout"):
+    with pytest.raises(UnbleedError, match=r"--prompts 11: the unseen split has only 10 distinct 1-object prompts"):
+        bench_prompts("unseen", 11, objects=1)
+    for split in ("train", "test", "unseen"):
         assert len(set(bench_prompts(split, 100))) == 100  # a benchmark's prompts are distinct
     triples = bench_prompts("train", 10, objects=3)
     assert all(len(parse_caption(p)) == 3 and not set(parse_caption(p)) & HELDOUT for p in triples)

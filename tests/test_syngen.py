@@ -175,7 +175,7 @@ def test_prepare_step_takes_the_prompt_words_from_the_context():
 
 
 @pytest.mark.parametrize("opts, match", [
-    ({"scale": "0"}, "scale=0.0: must be a finite number > 0"),
+    ({"map_scale": "0"}, "map_scale=0.0: must be a finite number > 0"),
     ({"pieces": "min"}, "unknown; use max or mean"),
     ({"positive_weight": "-1"}, "positive_weight=-1.0: must be"),
     ({"negative_weight": "nan"}, "negative_weight=nan: must be"),
@@ -192,8 +192,8 @@ def test_bad_options(opts, match):
 
 
 def test_options_round_trip():
-    m = SynGen.from_options({"pieces": "mean", "step-size": "10", "guide_steps": "10", "scale": "1"})
-    assert (m.pieces, m.step_size, m.guide_steps, m.scale) == ("mean", 10.0, 10, 1.0)
+    m = SynGen.from_options({"pieces": "mean", "step-size": "10", "guide_steps": "10", "map_scale": "1"})
+    assert (m.pieces, m.step_size, m.guide_steps, m.map_scale) == ("mean", 10.0, 10, 1.0)
     assert m.options()["negative_weight"] == 1.0
 
 

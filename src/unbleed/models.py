@@ -19,21 +19,14 @@ from pathlib import Path
 
 import torch
 
+from . import checks, hub
+from .checks import SCHEDULERS  # noqa: F401  (the --scheduler names, here since the module began)
 from .errors import UnbleedError
 from .text.tokenizers import load_clip_tokenizer
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the ELA paper's model
-OFFLINE_MODELS = ("tiny", "tiny-xl", "shapes")
+OFFLINE_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux", "shapes")
 SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -60,10 +53,8 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def set_scheduler(pipe, name: str | None) -> None:
     """Swap the pipeline's scheduler for one of :data:`SCHEDULERS`, keeping the model's noise schedule."""
-    if name in (None, "default"):
+    if checks.scheduler(name) in (None, "default"):
         return
-    if name not in SCHEDULERS:
-        raise UnbleedError(f"--scheduler {name!r} is unknown: use one of {', '.join(['default', *SCHEDULERS])}")
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])
@@ -110,6 +101,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
         from .testing import build_tiny_xl_pipeline
 
         pipe = build_tiny_xl_pipeline(seed=seed)
+    elif spec in ("tiny-sd3", "tiny-flux"):  # SD3 / FLUX.1 in miniature (docs/mmdit.md)
+        from .testing import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+        pipe = (build_tiny_sd3_pipeline if spec == "tiny-sd3" else build_tiny_flux_pipeline)(seed=seed)
     elif spec == "shapes":
         # the folder ships without a tokenizer: it is the package's CLIP one (no second copy of the vocabulary)
         pipe = _load_pretrained(str(_shapes_folder()), torch_dtype, allow_pickle=False,
@@ -117,9 +112,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
     else:
         pipe = _load_pretrained(spec, torch_dtype, allow_pickle)
     pipe.to(device=dev)
-    if pipe.unet.dtype != torch_dtype:
+    net = getattr(pipe, "unet", None) or pipe.transformer
+    if net.dtype != torch_dtype:
         pipe.to(dtype=torch_dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+    for module in (net, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                   getattr(pipe, "text_encoder_3", None)):
         if module is None:
             continue
         module.requires_grad_(False)
@@ -155,6 +152,8 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UnbleedError(f"--model {spec}: no such folder, and it is not a hub id of the form owner/name: "
                            f"pass a local diffusers folder, a hub id, or one of: {', '.join(OFFLINE_MODELS)}")
+    what = "a local diffusers folder (--model /path/to/folder) or, offline, --model tiny (or tiny-xl, shapes)"
+    kwargs["local_files_only"] = hub.resolve(spec, "model_index.json", "--model", what)  # fast, one line
     try:
         return _from_pretrained(spec, kwargs)
     except UnbleedError:
@@ -164,21 +163,27 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **
         if not allow_pickle and "safetensors" in text.lower():
             raise UnbleedError(f"--model {spec}: no safetensors weights in this repository; pass --allow-pickle "
                                f"to load its pickled .bin weights if you trust it") from None
-        raise UnbleedError(
-            f"--model {spec}: not in the local cache, and the Hugging Face Hub cannot be reached or has no such "
-            f"repository ({type(err).__name__}); offline, use --model tiny (or tiny-xl) or a local diffusers "
-            f"folder (--model /path/to/folder)"
-        ) from None
+        where = "the local cache" if kwargs["local_files_only"] else "the Hugging Face Hub"
+        raise UnbleedError(f"--model {spec}: could not load it from {where} as a Stable Diffusion (or SDXL) "
+                           f"pipeline ({type(err).__name__}: {text}); pass {what}") from None
 
 
-def pipeline_class(name: str):
+def pipeline_class(name: str, local_files_only: bool = False):
     """The pipeline class for a folder or hub id, from its ``model_index.json``: ``StableDiffusionXLPipeline`` when
     it names an SDXL text-to-image pipeline, else ``StableDiffusionPipeline`` (SD 1.x / 2.x and their kin)."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     with warnings.catch_warnings():  # huggingface_hub's deprecation notes about diffusers' own download arguments
         warnings.simplefilter("ignore")
-        class_name = str(DiffusionPipeline.load_config(name).get("_class_name", ""))
+        class_name = str(DiffusionPipeline.load_config(name, local_files_only=local_files_only)
+                         .get("_class_name", ""))
+    if class_name in ("StableDiffusion3Pipeline", "FluxPipeline"):  # SD3/SD3.5 and FLUX.1 (docs/mmdit.md)
+        import diffusers
+
+        return getattr(diffusers, class_name)
+    if class_name.startswith(("StableDiffusion3", "Flux")):
+        raise UnbleedError(f"--model {name}: a {class_name}; unbleed samples text-to-image, so an SD3 or FLUX model "
+                           f"must be a StableDiffusion3Pipeline or FluxPipeline")
     if "XL" not in class_name:
         return StableDiffusionPipeline
     if class_name != "StableDiffusionXLPipeline":
@@ -190,7 +195,7 @@ def pipeline_class(name: str):
 def _from_pretrained(name: str, kwargs: dict):
     from diffusers import StableDiffusionPipeline
 
-    cls = pipeline_class(name)
+    cls = pipeline_class(name, kwargs.get("local_files_only", False))
     if cls is StableDiffusionPipeline:
         kwargs = dict(kwargs, safety_checker=None, requires_safety_checker=False)
     with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype to dtype; the old name works up to 1.0

@@ -203,3 +203,125 @@ def save_random_sdxl(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype 
     pipe = _sdxl_pipeline(text_encoder, text_encoder_2, unet, vae)
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+# --- MMDiT: SD3 and FLUX in miniature (docs/mmdit.md) ---------------------------------------------------------
+
+TINY_T5_WORDS = (
+    "a an the and with of on in at to is photo picture red blue green yellow black white brown pink purple orange "
+    "golden cat dog frog bird bear horse lion mouse turtle rabbit elephant monkey crown clock bag car bench bowl "
+    "apple chair ball box book cup glasses teddy flower tree house kitchen table teacup"
+).split()
+# "strawberry" is two T5 pieces and one CLIP piece; "teacup" one T5 piece and two CLIP pieces (te, acup)
+TINY_T5_PIECES = ("straw", "berry", "ber", "ry", "s", "ed", "ing")
+# SD3 medium's and FLUX.1-dev's scheduler configs (scheduler/scheduler_config.json of their hub repositories)
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def tiny_t5_tokenizer():
+    """A small T5 (SentencePiece-Unigram) tokenizer built in-process: T5's special tokens (``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2), its ``▁`` word-start pieces and Metaspace pre-tokenizer, and a vocabulary of a few common words,
+    sub-word pieces and every printable ASCII character — so every prompt tokenizes, words outside the list split
+    into pieces that differ from CLIP's BPE (as the real T5's do), and offsets are reported (a fast tokenizer).
+    No real T5 vocabulary ships in an installed package; the real models' tokenizers load from their folders."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -5.0) for w in TINY_T5_WORDS]
+    vocab += [(f"▁{p}", -6.0) for p in TINY_T5_PIECES] + [(p, -6.0) for p in TINY_T5_PIECES]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab += [(f"▁{c}", -9.0) for c in chars] + [(c, -10.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _tiny_t5(tokenizer, d_model: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model,
+                                   num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def _tiny_vae16(seed: int, scaling: float, shift: float):
+    """An 8× VAE with 16 latent channels (SD3's and FLUX's), their scaling and shift factors."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256,
+        scaling_factor=scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A tiny SD3-format pipeline (``--model tiny-sd3``) with seeded random weights.
+
+    SD3's layout in miniature: CLIP-L and CLIP-G text encoders with projections (the shipped CLIP BPE for both;
+    hidden 32 + 32, their penultimate states concatenated, the pooled projections 32 + 32 = 64 feed the
+    transformer), a T5 encoder (:func:`tiny_t5_tokenizer`, d_model 64) whose 256 tokens follow CLIP's 77 in the
+    joint sequence; an ``SD3Transformer2DModel`` with 4 joint blocks (the last ``context_pre_only``, as SD3's), 2×2
+    patches, 16 latent channels; a 16-channel 8× VAE with SD3's scaling/shift; SD3's flow-matching Euler
+    scheduler (shift 3). Default size 256 px (32×32 latents, a 16×16 token grid).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    clip = load_clip_tokenizer()
+    common = dict(vocab_size=clip.vocab_size, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                  pad_token_id=49407, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, projection_dim=32)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**common))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_act="gelu"))
+    t5_tokenizer = tiny_t5_tokenizer()
+    text_encoder_3 = _tiny_t5(t5_tokenizer, 64, seed + 4)
+    torch.manual_seed(seed + 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=32)
+    vae = _tiny_vae16(seed + 2, 1.5305, 0.0609)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=vae,
+        text_encoder=text_encoder, tokenizer=clip, text_encoder_2=text_encoder_2, tokenizer_2=load_clip_tokenizer(),
+        text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer)
+
+
+def build_tiny_flux_pipeline(seed: int = 0):
+    """A tiny FLUX.1-format pipeline (``--model tiny-flux``) with seeded random weights.
+
+    FLUX.1-dev's layout in miniature: a CLIP-L text encoder (the shipped CLIP BPE; only its pooled output is used)
+    and a T5 encoder (:func:`tiny_t5_tokenizer`, d_model 32) whose 512 tokens are the whole text side of the joint
+    sequence; a ``FluxTransformer2DModel`` with 2 double-stream and 2 single-stream blocks, the guidance
+    embedding (guidance-distilled, as dev), rotary axes (2, 2, 4), 2×2-packed 16-channel latents; a 16-channel 8×
+    VAE with FLUX's scaling/shift; FLUX's flow-matching Euler scheduler (dynamic shift). Default size 256 px.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip = load_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip.vocab_size, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=32))
+    t5_tokenizer = tiny_t5_tokenizer()
+    text_encoder_2 = _tiny_t5(t5_tokenizer, 32, seed + 4)
+    torch.manual_seed(seed + 1)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4))
+    vae = _tiny_vae16(seed + 2, 0.3611, 0.1159)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                        text_encoder=text_encoder, tokenizer=clip, text_encoder_2=text_encoder_2,
+                        tokenizer_2=t5_tokenizer, transformer=transformer)
+    pipe.default_sample_size = 32  # 256 px (FLUX's own default, 128, is 1024 px)
+    return pipe

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .. import checks
 from ..guidance.spec import RunSpec
 from .common import (DEFAULT_MODEL, Bar, Device, Dtype, Height, Model, RefineSteps, Steps, Width, Window, command,
                      err, methods_help, progress, quiet_libraries, split_list)
@@ -44,14 +45,19 @@ def speed(
     none refined unless --window/--refine-steps say otherwise)."""
     from rich.table import Table
 
+    from ..guidance.schedule import parse_refine, parse_window
+
+    # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
+    checks.whole(repeats, "--repeats", 1)
+    RunSpec(steps=steps, height=height, width=width).check()
+    names = split_list(methods)
+    guided, refine = parse_window(window, steps), parse_refine(refine_steps, {})
+
     from .. import models
     from ..eval.speed import speed as run_speed
-    from ..guidance.schedule import parse_refine, parse_window
 
     quiet_libraries()
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    names = split_list(methods)
-    guided, refine = parse_window(window, steps), parse_refine(refine_steps, {})
     # what the bench runs, checked before the model loads: every step guided, none refined, unless the flags say
     for name in dict.fromkeys(["sd", *names]):
         RunSpec(method=name, steps=steps, height=height, width=width, window=guided or (0, steps),

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
+from typer.core import TyperGroup
 
 from ..errors import UnbleedError
-from ..methods import METHODS, Method, method_names
 
 err = Console(stderr=True)
 
@@ -86,6 +88,27 @@ def command(interrupted: str = "interrupted", flags: dict[str, str] | None = Non
         return run
 
     return decorate
+
+
+class OneLineErrors(TyperGroup):
+    """The command line's group: a usage error of the argument parser (``--steps abc``, an unknown flag, an extra
+    argument) is one ``error: …`` line naming the flag and where the help is, exit status 2 — not click's box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            err.print(Text.assemble(("error: ", "bold red"), "aborted"), highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except typer.TyperException as e:  # typer's (vendored click's) usage errors derive from it
+            where = f"; see {e.ctx.command_path} --help" if getattr(e, "ctx", None) is not None else ""
+            text = e.format_message() if hasattr(e, "format_message") else str(e)
+            err.print(Text.assemble(("error: ", "bold red"), " ".join(text.split()).rstrip(".") + where), highlight=False,
+                      soft_wrap=True)
+            sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 # --- progress ---------------------------------------------------------------------------------------------------
@@ -163,6 +186,8 @@ def parse_options(items: list[str]) -> dict[str, str]:
 
 def option_owners(option: str) -> list[str]:
     """The registered methods that have ``option``."""
+    from ..methods import METHODS
+
     return [n for n, c in METHODS.items() if c is not None and option in c.option_names()]
 
 
@@ -196,22 +221,51 @@ def split_list(text: str) -> list[str]:
 
 
 # --- the options several commands take --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def registry_names() -> tuple[str, ...]:
+    """The registry's method names in its order (``sd``, ``ela``, then the others by module) without importing it —
+    importing :mod:`unbleed.methods` imports torch, and help texts must not: read from the sources of the methods
+    package, the ``name`` of each ``@register``-decorated class. Methods registered at run time by other code
+    (extensions) are listed by ``unbleed methods``."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("unbleed.methods")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    names = ["sd"]
+    for path in sorted(folder.glob("*.py"), key=lambda p: (p.stem != "ela", p.stem)):
+        if path.stem.startswith("__"):
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ClassDef) or not any(
+                    (d.id if isinstance(d, ast.Name) else getattr(d, "attr", None)) == "register"
+                    for d in node.decorator_list):
+                continue
+            for stmt in node.body:
+                target = stmt.target if isinstance(stmt, ast.AnnAssign) else (
+                    stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None)
+                if (isinstance(target, ast.Name) and target.id == "name" and isinstance(stmt.value, ast.Constant)
+                        and isinstance(stmt.value.value, str)):
+                    names.append(stmt.value.value)
+    return tuple(names)
+
+
 def composition_example() -> str:
     """A ``+``-composition of registered guidance methods, for help texts (``ela+syngen`` while both exist)."""
-    guided = method_names(Method)
-    pair = ["ela", "syngen"] if {"ela", "syngen"} <= set(guided) else guided[:2]
+    names = registry_names()
+    pair = ["ela", "syngen"] if {"ela", "syngen"} <= set(names) else names[1:3]
     return "+".join(pair) or "…"
 
 
 def method_help() -> str:
     """``--method``'s help, from the registry."""
-    return (f"{', '.join(method_names())} (sd: plain sampling), or a +-joined list of guidance methods "
+    return (f"{', '.join(registry_names())} (sd: plain sampling), or a +-joined list of guidance methods "
             f"({composition_example()}); `unbleed methods` lists them.")
 
 
 def methods_help(example: str) -> str:
     """``--methods``' help, from the registry."""
-    return f"Comma-separated methods, e.g. {example}; of {', '.join(method_names())} (and +-compositions)."
+    return f"Comma-separated methods, e.g. {example}; of {', '.join(registry_names())} (and +-compositions)."
 
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -244,8 +298,9 @@ StepSize = Annotated[Optional[float], typer.Option("--step-size", help="Latent s
 StepSchedule = Annotated[Optional[str], typer.Option("--step-schedule", help="sqrt-linear (A&E) or constant.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Seeds per UNet batch (results do not depend on it).")]
 
-__all__ = ["FLAGS", "err", "fail", "command", "progress", "Bar", "show_warning", "quiet_libraries", "parse_options",
-           "option_owners", "with_layout", "parse_weights", "split_list", "composition_example", "method_help",
+__all__ = ["FLAGS", "err", "fail", "command", "OneLineErrors", "progress", "Bar", "show_warning", "quiet_libraries", "parse_options",
+           "option_owners", "with_layout", "parse_weights", "split_list", "registry_names", "composition_example",
+           "method_help",
            "methods_help",
            "DEFAULT_MODEL", "Model", "Device", "Dtype", "AllowPickle", "Steps", "Height", "Width", "GuidanceScale",
            "Scheduler", "MethodName", "MethodOptions", "Layout", "Window", "RefineSteps", "RefineIters", "StepSize",

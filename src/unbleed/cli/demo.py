@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UnbleedError
-from .common import FLAGS, AllowPickle, Device, Dtype, Model, Scheduler, command, err, quiet_libraries
+from .common import AllowPickle, Device, Dtype, Model, Scheduler, command, err, quiet_libraries
 
 
 def check_port(host: str, port: int) -> None:
@@ -50,7 +50,8 @@ def demo(
     dtype: Dtype = "auto",
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Serve the browser demo: a prompt, its parse, methods × seeds, attention maps, loss traces, PNG downloads."""
+    """Serve the browser demo: a prompt, its parse, methods × seeds (with the shapes detector's verdicts), an
+    attention viewer, loss traces, PNG and zip downloads."""
     from .. import models
 
     if importlib.util.find_spec("gradio") is None:
@@ -61,7 +62,7 @@ def demo(
         pipe = models.load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
     from ..demo import build_app, serve
 
-    app = build_app(pipe, model, flags=FLAGS)
+    app = build_app(pipe, model)  # error lines name the page's controls, not flags
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     err.print(f"unbleed demo: model {model}, serving http://{shown}:{port} (Ctrl-C stops)", highlight=False,
               soft_wrap=True)

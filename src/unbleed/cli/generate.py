@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from typing import Annotated, Optional
@@ -10,9 +11,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from .. import checks
 from ..errors import UnbleedError
 from ..guidance.spec import RunSpec
-from ..methods import Method
 from .common import (DEFAULT_MODEL, AllowPickle, BatchSize, Device, Dtype, GuidanceScale, Height, Layout, MethodName,
                      MethodOptions, Model, RefineIters, RefineSteps, Scheduler, Steps, StepSchedule, StepSize, Width,
                      Window, Bar, command, err, parse_options, parse_weights, progress, quiet_libraries, with_layout)
@@ -22,6 +23,20 @@ def describe(groups) -> str:
     """``cat=[2]; frog=[5] ← green=[4]``: token groups as the commands print them."""
     return "; ".join(f"{g.text}={list(g.indices)}" + "".join(f" ← {a.text}={list(a.indices)}" for a in g.attributes)
                      for g in groups)
+
+
+def check_tokens(model: str, prompt: str, tokens: str) -> None:
+    """``--tokens`` checked with the model's tokenizer alone, before the model loads (a wrong word is one line in
+    seconds, not after the whole model). SD 1.x/2.x and SDXL's first tokenizer are CLIP's BPE, which the shipped
+    shapes model uses too; a model whose tokenizer cannot be had alone is checked after it loads, as before."""
+    from ..text.tokenizers import load_tokenizer
+    from ..text.tokens import parse_token_spec
+
+    try:
+        tokenizer = load_tokenizer("clip" if model == "shapes" else model)
+    except UnbleedError:
+        return
+    parse_token_spec(tokenizer, prompt, tokens)
 
 
 @command(interrupted="interrupted; images finished so far are in {out}", flags={"seeds": "--seed"})
@@ -58,31 +73,47 @@ def generate(
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Generate one image per seed, guided by a method, with full PNG metadata."""
+    # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
+    checks.whole(batch_size, "--batch-size", 1)
+    spec = RunSpec(method=method, options=parse_options(option), weights=parse_weights(weights), window=window,
+                   refine=refine_steps, refine_iters=refine_iters, step_size=step_size, step_schedule=step_schedule,
+                   tokens=tokens, seeds=tuple(seed), steps=steps, guidance_scale=guidance_scale, height=height,
+                   width=width, negative_prompt=negative_prompt).check()
+    if not prompt.strip():
+        raise UnbleedError("PROMPT is empty: give the text to draw")
+    checks.scheduler(scheduler)
+    checks.out_folder(out)  # before the model loads: an unwritable --out must not cost a whole run
+    if tokens and tokens.strip():
+        check_tokens(model, prompt, tokens)
+
     from .. import models
+    from ..guidance import mmdit
+    from ..guidance.conditioning import denoiser
     from ..guidance.sampler import check_size, default_size
-    from ..io.output import check_out_dir, save_result
+    from ..io.output import save_result
+    from ..methods import Method
 
     quiet_libraries()
     warnings.filterwarnings("ignore", module="diffusers")
-    if batch_size < 1:
-        raise UnbleedError(f"--batch-size {batch_size} must be ≥ 1")
-    spec = RunSpec(method=method, options=with_layout(parse_options(option), layout, [method]),
-                   weights=parse_weights(weights), window=window, refine=refine_steps, refine_iters=refine_iters,
-                   step_size=step_size, step_schedule=step_schedule, tokens=tokens, seeds=tuple(seed), steps=steps,
-                   guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt)
+    spec.options = with_layout(spec.options, layout, [method])
     built = spec.build()
-    if not prompt.strip():
-        raise UnbleedError("PROMPT is empty: give the text to draw")
     guide = built[0]
     if spec.sets_schedule and not isinstance(guide, Method):
         err.print(f"note: --method {method} does no guidance; the schedule options are ignored", highlight=False)
-    check_out_dir(out)  # before the model loads: an unwritable --out must not cost a whole run
     with err.status(f"loading model {model}…"):
         pipe = models.load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
     check_size(pipe, height or default_size(pipe), width or default_size(pipe))
+    mmdit.check_method(pipe, guide)  # a method that cannot run on SD3/FLUX: one line, before any work starts
     if isinstance(guide, Method):
-        guide.map_requests(pipe.unet)  # names a bad -o layers=… before any work starts
+        guide.map_requests(denoiser(pipe))  # names a bad -o layers=… before any work starts
     groups = spec.groups(pipe.tokenizer, prompt, pictures=save_attention)
+    if model == "shapes":  # words the shapes model never saw in a caption draw nothing meaningful
+        from ..demo import shapes_vocabulary, unknown_shapes_words
+
+        unknown = unknown_shapes_words(prompt)
+        if unknown:
+            err.print(f"warning: the shapes model never saw {', '.join(repr(w) for w in unknown)}: it knows only "
+                      f"{shapes_vocabulary()}", highlight=False, soft_wrap=True)
     if groups:
         err.print(("tokens: " if tokens else "tokens (from the parse; --tokens overrides): ") + describe(groups),
                   highlight=False, soft_wrap=True)
@@ -94,8 +125,8 @@ def generate(
         bar = Bar(display, f"{method} ×{len(seeds)}")
         bar.status(bar.label)
         for b, batch in enumerate(batches):
-            def on_step(i, total, rec, b=b):
-                bar.step(b * total + i + 1, total=total * len(batches))
+            def on_step(i, total, rec, b=b):  # in --steps (a PNDM run of 50 steps makes 51 passes)
+                bar.step(b * spec.steps + round((i + 1) * spec.steps / total), total=spec.steps * len(batches))
 
             result = spec.run(pipe, prompt, groups=groups, seeds=batch, save_attention=save_attention,
                               callback=on_step, built=built)
@@ -122,7 +153,11 @@ def parse(
     from ..text.prompt import parse as parse_prompt
     from ..text.tokenizers import load_tokenizer
 
-    quiet_libraries()
+    if not prompt.strip():
+        raise UnbleedError("PROMPT is empty: give the text to parse")
+    # transformers' logging quiet from its first import on, without importing it before --model is checked (a bad
+    # hub id answers in a second, not after transformers loads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = parse_prompt(prompt, load_tokenizer(model))
@@ -140,4 +175,4 @@ def parse(
         err.print("dropped: " + ", ".join(d["text"] for d in result.dropped), highlight=False)
 
 
-__all__ = ["generate", "parse", "describe"]
+__all__ = ["generate", "parse", "describe", "check_tokens"]

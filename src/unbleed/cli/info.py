@@ -13,12 +13,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..methods import METHODS, Conditioning, Method
 from .common import command, composition_example
 
 
 def kind_of(cls) -> str:
     """``guidance`` (latent updates), ``conditioning`` (what the UNet is conditioned on) or ``none`` (``sd``)."""
+    from ..methods import Conditioning, Method
+
     if cls is None:
         return "none"
     if issubclass(cls, Method):
@@ -48,6 +49,8 @@ def option_defaults(cls) -> dict[str, Any]:
 
 def describe_methods() -> list[dict[str, Any]]:
     """One entry per registered method: name, kind, options (name → default), source."""
+    from ..methods import METHODS
+
     return [{"name": name, "kind": kind_of(cls), "options": option_defaults(cls),
              "source": (cls.source if cls is not None else "") or ""} for name, cls in METHODS.items()]
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .. import checks
 from ..errors import UnbleedError
 from ..guidance.spec import RunSpec
 from .common import (Bar, Device, GuidanceScale, Steps, command, err, methods_help, parse_options, progress,
@@ -66,6 +67,8 @@ def detect_check(
     """Validate the detector on random rendered scenes (with missing, leaked, recoloured, fused, malformed,
     duplicated and wrong-shape perturbations, mild noise and blur): the fraction whose verdicts all match the
     ground truth."""
+    checks.whole(n, "--n", 1)
+    checks.whole(seed, "--seed", 0)
     from ..shapes.detect import detect_check as run_check
 
     result = run_check(n, seed)
@@ -125,8 +128,8 @@ def bench(
                               "a range A:B (A…B−1) or a list 3,7,9."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The method every other is compared with "
                                            "(paired, 95 % CI); default sd when it runs, else the first."),
-    split: str = typer.Option("heldout", "--split", help="heldout (each prompt has a held-out colour–shape pair) "
-                              "or train."),
+    split: str = typer.Option("test", "--split", help="test (unseen prompts of trained colour–shape pairs; report "
+                              "here), unseen (each prompt has a never-trained pair) or train (tune here)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Captions, one per line (world vocabulary)."),
     objects: int = typer.Option(2, "--objects", help="Objects per generated prompt (1-3; 1 measures single objects)."),
     model: str = typer.Option("shapes", "--model", help="shapes (shipped), or a pipeline folder from shapes train."),
@@ -140,18 +143,26 @@ def bench(
 ) -> None:
     """Run methods on the same shapes prompts and seeds; count success and each failure kind with the detector, with
     95 % intervals and paired differences from the baseline."""
-    from .. import models
     from ..eval.sweep import parse_seeds
-    from ..shapes.bench import Contender, bench_prompts, run_bench
 
-    quiet_libraries()
+    # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
     names = split_list(methods)
     if not names:
         raise UnbleedError("--methods is empty: name methods, e.g. --methods sd,ela")
+    checks.whole(prompts, "--prompts", 0, fix=" (0 = all of --prompts-file)" if prompts_file else "")
+    checks.whole(objects, "--objects", 1, 3)
     seed_list = parse_seeds(seeds)
     per = bench_options(option, names)
-    contenders = [Contender(n, RunSpec(method=n, options=per[n], seeds=tuple(seed_list), steps=steps,
-                                       guidance_scale=guidance_scale)) for n in names]
+    contenders = [(n, RunSpec(method=n, options=per[n], seeds=tuple(seed_list), steps=steps,
+                              guidance_scale=guidance_scale).check()) for n in names]
+    if out is not None:
+        checks.out_folder(out, "--out")
+
+    from .. import models
+    from ..shapes.bench import Contender, bench_prompts, run_bench
+
+    quiet_libraries()
+    contenders = [Contender(n, spec) for n, spec in contenders]
     for c in contenders:
         c.spec.build()  # every method's options, before the model loads
     texts = bench_prompts(split, prompts, prompts_file, objects=objects)
@@ -200,7 +211,7 @@ def _bench_tables(figures: dict, what: str) -> None:
 def diagnose(
     prompts: int = typer.Option(40, "--prompts", help="How many prompts of the split."),
     seeds: str = typer.Option("4", "--seeds", help="A count (4 → seeds 0…3), a list 0,5,7, or a range 10:20."),
-    split: str = typer.Option("heldout", "--split", help="heldout or train."),
+    split: str = typer.Option("test", "--split", help="test, unseen or train (as for shapes bench)."),
     objects: int = typer.Option(2, "--objects", help="Objects per prompt (1-3)."),
     model: str = typer.Option("shapes", "--model", help="shapes (shipped), or a pipeline folder from shapes train."),
     steps: int = typer.Option(50, "--steps", help="Denoising steps (the figures' steps are given at 50, scaled)."),
@@ -217,18 +228,25 @@ def diagnose(
     objects (IoU with the detector's masks), does peak attention predict neglect and map overlap fusion (AUC),
     does one guided update carry over to later steps, how well ELA's masks localise, and do the words decide what is
     drawn (token knockout)."""
-    from .. import models
     from ..eval.sweep import parse_seeds
+
+    # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
+    seed_list = parse_seeds(seeds)
+    checks.whole(prompts, "--prompts", 1)
+    checks.whole(objects, "--objects", 1, 3)
+    for flag, value in (("--carry-prompts", carry_prompts), ("--knockout-prompts", knockout_prompts)):
+        if value is not None:
+            checks.whole(value, flag, 0, fix=" (0 = none)")
+    checks.whole(steps, "--steps", 2, fix=": diagnose needs an update and the step after it")
+    checks.real(guidance_scale, "--guidance-scale")
+    if out is not None:
+        checks.out_folder(out, "--out")
+
+    from .. import models
     from ..shapes.bench import bench_prompts
     from ..shapes.diagnose import CARRY_METHODS, run_diagnose
 
     quiet_libraries()
-    seed_list = parse_seeds(seeds)
-    for flag, value in (("--carry-prompts", carry_prompts), ("--knockout-prompts", knockout_prompts)):
-        if value is not None and value < 0:
-            raise UnbleedError(f"{flag} {value}: use 0 (none) or more")
-    if steps < 2:
-        raise UnbleedError(f"--steps {steps}: diagnose needs at least 2 steps (an update and the step after it)")
     texts = bench_prompts(split, prompts, objects=objects)
     n_carry = len(texts) if carry_prompts is None else min(carry_prompts, len(texts))
     n_knock = len(texts) if knockout_prompts is None else min(knockout_prompts, len(texts))
@@ -345,12 +363,14 @@ def train(
     """Train the shapes model (VAE, then text encoder + UNet), resumable: run the same command again to continue."""
     from rich.progress import TextColumn
 
-    from ..shapes.train import TrainConfig, train as run_train
-
     try:
         probs = tuple(float(v) for v in p_objects.split(","))
     except ValueError:
         raise UnbleedError(f"--p-objects {p_objects!r}: give three comma-separated probabilities") from None
+    checks.out_folder(out, "--out")  # before torch loads: an unwritable --out is one line, not a traceback
+
+    from ..shapes.train import TrainConfig, train as run_train
+
     cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
                       warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond,
                       p_words_only=p_words_only, clean_pads=clean_pads,

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UnbleedError
+from .. import checks
 from .common import (DEFAULT_MODEL, AllowPickle, BatchSize, Bar, Dtype, GuidanceScale, Height, Layout,
                      MethodOptions, Model, Scheduler, Steps, Width, command, err, methods_help, parse_options,
                      progress, quiet_libraries, split_list, with_layout)
@@ -19,7 +20,8 @@ from .common import (DEFAULT_MODEL, AllowPickle, BatchSize, Bar, Dtype, Guidance
 def sweep(
     suite: Annotated[str, typer.Option(
         "--suite", help="attend-excite[:animals|animals_objects|objects], dvmp[:N], cc500, abc6k, geneval[:TAG], "
-                        "animal-scene, color-obj-scene, multi-object, or PATH.txt/.jsonl.")],
+                        "animal-scene, color-obj-scene, multi-object, t2i-color, t2i-shape, t2i-texture, or "
+                        "PATH.txt/.jsonl.")],
     methods: Annotated[str, typer.Option("--methods", help=methods_help("sd,ela,attend-excite"))] = "sd,ela",
     seeds: Annotated[str, typer.Option(
         "--seeds", help="A count (64 → seeds 0…63), a list 0,5,7, or a range 10:20.")] = "64",
@@ -40,7 +42,17 @@ def sweep(
     caption_model: Annotated[str, typer.Option(
         "--caption-model", help="BLIP captioner for text–text similarity: hub id, folder, tiny, or none.")
     ] = "Salesforce/blip-image-captioning-base",
-    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Score each image as it is made.")] = True,
+    metrics: Annotated[str, typer.Option(
+        "--metrics", help="Metrics to score each image with as it is made: clip (A&E's CLIP similarities, and "
+                          "text–text with --caption-model), verdicts (detector-based object verdicts), blip-vqa "
+                          "(T2I-CompBench's BLIP-VQA); comma-separated.")] = "clip",
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Score nothing (images and records only).")] = False,
+    detector_model: Annotated[str, typer.Option(
+        "--detector-model", help="Open-vocabulary detector (OWLv2) for --metrics verdicts: hub id, folder, or tiny.")
+    ] = "google/owlv2-base-patch16-ensemble",
+    vqa_model: Annotated[str, typer.Option(
+        "--vqa-model", help="BLIP VQA model for --metrics blip-vqa: hub id, folder, or tiny.")
+    ] = "Salesforce/blip-vqa-base",
     device: Annotated[str, typer.Option(
         "--device", help="auto (Accelerate's device for this process), cpu, cuda:N.")] = "auto",
     dtype: Dtype = "auto",
@@ -48,18 +60,35 @@ def sweep(
 ) -> None:
     """Generate prompt × seed × method into a run folder with one record per image (resumable; run it under
     `accelerate launch -m unbleed sweep …` for one process per GPU)."""
-    from accelerate import PartialState
-
     from ..eval.sweep import SweepConfig, finish, parse_seeds, run_sweep
+
+    # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
+    seed_list = parse_seeds(seeds, "--seeds")
+    checks.whole(steps, "--steps", 1)
+    checks.whole(batch_size, "--batch-size", 1)
+    if limit is not None:
+        checks.whole(limit, "--limit", 1)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None:
+            checks.whole(value, flag, 1, fix=" (pixels)")
+    checks.real(guidance_scale, "--guidance-scale")
+    checks.scheduler(scheduler)
+    checks.out_folder(out)
+    from ..eval.scoring import parse_metrics
+
+    metric_names = parse_metrics(metrics)
+
+    from accelerate import PartialState
 
     quiet_libraries()
     warnings.filterwarnings("ignore", module="diffusers")
     names = split_list(methods)
-    cfg = SweepConfig(suite=suite, methods=names, seeds=parse_seeds(seeds), model=model, out=out, limit=limit,
+    cfg = SweepConfig(suite=suite, methods=names, seeds=seed_list, model=model, out=out, limit=limit,
                       steps=steps, height=height, width=width, guidance_scale=guidance_scale, scheduler=scheduler,
                       options=with_layout(parse_options(option), layout, names), batch_size=batch_size,
                       clip_model=clip_model, caption_model=None if caption_model.lower() == "none" else caption_model,
-                      metrics=metrics, device=device, dtype=dtype, allow_pickle=allow_pickle)
+                      metrics=not no_metrics, metric_names=metric_names, detector_model=detector_model,
+                      vqa_model=vqa_model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     with progress() as display:
         summary = run_sweep(cfg, progress=Bar(display, "sweep"))
     state = PartialState()
@@ -84,8 +113,10 @@ def report(
     """A Table-1-shaped table (Markdown + CSV), bar plots and per-prompt image grids of a sweep."""
     from ..eval.report import make_report
 
-    if grid_seeds < 1 or cell < 8:
-        raise UnbleedError("--grid-seeds must be ≥ 1 and --cell ≥ 8")
+    checks.whole(grid_seeds, "--grid-seeds", 1)
+    checks.whole(cell, "--cell", 8, fix=" (pixels)")
+    if out is not None or Path(run).is_dir():  # (a missing RUN is the library's one line)
+        checks.out_folder(out if out is not None else Path(run) / "report")
     with progress() as display:
         summary = make_report(run, out, max_grid_seeds=grid_seeds, cell=cell, progress=Bar(display, "grids"))
     if "table" in summary:

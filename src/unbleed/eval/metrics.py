@@ -30,6 +30,10 @@ from ..errors import UnbleedError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+DEFAULT_VQA = "Salesforce/blip-vqa-base"  # transformers' port of BLIP's model_base_vqa_capfilt_large.pth
+VQA_IMAGE_SIZE = 480  # T2I-CompBench BLIPvqa_eval/configs/vqa.yaml
+VQA_MAX_PHRASES = 8  # T2I-CompBench BLIP_vqa.py --np_num
+VQA_QUESTION_TOKENS = 35  # BLIP blip_vqa.py: the question tokenizer's max_length
 CAPTION_PROMPT = "a picture of "  # LAVIS blip_caption_base_coco.yaml
 CAPTION_KWARGS = dict(num_beams=3, max_length=30, min_length=10, repetition_penalty=1.0)  # LAVIS BlipCaption.generate
 
@@ -95,7 +99,7 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _image_processor(name: str):
+def image_processor_class(name: str):
     """transformers 5 splits image processors into a torchvision one and a PIL one; use PIL (no torchvision)."""
     import transformers
 
@@ -133,7 +137,7 @@ def tiny_clip(seed: int = 0):
     )
     torch.manual_seed(seed)
     model = CLIPModel(config)
-    processor = _image_processor("CLIPImageProcessor")(size={"shortest_edge": 32},
+    processor = image_processor_class("CLIPImageProcessor")(size={"shortest_edge": 32},
                                                        crop_size={"height": 32, "width": 32})
     return model, tokenizer, processor
 
@@ -149,14 +153,15 @@ _TINY_WORDS = (
 ).split()
 
 
-def tiny_bert_tokenizer():
-    """An in-process BERT tokenizer (WordPiece, lower case, ``[CLS] … [SEP]``) over :data:`_TINY_WORDS`."""
+def tiny_bert_tokenizer(extra: Sequence[str] = ()):
+    """An in-process BERT tokenizer (WordPiece, lower case, ``[CLS] … [SEP]``) over :data:`_TINY_WORDS` (and
+    ``extra`` words after them)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + list(_TINY_WORDS) + [".", ","]))}
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + list(_TINY_WORDS) + [".", ","] + list(extra)))}
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -186,11 +191,11 @@ def tiny_blip(seed: int = 0):
     )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config)
-    processor = _image_processor("BlipImageProcessor")(size={"height": 32, "width": 32})
+    processor = image_processor_class("BlipImageProcessor")(size={"height": 32, "width": 32})
     return model, tokenizer, processor
 
 
-def _load(flag: str, spec: str, tiny, model_class: str, tokenizer_class: str, processor_class: str,
+def load_model(flag: str, spec: str, tiny, model_class: str, tokenizer_class: str, processor_class: str,
           device: str | torch.device, allow_pickle: bool):
     """``(model, tokenizer, image_processor)``: ``tiny()`` for ``tiny``, else transformers classes by name from a
     local folder or a hub id (safetensors unless ``allow_pickle``); a failure is one line naming ``flag``."""
@@ -203,7 +208,7 @@ def _load(flag: str, spec: str, tiny, model_class: str, tokenizer_class: str, pr
             model = getattr(transformers, model_class).from_pretrained(
                 spec, use_safetensors=None if allow_pickle else True)
             tokenizer = getattr(transformers, tokenizer_class).from_pretrained(spec)
-            processor = _image_processor(processor_class).from_pretrained(spec)
+            processor = image_processor_class(processor_class).from_pretrained(spec)
         except Exception as err:  # hub / file errors come as many types
             raise _load_error(flag, spec, err, allow_pickle) from None
     return model.to(device).eval().requires_grad_(False), tokenizer, processor
@@ -211,14 +216,42 @@ def _load(flag: str, spec: str, tiny, model_class: str, tokenizer_class: str, pr
 
 def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", allow_pickle: bool = False):
     """``(model, tokenizer, image_processor)`` of a CLIP model: ``tiny``, a local folder, or a hub id."""
-    return _load("--clip-model", spec, tiny_clip, "CLIPModel", "CLIPTokenizer", "CLIPImageProcessor", device,
+    return load_model("--clip-model", spec, tiny_clip, "CLIPModel", "CLIPTokenizer", "CLIPImageProcessor", device,
                  allow_pickle)
 
 
 def load_captioner(spec: str = DEFAULT_CAPTIONER, device: str | torch.device = "cpu", allow_pickle: bool = False):
     """``(model, tokenizer, image_processor)`` of a BLIP captioner: ``tiny``, a local folder, or a hub id."""
-    return _load("--caption-model", spec, tiny_blip, "BlipForConditionalGeneration", "AutoTokenizer",
+    return load_model("--caption-model", spec, tiny_blip, "BlipForConditionalGeneration", "AutoTokenizer",
                  "BlipImageProcessor", device, allow_pickle)
+
+
+
+def tiny_blip_vqa(seed: int = 0):
+    """A small BLIP VQA model (``BlipForQuestionAnswering``) with seeded random weights and a
+    :func:`tiny_bert_tokenizer` that knows "yes", "no" and "?" (tests, offline)."""
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    tokenizer = tiny_bert_tokenizer(extra=("yes", "no", "?"))
+    ids = tokenizer.convert_tokens_to_ids
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=ids("[DEC]"),
+                         sep_token_id=ids("[SEP]"), eos_token_id=ids("[SEP]"), pad_token_id=ids("[PAD]")),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, initializer_range=0.02),  # BLIP's default 1e-10 ignores the image
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(config)
+    processor = image_processor_class("BlipImageProcessor")(size={"height": 32, "width": 32})
+    return model, tokenizer, processor
+
+
+def load_vqa(spec: str = DEFAULT_VQA, device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """``(model, tokenizer, image_processor)`` of a BLIP VQA model: ``tiny``, a local folder, or a hub id."""
+    return load_model("--vqa-model", spec, tiny_blip_vqa, "BlipForQuestionAnswering", "AutoTokenizer",
+                      "BlipImageProcessor", device, allow_pickle)
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -299,3 +332,65 @@ class Scorer:
         return out
 
 
+
+
+@dataclass
+class VqaScorer:
+    """T2I-CompBench's BLIP-VQA score (Huang et al., NeurIPS 2023 Datasets and Benchmarks, sec. 4;
+    Karine-Huang/T2I-CompBench ``BLIPvqa_eval/BLIP_vqa.py`` and ``models/blip_vqa.py``): the prompt's noun phrases
+    (at most 8, ``--np_num``), one question "{noun phrase}?" each; an answer's score is the first decoded token's
+    ``P(yes) / (P(yes) + P(no))`` (``vqa_prob``: softmax over the vocabulary after the decoder's start token, the
+    two probabilities renormalised); the image's score is the product over its questions; the benchmark's, the mean
+    over images. Images at 480 px (``vqa.yaml``), the vision position embeddings interpolated as BLIP does.
+
+    Departures: noun phrases come from :func:`sub_prompts` (A&E's split on " and "/" with ", else our parser's
+    entities) instead of spaCy's ``noun_chunks`` — the same phrases for "a green bench and a blue bowl"-shaped
+    prompts, fewer where one part holds two noun phrases; transformers' ``BlipForQuestionAnswering``
+    (``Salesforce/blip-vqa-base``) instead of the BLIP repository's code, with its tokenizer's ``[CLS]`` first
+    (BLIP writes its ``[ENC]`` token there)."""
+
+    model: object
+    tokenizer: object
+    processor: object
+    device: str | torch.device = "cpu"
+    image_size: int | None = None  # None: the processor's own (tiny: 32)
+
+    @classmethod
+    def load(cls, spec: str = DEFAULT_VQA, device: str | torch.device = "cpu",
+             allow_pickle: bool = False) -> "VqaScorer":
+        return cls(*load_vqa(spec, device, allow_pickle), device=device,
+                   image_size=None if spec == "tiny" else VQA_IMAGE_SIZE)
+
+    @torch.no_grad()
+    def yes_probabilities(self, images, questions: Sequence[str]) -> list[float]:
+        """``P(yes) / (P(yes) + P(no))`` of each (image, question) pair."""
+        kwargs = {"size": {"height": self.image_size, "width": self.image_size}} if self.image_size else {}
+        pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt", **kwargs)
+        pixels = pixels["pixel_values"].to(self.device)
+        q = self.tokenizer([t.lower() for t in questions], padding="longest", truncation=True,
+                           max_length=VQA_QUESTION_TOKENS, return_tensors="pt").to(self.device)
+        m = self.model
+        image_states = m.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)[0]
+        image_mask = torch.ones(image_states.shape[:-1], dtype=torch.long, device=image_states.device)
+        states = m.text_encoder(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
+                                encoder_hidden_states=image_states, encoder_attention_mask=image_mask,
+                                return_dict=False)[0]
+        start = torch.full((len(questions), 1), m.decoder_start_token_id, device=states.device)
+        logits = m.text_decoder(input_ids=start, encoder_hidden_states=states,
+                                encoder_attention_mask=q["attention_mask"]).logits[:, 0, :]
+        prob = torch.softmax(logits.float(), dim=-1)
+        yes = prob[:, self.tokenizer.convert_tokens_to_ids("yes")]
+        no = prob[:, self.tokenizer.convert_tokens_to_ids("no")]
+        return (yes / (yes + no)).tolist()
+
+    def score(self, images, prompt: str) -> list[dict]:
+        """Per image: ``blip_vqa`` (the product) and ``vqa_parts`` (each noun phrase's yes-probability)."""
+        phrases = sub_prompts(prompt)[:VQA_MAX_PHRASES]
+        pairs = [(im, p) for im in images for p in phrases]
+        probs = self.yes_probabilities([im for im, _ in pairs], [f"{p}?" for _, p in pairs])
+        out = []
+        for k in range(len(images)):
+            mine = probs[k * len(phrases):(k + 1) * len(phrases)]
+            out.append({"blip_vqa": round(float(math.prod(mine)), 6),
+                        "vqa_parts": {p: round(float(v), 6) for p, v in zip(phrases, mine)}})
+        return out

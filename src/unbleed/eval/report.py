@@ -15,7 +15,10 @@ from pathlib import Path
 from ..errors import UnbleedError
 from .sweep import read_records
 
-METRICS = (("clip_full", "full prompt"), ("clip_min_entity", "min. entity"), ("text_text", "text–text"))
+METRICS = (("clip_full", "full prompt"), ("clip_min_entity", "min. entity"), ("text_text", "text–text"),
+           ("blip_vqa", "BLIP-VQA"))
+PLOT_TITLES = {"clip_full": "full prompt (CLIP)", "clip_min_entity": "min. entity (CLIP)",
+               "text_text": "text–text (BLIP caption, CLIP)", "blip_vqa": "BLIP-VQA (T2I-CompBench)"}
 ALL = "all"
 
 
@@ -69,6 +72,34 @@ def write_csv(stats, methods: list[str], categories: list[str], path: Path) -> N
                         w.writerow([m, c, k, f"{mean:.6f}", f"{std:.6f}", n])
 
 
+def verdict_report(records: list[dict], out: Path, title: str, baseline: str | None = None) -> dict | None:
+    """The verdict tables of records scored with ``--metrics verdicts`` (None when none is): each verdict's rate
+    with its 95 % interval over prompts and each method minus ``baseline`` (``sd`` when present, else the first
+    method) with its paired interval — :func:`unbleed.eval.verdicts.summarise`, the code of ``unbleed shapes
+    bench`` — written as ``verdicts.md``, ``verdicts.json``, ``verdicts.png`` and ``verdicts-diff.png``."""
+    import json
+
+    from .verdicts import outcomes_from_records, summarise, verdict_markdown, write_plots
+
+    outcomes, grid = outcomes_from_records(records)
+    if not outcomes or not grid["prompts"]:
+        return None
+    methods = list(outcomes)
+    if baseline is None:
+        baseline = "sd" if "sd" in methods else methods[0]
+    if baseline not in methods:
+        raise UnbleedError(f"--baseline {baseline}: not among the scored methods {', '.join(methods)}")
+    figures = summarise(outcomes, baseline)
+    head = (f"verdicts ({grid['prompts']} prompts × {grid['seeds']} seeds, paired over methods"
+            + (f"; {grid['dropped']} images without a partner left out" if grid["dropped"] else "") + ")")
+    md = f"{head}: rate [95 % CI over prompts]\n\n" + verdict_markdown(figures, baseline)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verdicts.md").write_text(f"# {title}\n\n{md}")
+    (out / "verdicts.json").write_text(json.dumps({"baseline": baseline, **grid, "figures": figures}, indent=1))
+    plots = write_plots(figures, baseline, out, title, stem="verdicts")
+    return {"figures": figures, "markdown": md, "plots": [str(p) for p in plots]}
+
+
 def make_report(run: str | Path, out: str | Path | None = None, max_grid_seeds: int = 8, cell: int = 128,
                 progress=None) -> dict:
     """Write ``table.md``, ``table.csv``, ``bar-METRIC.png`` and ``grids/NNNN.png`` into ``RUN/report`` (or
@@ -104,9 +135,14 @@ def make_report(run: str | Path, out: str | Path | None = None, max_grid_seeds: 
             values = {c: v for c, v in values.items() if v}
             if values:
                 summary["plots"].append(str(bar_plot(values, out / f"bar-{key}.png", errors={c: errors[c] for c in values},
-                                                     title=f"{name} (CLIP)" if key != "text_text"
-                                                     else "text–text (BLIP caption, CLIP)",
-                                                     ylabel="cosine similarity")))
+                                                     title=PLOT_TITLES[key],
+                                                     ylabel="P(yes), product over noun phrases" if key == "blip_vqa"
+                                                     else "cosine similarity")))
+    verdicts = verdict_report(ok, out, run.name)
+    if verdicts is not None:
+        summary["verdicts"] = verdicts["figures"]
+        summary["plots"] += verdicts["plots"]
+        summary["table"] = summary.get("table", "") + ("\n" if "table" in summary else "") + verdicts["markdown"]
     by_prompt: dict[int, list[dict]] = defaultdict(list)
     for r in ok:
         by_prompt[r["prompt_index"]].append(r)

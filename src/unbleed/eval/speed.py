@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from ..errors import UnbleedError
+from ..guidance import mmdit
 from ..guidance.conditioning import is_xl
 from ..guidance.sampler import default_size
 from ..guidance.schedule import Schedule
@@ -167,9 +168,10 @@ def speed(pipe, methods: list[str], prompt: str = "a cat and a frog", steps: int
             spec.run(pipe, prompt, groups=groups, built=built, output_type=output_type)
 
         runners[name] = run
-    if reference and is_xl(pipe):
-        warnings.warn(f"{REFERENCE} is left out: diffusers' Attend-and-Excite pipeline is for SD 1.x/2.x, not SDXL",
-                      stacklevel=2)
+    family = "SDXL" if is_xl(pipe) else mmdit.NAMES.get(mmdit.family(pipe))
+    if reference and family:
+        warnings.warn(f"{REFERENCE} is left out: diffusers' Attend-and-Excite pipeline is for SD 1.x/2.x, not "
+                      f"{family}", stacklevel=2)
         reference = False
     if reference:
         ae = spec_of("attend-excite")

@@ -11,6 +11,7 @@ name                                  prompts (category)
 ``animal-scene``                      Divide & Bind: A&E animal pairs + a scene (``animals``)
 ``color-obj-scene``                   Divide & Bind: A&E coloured-object pairs + a scene (``objects``)
 ``multi-object``                      Divide & Bind: counted A&E animal pairs, "one cat and two dogs" (``counts``)
+``t2i-color|t2i-shape|t2i-texture``   T2I-CompBench's attribute-binding validation prompts, 300 each (``color``…)
 ``PATH.txt`` / ``PATH.jsonl``         a prompt per line / ``{"prompt": …, "category": …}`` per line
 ====================================  =====================================================================
 
@@ -39,9 +40,12 @@ if TYPE_CHECKING:
 AE_SUBSETS = ("animals", "animals_objects", "objects")
 FILES = {"attend-excite": "attend_excite_prompts.json", "cc500": "CC-500.txt", "abc6k": "ABC-6K.txt",
          "geneval": "geneval_metadata.jsonl", "animal-scene": "attend_excite_prompts.json",
-         "color-obj-scene": "attend_excite_prompts.json", "multi-object": "attend_excite_prompts.json"}
+         "color-obj-scene": "attend_excite_prompts.json", "multi-object": "attend_excite_prompts.json",
+         "t2i-color": "t2i-compbench_color_val.txt", "t2i-shape": "t2i-compbench_shape_val.txt",
+         "t2i-texture": "t2i-compbench_texture_val.txt"}
 NAMES = ("attend-excite", "attend-excite:animals", "attend-excite:animals_objects", "attend-excite:objects", "dvmp",
-         "cc500", "abc6k", "geneval", "animal-scene", "color-obj-scene", "multi-object")
+         "cc500", "abc6k", "geneval", "animal-scene", "color-obj-scene", "multi-object", "t2i-color", "t2i-shape",
+         "t2i-texture")
 
 # DVMP (Rassin et al., NeurIPS 2023, sec. 5.1): the modifier lists are the paper's; the noun and colour lists are
 # ours (the A&E nouns plus fruits), see docs/evaluation.md.
@@ -213,6 +217,8 @@ def load_suite(name: str) -> list[Prompt]:
         prompts = _with_scene(attend_excite("objects"), seed=2)
     elif base == "multi-object" and not arg:
         prompts = multi_object()
+    elif base in ("t2i-color", "t2i-shape", "t2i-texture") and not arg:  # T2I-CompBench's {color,shape,texture}_val
+        prompts = [Prompt(line, base[4:]) for line in _lines(benchmark_file(FILES[base]))]
     else:
         raise UnbleedError(f"--suite {spec}: unknown suite; use one of {', '.join(NAMES)}, dvmp:N, geneval:TAG, "
                            f"or a prompt file (PATH.txt, PATH.jsonl)")

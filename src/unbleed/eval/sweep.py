@@ -43,7 +43,7 @@ MANIFEST = "sweep.json"
 LOCK = ".lock"
 # Options that change the images: a run folder keeps them fixed (methods, seeds and --limit may grow).
 FIXED = ("suite", "model", "steps", "height", "width", "guidance_scale", "scheduler", "options", "clip_model",
-         "caption_model", "metrics")
+         "caption_model", "metrics", "metric_names", "detector_model", "vqa_model")
 # Lists a resumed run may extend but never shorten: every recorded method and seed must be in the new list.
 GROWING = ("methods", "seeds")
 
@@ -66,6 +66,9 @@ class SweepConfig:
     clip_model: str = "openai/clip-vit-base-patch16"
     caption_model: str | None = "Salesforce/blip-image-captioning-base"
     metrics: bool = True
+    metric_names: list[str] = field(default_factory=lambda: ["clip"])  # --metrics: clip, verdicts, blip-vqa
+    detector_model: str = "google/owlv2-base-patch16-ensemble"
+    vqa_model: str = "Salesforce/blip-vqa-base"
     device: str = "auto"
     dtype: str = "auto"
     allow_pickle: bool = False
@@ -139,7 +142,7 @@ def parse_seeds(text: str, name: str = "seeds") -> list[int]:
     """``64`` → seeds 0…63; ``0,5,7`` → those; ``10:20`` → 10…19 (the inverse of :func:`seeds_text`). Seeds must be
     distinct and follow the one seed rule (:func:`unbleed.guidance.sampler.check_seeds`); errors start with
     ``name`` (their ``field``)."""
-    from ..guidance.sampler import check_seeds
+    from ..checks import seeds as check_seeds  # the one seed rule, without torch
 
     try:
         if "," in text:
@@ -277,7 +280,7 @@ def _check_options(cfg: SweepConfig) -> None:
 
 def validate(cfg: SweepConfig) -> list[Prompt]:
     """Check every option before any model loads (each method's run spec is built once); return the prompts."""
-    from ..guidance.sampler import check_seeds
+    from ..checks import seeds as check_seeds  # the one seed rule, without torch
     from ..methods import route_options
 
     if not cfg.methods:
@@ -302,6 +305,10 @@ def validate(cfg: SweepConfig) -> list[Prompt]:
         raise UnbleedError(f"--batch-size {cfg.batch_size} must be ≥ 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise UnbleedError(f"--limit {cfg.limit} must be ≥ 1")
+    if cfg.metrics:
+        from .scoring import parse_metrics
+
+        cfg.metric_names = parse_metrics(cfg.metric_names)
     for m in cfg.methods:
         method_spec(cfg, m).build()  # option values, guidance scale, size
     prompts = load_suite(cfg.suite)
@@ -362,11 +369,12 @@ def _run_share(cfg: SweepConfig, prompts: list[Prompt], state, run: Path, progre
                       scheduler=cfg.scheduler)
     scorer = None
     if cfg.metrics:
-        from .metrics import Scorer
+        from .scoring import Metrics
 
         if progress:
-            progress.status(f"loading metric models {cfg.clip_model}, {cfg.caption_model}…")
-        scorer = Scorer.load(cfg.clip_model, cfg.caption_model, device=pipe.device, allow_pickle=cfg.allow_pickle)
+            progress.status(f"loading metric models ({','.join(cfg.metric_names)})…")
+        scorer = Metrics.load(cfg.metric_names, cfg.clip_model, cfg.caption_model, cfg.detector_model, cfg.vqa_model,
+                              device=pipe.device, allow_pickle=cfg.allow_pickle)
     specs = {m: method_spec(cfg, m) for m in cfg.methods}
     built = {m: spec.build() for m, spec in specs.items()}  # (method object, schedule), once per method
     groups_cache: dict[tuple[str, str], list] = {}

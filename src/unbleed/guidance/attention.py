@@ -18,6 +18,12 @@ A request's ``kind`` is ``"cross"`` (default: the text cross-attention ``attn2``
 ``"self"`` (the self-attention ``attn1`` of the same transformer blocks, maps ``[batch, h·w, h, w]``: row
 ``q = y·w + x`` is the attention of query pixel ``(y, x)`` over the key pixels) — InitNO's conflict score reads
 the latter.
+
+MMDiT transformers (SD3, FLUX) have no cross-attention: their maps are the image → text block of the joint
+attention (:mod:`unbleed.guidance.joint_attention`), captured in the double-stream blocks, which all form one
+block named ``joint`` at level 1 (``up-1`` names it too, so every method's default reads it); their text columns
+are projected onto the 77 CLIP token columns the methods index (``AttentionStore.columns``, built per prompt by
+:func:`unbleed.guidance.mmdit.token_columns`). They have no separate self-attention layers.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnbleedError
+from .joint_attention import JOINT_BLOCK, JOINT_LEVEL, JointCaptureProcessor, is_joint, joint_layers, text_first
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
     """Every cross-attention layer of a diffusers UNet, in forward order, with its block and level."""
     from diffusers.models.attention_processor import Attention
 
+    if is_joint(unet):
+        return [CrossAttentionLayer(l.key, JOINT_BLOCK, JOINT_LEVEL) for l in joint_layers(unet)]
     n = len(unet.config.block_out_channels)
     layers = []
     for name, module in unet.named_modules():
@@ -85,6 +94,8 @@ def self_attention_layers(unet) -> list[CrossAttentionLayer]:
     (``attn2``), in forward order, with the block and level of that cross-attention layer (``kind="self"``)."""
     from diffusers.models.attention_processor import Attention
 
+    if is_joint(unet):  # joint attention has no separate self-attention layer
+        return []
     modules = dict(unet.named_modules())
     layers = []
     for layer in cross_attention_layers(unet):
@@ -100,7 +111,7 @@ def self_attention_layers(unet) -> list[CrossAttentionLayer]:
 def forward_order(layer: CrossAttentionLayer) -> tuple[int, ...]:
     """Sort key giving the order in which the UNet runs its attention layers (down, mid, up; in a transformer
     block ``attn1`` before ``attn2``)."""
-    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[layer.block.split(".")[0]]
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(layer.block.split(".")[0], 0)
     attn = re.search(r"attn(\d+)\.processor$", layer.key)
     return (rank, *(int(n) for n in re.findall(r"\.(\d+)", layer.key)), int(attn.group(1)) if attn else 0)
 
@@ -120,8 +131,13 @@ def blocks_with_cross_attention(unet) -> dict[str, list[str]]:
 
 def resolve_block(unet, name: str) -> str:
     """Map a user's block name (``up-1``, ``down_blocks.2``, ``mid``) to the diffusers block name."""
-    blocks = blocks_with_cross_attention(unet)
     text = name.strip().lower()
+    if is_joint(unet):
+        if text in (JOINT_BLOCK, "up-1"):
+            return JOINT_BLOCK
+        raise UnbleedError(f"attention block {name!r} does not exist in this transformer: its joint-attention "
+                           f"layers form one block, {JOINT_BLOCK} (up-1 names it too)")
+    blocks = blocks_with_cross_attention(unet)
     every = blocks["down"] + blocks["mid"] + blocks["up"]
     if text in every:
         return text
@@ -168,6 +184,8 @@ class AttentionStore:
         self.records: dict[str, list[torch.Tensor]] = {}
         self.value_sets: list[torch.Tensor] | None = None  # StructureDiffusion: several value inputs, one key
         self.stop_key: str | None = None  # truncated pass: the last layer to run
+        self.columns: torch.Tensor | None = None  # MMDiT: [text tokens, 77] projection onto the CLIP columns
+        self.chunk: int | None = None  # MMDiT: image queries per chunk of the capture (None: by memory budget)
 
     @contextlib.contextmanager
     def values(self, value_sets: list[torch.Tensor] | None):
@@ -217,6 +235,16 @@ class AttentionStore:
         batch = probs.shape[0] // heads
         probs = probs.reshape(batch, heads, *probs.shape[1:]).mean(dim=1)[self.batch_slice]
         self.records.setdefault(key, []).append(probs)
+
+    def record_joint(self, key: str, probs: torch.Tensor) -> None:
+        """A joint-attention layer's ``[batch, image tokens, text tokens]`` probabilities (heads averaged; the
+        processor computes them for ``batch_slice`` only), projected onto the 77 CLIP columns when ``columns`` is
+        set; stops a truncated pass after its last layer."""
+        if self.columns is not None:
+            probs = probs @ self.columns.to(probs)
+        self.records.setdefault(key, []).append(probs)
+        if key == self.stop_key:
+            raise StopForward
 
     def maps(self, request: MapRequest) -> torch.Tensor:
         assert self.latent_hw is not None, "maps() before any capture"
@@ -318,6 +346,16 @@ def attention_store(unet):
     block; restore the originals after."""
     store = AttentionStore(unet)
     originals = dict(unet.attn_processors)
+    if is_joint(unet):
+        flux = text_first(unet)
+        keys = {l.key for l in store.layers}
+        unet.set_attn_processor({k: JointCaptureProcessor(store, k, p, flux) if k in keys else p
+                                 for k, p in originals.items()})
+        try:
+            yield store
+        finally:
+            unet.set_attn_processor(originals)
+        return
     kinds = {l.key: l.kind for l in store.layers + store.self_layers}
     unet.set_attn_processor({k: CaptureProcessor(store, k, p, cross=kinds[k] == "cross") if k in kinds else p
                              for k, p in originals.items()})

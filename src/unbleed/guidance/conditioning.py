@@ -24,6 +24,12 @@ column), while a run such as ``!!`` (one piece ``!!</w>`` in tokenizer 1) is one
 and every later piece of tokenizer 2 sits that many columns to the right. diffusers' SDXL pipeline concatenates
 the two encoders position by position all the same; unbleed does as diffusers, token groups use tokenizer 1's
 indices, and :func:`check_tokenizers` warns when the positions no longer line up.
+
+SD3 and FLUX (MMDiT transformers, :mod:`unbleed.guidance.mmdit`) sit behind the same functions and a few more
+that a UNet pipeline answers trivially: :func:`denoiser` (the network whose attention is read: ``pipe.unet`` or
+``pipe.transformer``), :func:`predict` (one network pass), :func:`prepare_latents`, :func:`timesteps`,
+:func:`model_input` / :func:`input_scale` (the scheduler's input scaling), :func:`extra_step_kwargs`,
+:func:`size_multiple`, :func:`uses_cfg`.
 """
 
 from __future__ import annotations
@@ -33,10 +39,83 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnbleedError
+from . import mmdit
+
+
+def denoiser(pipe):
+    """The network whose attention the methods read: the UNet, or the MMDiT transformer."""
+    return pipe.transformer if mmdit.family(pipe) else pipe.unet
+
+
+def uses_cfg(pipe, guidance_scale: float) -> bool:
+    """Whether the regular pass runs classifier-free guidance (``[uncond; cond]``): scale > 1, never on FLUX."""
+    return mmdit.uses_cfg(pipe, guidance_scale) if mmdit.family(pipe) else guidance_scale > 1.0
+
+
+def predict(pipe, x: torch.Tensor, t, embeds: torch.Tensor, added: dict | None) -> torch.Tensor:
+    """One pass of the network on model input ``x`` (the UNet's noise, the transformer's velocity)."""
+    if mmdit.family(pipe):
+        return mmdit.predict(pipe, x, t, embeds, added)
+    return pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def prepare_latents(pipe, batch: int, height: int, width: int, dtype, device, generators) -> torch.Tensor:
+    """The pipeline's initial latents ``[B, C, h, w]`` (FLUX's unpacked)."""
+    if mmdit.family(pipe):
+        return mmdit.prepare_latents(pipe, batch, height, width, dtype, device, generators)
+    return pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, dtype, device, generators)
+
+
+def timesteps(pipe, num_steps: int, device, latent_hw: tuple[int, int]):
+    """``(timesteps, num_steps)`` as the pipeline's ``__call__`` sets them."""
+    if mmdit.family(pipe):
+        return mmdit.timesteps(pipe, num_steps, device, latent_hw)
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    return retrieve_timesteps(pipe.scheduler, num_steps, device)
+
+
+def model_input(pipe, z: torch.Tensor, t) -> torch.Tensor:
+    """What the network sees of latent ``z``: ``scale_model_input`` (flow matching: ``z`` itself)."""
+    scale = getattr(pipe.scheduler, "scale_model_input", None)
+    return z if scale is None else scale(z, t)
+
+
+def input_scale(pipe, z: torch.Tensor, t) -> float:
+    """``c`` of ``x = c·z``, the variance-preserving model input of latent ``z`` (the guided step's units): the
+    scheduler's ``scale_model_input`` factor; on flow matching ``1/sqrt((1 − σ)² + σ²)``
+    (:func:`unbleed.guidance.mmdit.input_scale`)."""
+    if mmdit.family(pipe):
+        return mmdit.input_scale(pipe, t)
+    one = torch.ones((1,) * z.dim(), dtype=torch.float32, device=z.device)
+    return float(pipe.scheduler.scale_model_input(one, t).flatten()[0])
+
+
+def extra_step_kwargs(pipe, generators, eta: float) -> dict:
+    """The scheduler step's extra arguments (the MMDiT pipelines pass none)."""
+    if mmdit.family(pipe):
+        return {}
+    return pipe.prepare_extra_step_kwargs(generators, eta)
+
+
+def size_multiple(pipe) -> int:
+    """Image sizes must be multiples of this: the VAE's factor (× 2 for the transformers' 2×2 patches)."""
+    return pipe.vae_scale_factor * (2 if mmdit.family(pipe) else 1)
+
+
+def default_size(pipe) -> int:
+    """The model's native size in pixels (UNet: ``sample_size × 8``; MMDiT: the pipeline's
+    ``default_sample_size × 8``)."""
+    if mmdit.family(pipe):
+        return pipe.default_sample_size * pipe.vae_scale_factor
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
 
 def is_xl(pipe) -> bool:
     """Whether ``pipe`` is SDXL-style: a second text encoder and the UNet's "text_time" added embedding."""
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 @dataclass
@@ -73,9 +152,14 @@ def check_tokenizers(pipe, prompt: str) -> None:
 def encode(pipe, prompt: str, device, batch: int, do_cfg: bool, negative_prompt: str | None = None,
            height: int | None = None, width: int | None = None, original_size: tuple[int, int] | None = None,
            crops_coords_top_left: tuple[int, int] = (0, 0),
-           target_size: tuple[int, int] | None = None) -> TextConditioning:
+           target_size: tuple[int, int] | None = None, guidance_scale: float = 7.5) -> TextConditioning:
     """The conditioning of ``prompt`` for ``batch`` samples (see the module docstring); ``height``/``width`` give
-    SDXL's default original and target sizes."""
+    SDXL's default original and target sizes; ``guidance_scale`` is FLUX's guidance embedding. On an MMDiT
+    ``added``/``added_cond`` hold the transformer's other inputs (``pooled_projections``…)."""
+    if mmdit.family(pipe):
+        if mmdit.family(pipe) == "sd3":  # CLIP-L and CLIP-G share positions 0…76 of the joint sequence, as SDXL's
+            check_tokenizers(pipe, prompt)
+        return TextConditioning(*mmdit.encode(pipe, prompt, device, batch, do_cfg, negative_prompt, guidance_scale))
     if not is_xl(pipe):
         cond, uncond = pipe.encode_prompt(prompt, device, batch, do_cfg, negative_prompt)
         return TextConditioning(torch.cat([uncond, cond]) if do_cfg else cond, cond)
@@ -100,6 +184,8 @@ def encode(pipe, prompt: str, device, batch: int, do_cfg: bool, negative_prompt:
 def encode_phrase(pipe, text: str, device, batch: int) -> torch.Tensor:
     """``text``'s conditional embedding ``[batch, 77, d]``, without classifier-free guidance (on SDXL: both text
     encoders, as the prompt)."""
+    if mmdit.family(pipe):
+        raise UnbleedError(f"phrase encoding is not defined on {mmdit.NAMES[mmdit.family(pipe)]}", field="method")
     if not is_xl(pipe):
         return pipe.encode_prompt(text, device, batch, False)[0]
     return pipe.encode_prompt(prompt=text, device=device, num_images_per_prompt=batch,
@@ -108,7 +194,7 @@ def encode_phrase(pipe, text: str, device, batch: int) -> torch.Tensor:
 
 def begin(pipe) -> None:
     """What the pipeline's ``__call__`` does to the scheduler after ``set_timesteps``, before its loop."""
-    if is_xl(pipe) and hasattr(pipe.scheduler, "set_begin_index"):
+    if (is_xl(pipe) or mmdit.family(pipe) == "flux") and hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(0)
 
 
@@ -134,6 +220,8 @@ def _cast(module, dtype: torch.dtype) -> None:
 def decode(pipe, latents: torch.Tensor, generators=None) -> torch.Tensor:
     """Final latents → image tensor in [-1, 1] (before ``image_processor.postprocess``); see the module docstring."""
     vae = pipe.vae
+    if mmdit.family(pipe):
+        return mmdit.decode(pipe, latents)
     if not is_xl(pipe):
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
     upcast = needs_upcast(vae)

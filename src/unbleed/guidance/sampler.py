@@ -13,7 +13,8 @@ where the maps come from a text-conditioned UNet pass on ``z_t`` (scaled by the 
 i.e. ``z_t ← z_t − (α_t / c_t²) ∇_{z_t} L`` (:meth:`Guide.gain`). For DDIM, PNDM and DPM++ ``c_t = 1``: the
 papers' update as written. For Euler-type schedulers (SDXL's default) ``c_t = 1/sqrt(σ_t² + 1)`` and ``x_t`` is
 exactly the variance-preserving latent the papers' α were set on; without the gain the update would be
-``σ_t² + 1`` times (about 170× at the first of 50 SDXL steps) smaller, a silent no-op (docs/sdxl.md).
+``σ_t² + 1`` times (about 170× at the first of 50 SDXL steps) smaller, a silent no-op (docs/sdxl.md). On SD3 and
+FLUX (flow matching, ``z = (1 − σ) x_0 + σ ε``) ``c_t = 1/sqrt((1 − σ)² + σ²)``, the same rule (docs/mmdit.md).
 At refinement steps the update repeats while a sample's loss is above the step's threshold (at most
 ``max_refine_iters`` times; samples already below it are left alone), then the step's regular update follows —
 Attend-and-Excite's iterative refinement, which ELA's Alg. 1 also follows. With no method the loop is exactly
@@ -29,7 +30,6 @@ has, or capture UP-1 on the regular pass, and never change the guidance.
 from __future__ import annotations
 
 import contextlib
-import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,11 +37,13 @@ from typing import Any, Callable
 
 import torch
 
+from .. import checks
+from ..checks import SEED_MAX  # noqa: F401  (re-exported: the seed rule's top)
 from ..errors import UnbleedError
 from ..methods import Conditioning, Maps, Method, StepContext
 from ..methods.maps import group_map
 from ..text.tokens import Entity, check_groups
-from . import conditioning
+from . import conditioning, mmdit
 from .attention import AttentionStore, MapRequest, attention_store, level_of, resolve_block
 from .schedule import Schedule
 
@@ -75,35 +77,22 @@ class Result:
     seconds: float
 
 
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 … 2**64 − 1 (a negative seed only aliases a large one)
-
-
 def check_seeds(seeds, name: str = "seeds") -> list[int]:
-    """``seeds`` as ints, each ``0 ≤ seed ≤ 2**64 − 1``; the one seed rule of the library and every CLI."""
-    out = []
-    for s in seeds:
-        try:
-            value = operator.index(s)
-        except TypeError:
-            raise UnbleedError(f"{name} {s!r}: a seed is a whole number from 0 to 2**64 − 1", field=name) from None
-        if not 0 <= value <= SEED_MAX:
-            raise UnbleedError(f"{name} {value}: a seed must be from 0 to 2**64 − 1 ({SEED_MAX})", field=name)
-        out.append(value)
-    if not out:
-        raise UnbleedError(f"{name}: give at least one seed", field=name)
-    return out
+    """``seeds`` as ints, each ``0 ≤ seed ≤ 2**64 − 1``; the one seed rule of the library and every CLI
+    (:func:`unbleed.checks.seeds`)."""
+    return checks.seeds(seeds, name)
 
 
 def default_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return conditioning.default_size(pipe)
 
 
 def check_size(pipe, height: int, width: int) -> None:
-    f = pipe.vae_scale_factor
+    f = conditioning.size_multiple(pipe)
+    what = "the VAE's downsampling factor" + (" × the 2×2 patches" if f != pipe.vae_scale_factor else "")
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % f:
-            raise UnbleedError(f"{name} {v} must be a positive multiple of {f} (the VAE's downsampling factor)",
-                               field=name)
+            raise UnbleedError(f"{name} {v} must be a positive multiple of {f} ({what})", field=name)
 
 
 def picture_groups(groups: list[Entity]) -> tuple[list[str], list[tuple[int, ...]]]:
@@ -124,30 +113,32 @@ class Guide:
 
     def __init__(self, pipe, method: Method, schedule: Schedule, groups: list[Entity], prompt_length: int,
                  cond: torch.Tensor, latent_hw: tuple[int, int], num_steps: int, truncate: bool = True,
-                 added_cond: dict[str, torch.Tensor] | None = None):
+                 added_cond: dict[str, torch.Tensor] | None = None, columns: torch.Tensor | None = None):
         self.pipe, self.method, self.schedule = pipe, method, schedule
         self.groups, self.prompt_length, self.cond = tuple(groups), prompt_length, cond
         self.added_cond = added_cond  # the conditional half's added_cond_kwargs (SDXL: pooled text, time ids)
         self.latent_hw, self.num_steps, self.truncate = tuple(latent_hw), num_steps, truncate
-        self.requests = method.map_requests(pipe.unet)
-        self.run = method.new_run(pipe.unet)
+        self.columns = columns  # MMDiT: the joint text columns → the 77 CLIP columns (mmdit.token_columns)
+        self.requests = method.map_requests(conditioning.denoiser(pipe))
+        self.run = method.new_run(conditioning.denoiser(pipe))
 
     def context(self, step: int) -> StepContext:
         return StepContext(step, self.num_steps, self.prompt_length, self.groups)
 
     def maps(self, store: AttentionStore, z: torch.Tensor, t) -> Maps:
         """The method's maps of latent ``z`` at timestep ``t`` (a text-conditioned, possibly truncated pass)."""
+        if self.columns is not None:
+            store.columns = self.columns
         with store.capture(self.requests, self.latent_hw, truncate=self.truncate):
-            self.pipe.unet(self.pipe.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond,
-                           added_cond_kwargs=self.added_cond, return_dict=False)
+            conditioning.predict(self.pipe, conditioning.model_input(self.pipe, z, t), t, self.cond,
+                                 self.added_cond)
         return tuple(store.maps(r) for r in self.requests)
 
     def gain(self, z: torch.Tensor, t) -> float:
         """``1/c²`` for the scheduler's ``scale_model_input(z, t) = c·z``: the factor that makes
         ``z − (α/c²) ∇_z L`` the update ``x − α ∇_x L`` of the UNet's input ``x = c·z`` (1 for DDIM, PNDM and
-        DPM++; ``σ² + 1`` for Euler)."""
-        one = torch.ones((1,) * z.dim(), dtype=torch.float32, device=z.device)
-        c = float(self.pipe.scheduler.scale_model_input(one, t).flatten()[0])
+        DPM++; ``σ² + 1`` for Euler; ``(1 − σ)² + σ²`` for flow matching, docs/mmdit.md)."""
+        c = conditioning.input_scale(self.pipe, z, t)
         return 1.0 / (c * c)
 
 
@@ -183,8 +174,8 @@ class NoiseStage:
         pipe = self.guide.pipe
         h, w = self.guide.latent_hw
         f = pipe.vae_scale_factor
-        return pipe.prepare_latents(1, pipe.unet.config.in_channels, h * f, w * f, self.dtype,
-                                    pipe._execution_device, [self.generators[index]])
+        return conditioning.prepare_latents(pipe, 1, h * f, w * f, self.dtype, pipe._execution_device,
+                                            [self.generators[index]])
 
 
 def guided_step(guide: Guide, store: AttentionStore, latents: torch.Tensor, step: int, t,
@@ -242,11 +233,12 @@ class _Pictures:
 
     def __init__(self, pipe, method, groups: list[Entity]):
         self.rows = picture_groups(groups)[1]
+        net = conditioning.denoiser(pipe)
         if isinstance(method, Method):
-            self.request = method.map_requests(pipe.unet)[0]
+            self.request = method.map_requests(net)[0]
         else:  # plain sampling and conditioning methods: UP-1's maps
-            up1 = resolve_block(pipe.unet, "up-1")
-            self.request = MapRequest(blocks=(up1,), out_level=level_of(pipe.unet, up1))
+            up1 = resolve_block(net, "up-1")
+            self.request = MapRequest(blocks=(up1,), out_level=level_of(net, up1))
         self.method = method
         self.pending: tuple[torch.Tensor, dict] | None = None  # the last guided step's pictures
 
@@ -291,13 +283,10 @@ def generate(
     so at a guided step they are the maps of the updated latent, the one the scheduler steps. The recorded layers
     run the explicit-softmax processor (as ``save_attention``), equal to the fused one up to float rounding.
     """
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
     t0 = time.perf_counter()
     # 1. Check inputs.
     seeds = check_seeds(seeds)
-    if num_inference_steps < 1:
-        raise UnbleedError(f"steps {num_inference_steps} must be ≥ 1", field="steps")
+    num_inference_steps = checks.whole(num_inference_steps, "steps", 1)
     groups = check_groups(pipe.tokenizer, prompt, groups or [])
     if method is not None and method.needs_groups and not groups:
         raise UnbleedError(f"{method.name} needs token groups: pass --tokens, e.g. --tokens cat,frog", field="groups")
@@ -307,30 +296,34 @@ def generate(
     guiding = isinstance(method, Method)
     if guiding:
         schedule = (schedule or method.default_schedule(num_inference_steps)).validate(num_inference_steps)
+    mmdit.check_method(pipe, method)
     # 2. Encode the prompt.
     device = pipe._execution_device
     batch = len(seeds)
-    do_cfg = guidance_scale > 1.0
-    text = conditioning.encode(pipe, prompt, device, batch, do_cfg, negative_prompt, height, width)
+    do_cfg = conditioning.uses_cfg(pipe, guidance_scale)
+    text = conditioning.encode(pipe, prompt, device, batch, do_cfg, negative_prompt, height, width,
+                               guidance_scale=guidance_scale)
     embeds, cond = text.embeds, text.cond
     value_sets = (method.value_sets(pipe, prompt, groups, embeds, batch, do_cfg)
                   if isinstance(method, Conditioning) else None)
     # 3. Timesteps, 4. initial latents (one CPU generator per seed), 5. extra step kwargs.
-    timesteps, num_inference_steps = retrieve_timesteps(pipe.scheduler, num_inference_steps, device)
+    f = pipe.vae_scale_factor
+    timesteps, num_inference_steps = conditioning.timesteps(pipe, num_inference_steps, device,
+                                                            (height // f, width // f))
     conditioning.begin(pipe)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    latents = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
-                                   generators)
-    extra = pipe.prepare_extra_step_kwargs(generators, eta)
+    latents = conditioning.prepare_latents(pipe, batch, height, width, embeds.dtype, device, generators)
     latent_hw = tuple(latents.shape[-2:])
+    extra = conditioning.extra_step_kwargs(pipe, generators, eta)
     prompt_length = min(len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length)
+    columns = mmdit.token_columns(pipe, prompt) if mmdit.family(pipe) else None
     guide = (Guide(pipe, method, schedule, groups, prompt_length, cond, latent_hw, len(timesteps), truncate,
-                   added_cond=text.added_cond) if guiding else None)
+                   added_cond=text.added_cond, columns=columns) if guiding else None)
     # 4b. Initial-noise stage: the method may replace the initial latents, evaluating candidates at the first
     # timestep (InitNO); every other method keeps them as drawn. Not a denoising loop: step 6 starts from them.
     noise_record: dict[str, Any] = {}
     if guide is not None and type(method).initial_noise is not Method.initial_noise:  # only methods with a stage
-        with attention_store(pipe.unet) as store:
+        with attention_store(conditioning.denoiser(pipe)) as store:
             stage = NoiseStage(guide, store, timesteps[0], generators, embeds.dtype)
             latents = method.initial_noise(stage, latents)
         noise_record = stage.record
@@ -339,7 +332,8 @@ def generate(
     trace: list[StepTrace] = []
 
     # 6. The denoising loop.
-    with attention_store(pipe.unet) as store:
+    with attention_store(conditioning.denoiser(pipe)) as store:
+        store.columns = columns
         for i, t in enumerate(timesteps):
             if guide is not None and schedule.guided(i):
                 # 6a. The guided update of the latent.
@@ -351,13 +345,13 @@ def generate(
                 rec = StepTrace(step=i, timestep=int(t), guided=False)
             # 6b. The regular classifier-free-guided pass (capturing pictures and recorded maps when asked).
             inp = torch.cat([latents] * 2) if do_cfg else latents
-            inp = pipe.scheduler.scale_model_input(inp, t)
+            inp = conditioning.model_input(pipe, inp, t)
             keep = pictures is not None and not rec.guided
             wanted = ((pictures.request,) if keep else ()) + recorded
             ctx = (store.capture(wanted, latent_hw, slice(batch, None) if do_cfg else slice(None))
                    if wanted else contextlib.nullcontext())
             with ctx, store.values(value_sets):
-                noise = pipe.unet(inp, t, **text.unet_kwargs(), return_dict=False)[0]
+                noise = conditioning.predict(pipe, inp, t, text.embeds, text.added)
             if keep:
                 rec.maps = pictures.pool(store.maps(pictures.request))
             if recorded:
@@ -380,7 +374,8 @@ def generate(
     params = {
         "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height, "width": width,
         "negative_prompt": negative_prompt, "eta": eta, "scheduler": type(pipe.scheduler).__name__,
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""), "method_options": method.options() if method else {},
+        "dtype": str(conditioning.denoiser(pipe).dtype).replace("torch.", ""),
+        "method_options": method.options() if method else {},
         "schedule": schedule.as_dict() if guiding else None,
     }
     if noise_record:  # the initial-noise stage's record, one entry per seed in the order of "seeds"

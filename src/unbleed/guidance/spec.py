@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import checks
 from ..errors import UnbleedError
-from ..methods import Method, Options, make_method
 from .schedule import Schedule, parse_refine, parse_window
+
+if TYPE_CHECKING:
+    from ..methods import Options
 
 SCHEDULE_FIELDS = ("window", "refine", "refine_iters", "step_size", "step_schedule")
 
@@ -44,28 +47,43 @@ class RunSpec:
 
     def __post_init__(self):
         self.options = dict(self.options or {})
-        self.seeds = tuple(self.seeds)
+        self.seeds = tuple(checks.seeds(self.seeds))  # a bare number or a bool is one clear error, not a TypeError
         if self.weights is not None:
+            if isinstance(self.weights, (str, bytes)) or not hasattr(self.weights, "__iter__"):
+                raise UnbleedError(f"weights {self.weights!r}: give one number per composed method, e.g. (1, 0.5)",
+                                   field="weights")
             self.weights = tuple(self.weights)
 
     # --- validation -------------------------------------------------------------------------------------------
-    def build(self) -> tuple[Options | None, Schedule | None]:
-        """The method object and its schedule (``None, None`` for plain sampling), every field checked."""
-        from .sampler import check_seeds
-
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise UnbleedError(f"steps {self.steps} must be ≥ 1", field="steps")
-        check_seeds(self.seeds)
-        if not math.isfinite(self.guidance_scale):
-            raise UnbleedError(f"guidance_scale {self.guidance_scale} must be a finite number",
-                               field="guidance_scale")
-        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+    def check(self) -> "RunSpec":
+        """Check every field that needs no method registry and no model — the numbers (finite, in range, whole
+        where they count), the seeds, the textual window — with :mod:`unbleed.checks`; this
+        imports neither torch nor diffusers, so the command lines call it before anything loads. Returns ``self``;
+        :meth:`build` calls it first."""
+        self.steps = checks.whole(self.steps, "steps", 1)
+        self.seeds = tuple(checks.seeds(self.seeds))
+        self.guidance_scale = checks.real(self.guidance_scale, "guidance_scale")
+        self.eta = checks.real(self.eta, "eta", 0)
+        if self.weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                and math.isfinite(w) for w in self.weights):
             raise UnbleedError(f"weights {','.join(map(str, self.weights))}: weights must be finite numbers",
                                field="weights")
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise UnbleedError(f"{name} {value} must be a positive number of pixels", field=name)
+            if getattr(self, name) is not None:
+                setattr(self, name, checks.whole(getattr(self, name), name, 1, fix=" (pixels)"))
+        if self.refine_iters is not None:
+            self.refine_iters = checks.whole(self.refine_iters, "refine_iters", 0)
+        if self.step_size is not None:
+            self.step_size = checks.real(self.step_size, "step_size", 0)
+        if isinstance(self.window, str):
+            parse_window(self.window, self.steps)
+        return self
+
+    def build(self) -> tuple[Options | None, Schedule | None]:
+        """The method object and its schedule (``None, None`` for plain sampling), every field checked."""
+        from ..methods import Method, make_method
+
+        self.check()
         method = make_method(self.method, self.options, self.weights)
         if not isinstance(method, Method):
             return method, None

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
+from ..checks import out_folder
 from ..errors import UnbleedError
 from ..guidance.sampler import Result
 from ..text.tokens import groups_as_dicts
@@ -65,22 +65,9 @@ def _next_index(out: Path) -> int:
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` if needed and make sure a file can be written in it (a real probe: permission bits say
-    nothing for root or on read-only mounts). Call it before any work starts."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UnbleedError(f"--out {out_dir}: that is a file, not a folder; choose a writable folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UnbleedError(f"--out {out_dir}: cannot create the folder ({err.strerror or err}); "
-                           f"choose a writable folder") from None
-    try:
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as err:
-        raise UnbleedError(f"--out {out_dir}: cannot write in the folder ({err.strerror or err}); "
-                           f"choose a writable folder") from None
-    return out
+    """Create ``out_dir`` if needed and make sure a file can be written in it: :func:`unbleed.checks.out_folder`
+    (a real probe). Call it before any work starts."""
+    return out_folder(out_dir)
 
 
 def _write_png(path: Path, image, out_dir, mode: str = "xb", **params) -> bool:
@@ -102,11 +89,12 @@ def _write_png(path: Path, image, out_dir, mode: str = "xb", **params) -> bool:
 
 
 def save_result(result: Result, prompt: str, method: str, model: str, out_dir: str | Path,
-                save_attention: bool = False, extra: dict | None = None) -> list[dict]:
-    """Write each image (and its attention picture) into ``out_dir``; return the records with their paths."""
+                save_attention: bool = False, extra: dict | None = None, number: int | None = None) -> list[dict]:
+    """Write each image (and its attention picture) into ``out_dir``; return the records with their paths.
+    ``number``: the first NNNN to try (default: the folder's next free number; a taken name is skipped)."""
     out = check_out_dir(out_dir)
     records = []
-    number = _next_index(out)
+    number = _next_index(out) if number is None else max(number, _next_index(out))
     for i, image in enumerate(result.images):
         rec = {**record_for(result, i, prompt, method, model), **(extra or {})}
         meta = PngInfo()

@@ -107,6 +107,15 @@ def _error_bar(value: float, error) -> tuple[float, float]:
     return (error, error) if math.isfinite(error) else (0.0, 0.0)
 
 
+def wrap_title(title: str, width_inches: float, fontsize: float = 11) -> str:
+    """``title`` broken into lines that fit a figure ``width_inches`` wide at ``fontsize`` points (at most 0.6 em
+    per character, matplotlib's DejaVu Sans being narrower on average)."""
+    import textwrap
+
+    chars = max(20, int(width_inches * 72 / (0.6 * fontsize)) - 2)
+    return "\n".join(textwrap.wrap(title, chars)) or title
+
+
 def bar_plot(values: dict[str, dict[str, float]], path, errors: dict[str, dict[str, float]] | None = None,
              title: str = "", ylabel: str = "") -> Path:
     """Grouped bars written as a PNG at ``path`` (parent folders created); returns the path.
@@ -146,8 +155,8 @@ def bar_plot(values: dict[str, dict[str, float]], path, errors: dict[str, dict[s
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
         ax.set_ylabel(ylabel)
-        if title:
-            ax.set_title(title)
+        if title:  # wrapped to the figure's width (a long title is never cut off)
+            ax.set_title(wrap_title(title, fig.get_figwidth()), fontsize=11)
         ax.legend(fontsize="small", ncols=min(len(series), 4), loc="best")
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)

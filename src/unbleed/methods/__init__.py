@@ -46,6 +46,12 @@ def route_options(method: str, options: dict[str, str] | None, strict: bool = Tr
                 raise UnbleedError(f"-o {key}: {target!r} is not one of the methods {', '.join(names)}",
                                    field="options")
             continue
+        renamed = [(n, METHODS[n].renamed[option.replace("-", "_")]) for n in names if METHODS[n] is not None
+                   and option.replace("-", "_") in METHODS[n].renamed]
+        if renamed:
+            raise UnbleedError(f"-o {key}: this option is now called "
+                               + ", ".join(f"{new} in {n}" for n, new in renamed)
+                               + f": use -o {renamed[0][1]}={value}", field="options")
         if strict and len(names) == 1 and METHODS[names[0]] is not None:
             per[names[0]][option] = value  # its own from_options names an unknown option with the list of options
             continue

@@ -40,6 +40,26 @@ Choices the paper leaves open (all ``-o`` options; defaults and reasons):
   with the number of entities, so a fixed threshold on ``L`` would mean different things for 2 and 3 entities;
   the normalised value is an affine map of ``L`` at each step (same minimisers). ``refine_on="loss"`` uses ``L``.
 * Schedule: A&E's — see :meth:`AStar.default_schedule`.
+
+Audit against the paper (issue 23; sec. 4–5, Eqs. 2–4 and the update ``z_t' = z_t − α_t ∇_{z_t} L``). The losses are
+the paper's as written (Eq. 2 over every pair ``m > n``, Eq. 3 against the previous step's binarised map, Eq. 4 an
+unweighted sum; the layout boxes of sec. 5 replace ``B``). Everything else departs from it or fills a gap, each an
+option:
+
+* Iterative refinement: the paper's update is one gradient step per timestep; refinement at {0, 10, 20} until a
+  threshold is ours, taken from A&E (``--refine-steps none`` is the paper's single update), with untuned
+  thresholds on our normalised loss (``refine_on``).
+* Window and step size: the paper states no α_t nor which timesteps are guided (its ablation argues against
+  guiding only a few early steps); ours are A&E's — ``20·sqrt(linspace(1, 0.5, T))`` over the first 25 of 50
+  steps (``--window``, ``--step-size``, ``--step-schedule``).
+* Binarisation: the paper thresholds the "high-response" region without a value; ours is Otsu's (``binarize``).
+* First step: Eq. 3 has no previous map at the first guided step; ours drops the retention term there
+  (``first_step``).
+* Token columns: the paper does not say; A&E's official SD 1.4 path (the model the paper uses) keeps the padding
+  columns in the softmax (columns 1:-1), while our default ``normalize_eot=true`` takes the prompt's words only
+  (A&E's SD 2.1 path) on every model — ``-o normalize_eot=false`` is the SD 1.4 path.
+* Preprocessing (×100 softmax, ``map_scale``; A&E's 3×3 smoothing; the 16×16 layers): A&E's, which the paper
+  builds on but does not spell out; a multi-piece word's map is the mean of its pieces'.
 """
 
 from __future__ import annotations
@@ -207,19 +227,20 @@ class AStar(Method):
     ``binarize`` B: ``otsu`` | ``mean`` | ``norm:τ``; ``first_step`` retention at the first guided step: ``none`` |
     ``self``; ``layout`` user boxes ``cat=x0,y0,x1,y1;frog=…`` (fractions, y down) replacing B; ``refine_on``
     ``normalized`` | ``loss``; ``layers`` blocks whose maps are averaged (empty: every layer at UP-1's level, A&E);
-    ``softmax_scale`` the ×100; ``kernel``/``sigma`` A&E's smoothing (``kernel=1`` off); ``normalize_eot``
+    ``map_scale`` the ×100; ``kernel``/``sigma`` A&E's smoothing (``kernel=1`` off); ``normalize_eot``
     softmax over the prompt's words only (else columns 1…75).
     """
 
     name: ClassVar[str] = "astar"
     source: ClassVar[str] = "Agarwal et al., ICCV 2023"
+    renamed: ClassVar[dict[str, str]] = {"softmax_scale": "map_scale"}
 
     binarize: str = "otsu"
     first_step: str = "none"
     layout: str = ""
     refine_on: str = "normalized"
     layers: tuple[str, ...] = ()
-    softmax_scale: float = 100.0
+    map_scale: float = 100.0
     kernel: int = 3
     sigma: float = 0.5
     normalize_eot: bool = True
@@ -230,9 +251,8 @@ class AStar(Method):
             raise UnbleedError(f"-o first_step={self.first_step}: unknown; use none or self", field="options")
         if self.refine_on not in ("normalized", "loss"):
             raise UnbleedError(f"-o refine_on={self.refine_on}: unknown; use normalized or loss", field="options")
-        if not (math.isfinite(self.softmax_scale) and self.softmax_scale > 0):
-            raise UnbleedError(f"-o softmax_scale={self.softmax_scale}: must be a finite number > 0",
-                               field="options")
+        if not (math.isfinite(self.map_scale) and self.map_scale > 0):
+            raise UnbleedError(f"-o map_scale={self.map_scale}: must be a finite number > 0", field="options")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise UnbleedError(f"-o kernel={self.kernel}: must be an odd number ≥ 1 (1 = no smoothing)",
                                field="options")
@@ -265,7 +285,7 @@ class AStar(Method):
     def entity_maps(self, maps: torch.Tensor, groups: tuple[Entity, ...] | list[Entity],
                     prompt_length: int) -> torch.Tensor:
         """``A_m`` ``[B, n, h, w]`` of one ``[B, 77, h, w]`` tensor of raw maps."""
-        return entity_maps(maps, groups, prompt_length, self.softmax_scale, self.kernel, self.sigma,
+        return entity_maps(maps, groups, prompt_length, self.map_scale, self.kernel, self.sigma,
                            self.normalize_eot)
 
     def prepare_step(self, maps: Maps, ctx: StepContext, run: AStarRun | None) -> dict[str, Any]:

@@ -86,6 +86,8 @@ class Options:
     name: ClassVar[str] = "method"
     needs_groups: ClassVar[bool] = True
     source: ClassVar[str] = ""  # the paper (shown by ``unbleed methods``)
+    # old option name → its new name: an old name passed with -o is refused in one line naming the new one
+    renamed: ClassVar[dict[str, str]] = {}
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +103,9 @@ class Options:
         kwargs: dict[str, Any] = {}
         for key, raw in options.items():
             k = key.replace("-", "_")
+            if k in cls.renamed and k not in fields:
+                raise UnbleedError(f"-o {key}: this option is now called {cls.renamed[k]} in {cls.name}: use "
+                                   f"-o {cls.renamed[k]}={raw}", field="options")
             if k not in fields:
                 raise UnbleedError(f"-o {key}: {cls.name} has no such option; its options are "
                                    f"{', '.join(fields) or 'none'}", field="options")

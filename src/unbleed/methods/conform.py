@@ -16,14 +16,14 @@ and the maps are pulled apart or together by a contrastive InfoNCE (NT-Xent) los
   of that step, i.e. of the latent its regular update started from, fixed (no gradient);
 * loss (``loss_fn="ntxent"``: pytorch-metric-learning's ``NTXentLoss`` with its cosine similarity): over every
   ordered positive pair ``(a, p)``, ``−log(exp(s_ap/τ) / (exp(s_ap/τ) + Σ_{n ∉ class(a)} exp(s_an/τ)))``
-  averaged, ``s`` the cosine similarity, τ = 0.5 (``temperature``); 0 when there is no positive or no negative
+  averaged, ``s`` the cosine similarity, τ = 0.5 (``tau``; the official ``temperature``); 0 when there is no positive or no negative
   pair (:func:`ntxent`).
 * schedule: α_i = 20·sqrt(linspace(1, 0.5, T)[i]) (``scale_factor=20``) for the first 30 of 50 steps
   (``max_iter_to_alter=30``); at steps 0, 10 and 20 (``iterative_refinement_steps``) exactly 20 refinement updates
   (``refinement_steps=20``: no threshold), then the step's regular update. Steps are scaled to T.
 
 Defaults, and where the official code has two: the pipeline's signature defaults are ``softmax_normalize=True``
-(columns ``1:-1`` ×100, softmax over them: ``-o softmax=true``) and ``max_iter_to_alter=25`` (``--window 0:25``);
+(columns ``1:-1`` ×100 — ``map_scale`` —, softmax over them: ``-o softmax=true``) and ``max_iter_to_alter=25`` (``--window 0:25``);
 the notebook's, used here, are ``False`` and ``30``; both use τ = 0.5 (the static loss function's own default,
 0.07, is never used). Departures:
 
@@ -90,23 +90,25 @@ class ConformRun:
 @dataclass
 class Conform(Method):
     """CONFORM: contrastive (NT-Xent) loss on the cross-attention maps. Options (official notebook defaults):
-    ``temperature`` τ (0.5), ``smooth`` (true), ``kernel_size`` (3), ``sigma`` (0.5), ``softmax`` (false: raw
-    probabilities; true: columns 1:-1 ×100, softmax), ``previous`` (true: add the previous step's maps as
-    positives)."""
+    ``tau`` τ (0.5), ``smooth`` (true), ``kernel_size`` (3), ``sigma`` (0.5), ``softmax`` (false: raw
+    probabilities; true: columns 1:-1 ×``map_scale`` (100), softmax), ``previous`` (true: add the previous step's
+    maps as positives)."""
 
     name: ClassVar[str] = "conform"
     source: ClassVar[str] = "Meral et al., CVPR 2024"
+    renamed: ClassVar[dict[str, str]] = {"temperature": "tau"}
 
-    temperature: float = 0.5
+    tau: float = 0.5
     smooth: bool = True
     kernel_size: int = 3
     sigma: float = 0.5
     softmax: bool = False
     previous: bool = True
+    map_scale: float = 100.0
 
     def check(self) -> None:
-        if self.temperature <= 0 or self.sigma <= 0:
-            raise UnbleedError("-o temperature and -o sigma must be > 0", field="options")
+        if self.tau <= 0 or self.sigma <= 0 or self.map_scale <= 0:
+            raise UnbleedError("-o tau, -o sigma and -o map_scale must be > 0", field="options")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
 
@@ -137,8 +139,8 @@ class Conform(Method):
     def token_maps(self, maps: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """``[B, 77, h, w]`` → ``[B, words, h, w]``: each contrasted word's (optionally softmaxed) smoothed map."""
         words, _ = self.labels(ctx)
-        if self.softmax:  # columns 1:-1, ×100, softmax; token i is column i − 1
-            maps = F.pad(token_probs(maps, maps.shape[1] - 1, 100.0), (0, 0, 0, 0, 1, 0))
+        if self.softmax:  # columns 1:-1, ×map_scale, softmax; token i is column i − 1
+            maps = F.pad(token_probs(maps, maps.shape[1] - 1, self.map_scale), (0, 0, 0, 0, 1, 0))
         out = torch.stack([group_map(maps, w) for w in words], 1)
         return smooth(out, self.kernel_size, self.sigma) if self.smooth else out
 
@@ -158,4 +160,4 @@ class Conform(Method):
         if prev is not None and prev.shape == current.shape:
             emb = torch.cat([emb, prev.flatten(-2)], 1)
             labels = torch.cat([labels, labels])
-        return ntxent(emb, labels.to(emb.device), self.temperature)
+        return ntxent(emb, labels.to(emb.device), self.tau)

@@ -21,9 +21,13 @@ Losses, per sample (``s`` runs over the entities, ``r`` over an entity's attribu
 * attendance (Eq. 2): ``TV(A_s)`` as the official code computes it, ``L1(A[:, :-1], A[:, 1:]) +
   L1(A[-1:, :], A[1:, :])`` (means): a horizontal finite difference plus, through broadcasting, the mean
   distance of rows 1…h−1 to the *last* row — not the vertical finite difference ``L1(A[:-1, :], A[1:, :])`` of
-  the paper's TV. The default is the paper's finite-difference TV (``tv="paper"``: the mean absolute horizontal
-  plus vertical neighbour differences), as the project's spec asks; ``tv="official"`` reproduces the official
-  code's, on which the official thresholds were set;
+  the paper's TV. The default is the official code's score (``tv="official"``), because the refinement thresholds
+  below are the official code's and were set on that score: the two are one pair. ``tv="paper"`` is the paper's
+  finite-difference TV (the mean absolute horizontal plus vertical neighbour differences); it is much smaller on
+  the same maps (about 0.08–0.12 against 0.14–0.36 on smoothed blobs), so under the official thresholds refinement
+  at steps 10 and 20 nearly always ran to its 50-iteration cap (docs/performance.md). Neither the paper nor the
+  code gives thresholds for the paper's score: with ``tv=paper`` give them (``-o tv_thresholds=…``, or ``none``);
+  they are not inferred;
 * binding (Eq. 3): ``Ã_r = A_r / max A_r · max A_s``; ``p = softmax(A_s)``, ``q = softmax(Ã_r)`` over pixels;
   both shifted as ``relu(· − k·max p) + 1e-5`` with ``k = 0.3`` if ``TV(A_s) < 0.1`` else ``0.2``; then
   ``JSD(p, q) = ½ KL(p‖m) + ½ KL(q‖m)``, ``m = ½(p + q)`` (sums; ``p``, ``q`` are not renormalised after the
@@ -36,8 +40,9 @@ Losses, per sample (``s`` runs over the entities, ``r`` over an entity's attribu
 
 Schedule (official ``__call__`` and ``default_param("tv_bind")``): ``α_i = 20·sqrt(linspace(1, 0.5, T)[i])`` for
 the first 25 of 50 steps; iterative refinement at steps {0, 10, 20} while ``min_s TV(A_s)`` is *below*
-{0.05, 0.2, 0.3}, at most 50 iterations, 100 at step 0 (``_perform_iterative_refinement_step`` defaults of the
-latest file; the first release used 20 and 50). The sampler refines while ``refine_value`` is *above* the
+{0.05, 0.2, 0.3} (on the official score, ``tv=official``), at most 50 iterations, 100 at step 0
+(``_perform_iterative_refinement_step`` defaults of the latest file; the first release used 20 and 50). Each step's
+refinement iterations are in the run's per-step record (``--json``: ``guidance[i].refine_iters``). The sampler refines while ``refine_value`` is *above* the
 threshold, so ``refine_value`` is ``−min_s TV(A_s)`` and :meth:`DivideBind.default_schedule` stores the
 thresholds negated (−0.05, −0.2, −0.3); thresholds given on the command line are on that scale too.
 
@@ -60,11 +65,13 @@ import torch.nn.functional as F
 
 from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, cross_attention_layers, level_of, resolve_block
+from ..guidance.joint_attention import is_joint
 from ..guidance.schedule import Schedule, scaled_steps
 from .base import Maps, Method, StepContext, register
 from .maps import subject_maps
 
 REFERENCE_STEPS = 50  # the official schedule's step count; step options are given at 50 steps
+OFFICIAL_THRESHOLDS = {0: 0.05, 10: 0.2, 20: 0.3}  # min-TV refinement thresholds, set on the official score
 
 
 def total_variation(a: torch.Tensor, mode: str = "official") -> torch.Tensor:
@@ -147,24 +154,26 @@ def parse_step_values(items: tuple, option: str) -> dict[int, float]:
 class DivideBind(Method):
     """Divide & Bind (Li et al., BMVC 2023). Options (``-o key=value``; defaults are the official code's):
 
-    ``temperature`` (×100 before the token softmax); ``exclude_padding`` (False: official columns ``1:-1``;
+    ``map_scale`` (×100 before the token softmax); ``exclude_padding`` (False: official columns ``1:-1``;
     True: ``1…prompt_length−2``, Attend-and-Excite's); ``smooth``, ``kernel_size``, ``sigma``; ``tv``
     (``official`` | ``paper``); ``bind`` (the binding term; False is the official ``tv`` mode);
     ``attribute_maps`` (``finer``: official, from the finer levels | ``same``: the object maps' level);
     ``combine`` (``max`` | ``sum``); ``bind_weights`` (STEP:λ at 50 steps); ``quantile``, ``quantile_low_tv``,
     ``low_tv``, ``eps`` (the binding shift); ``step_size``, ``step_schedule``, ``guide_steps`` (of 50),
-    ``tv_thresholds`` (STEP:min-TV at 50 steps), ``refine_iters``, ``refine_iters_first`` (at step 0).
+    ``tv_thresholds`` (STEP:min-TV at 50 steps; ``official``: the official {0: 0.05, 10: 0.2, 20: 0.3}, for the
+    official score only; ``none``: no refinement), ``refine_iters``, ``refine_iters_first`` (at step 0).
     """
 
     name: ClassVar[str] = "divide-bind"
     source: ClassVar[str] = "Li et al., BMVC 2023"
+    renamed: ClassVar[dict[str, str]] = {"temperature": "map_scale"}
 
-    temperature: float = 100.0
+    map_scale: float = 100.0
     exclude_padding: bool = False
     smooth: bool = True
     kernel_size: int = 3
     sigma: float = 0.5
-    tv: str = "paper"
+    tv: str = "official"
     bind: bool = True
     attribute_maps: str = "finer"
     combine: str = "max"
@@ -176,13 +185,13 @@ class DivideBind(Method):
     step_size: float = 20.0
     step_schedule: str = "sqrt-linear"
     guide_steps: int = 25
-    tv_thresholds: tuple[str, ...] = ("0:0.05", "10:0.2", "20:0.3")
+    tv_thresholds: tuple[str, ...] = ("official",)  # OFFICIAL_THRESHOLDS, for tv=official only
     refine_iters: int = 50
     refine_iters_first: int = 100
 
     def check(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise UnbleedError(f"-o temperature={self.temperature}: must be a finite number > 0", field="options")
+        if not math.isfinite(self.map_scale) or self.map_scale <= 0:
+            raise UnbleedError(f"-o map_scale={self.map_scale}: must be a finite number > 0", field="options")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
         if not math.isfinite(self.sigma) or self.sigma <= 0:
@@ -214,7 +223,20 @@ class DivideBind(Method):
                                field="options")
         if any(w < 0 for w in weights.values()):
             raise UnbleedError("-o bind_weights: weights must be ≥ 0", field="options")
-        parse_step_values(self.tv_thresholds, "tv_thresholds")
+        self.thresholds()
+
+    def thresholds(self) -> dict[int, float]:
+        """The refinement thresholds on ``min_s TV`` (steps at 50 steps): ``tv_thresholds``, or the official ones
+        (``official``, the default) with ``tv=official``, the score they were set on; ``none``: no refinement."""
+        if tuple(t.lower() for t in self.tv_thresholds) in ((), ("none",)):
+            return {}
+        if tuple(t.lower() for t in self.tv_thresholds) == ("official",):
+            if self.tv != "official":
+                raise UnbleedError(f"-o tv={self.tv}: the official refinement thresholds were set on the official "
+                                   f"score; give thresholds on this score's scale (-o tv_thresholds=STEP:MIN_TV,…) "
+                                   f"or -o tv_thresholds=none", field="options")
+            return dict(OFFICIAL_THRESHOLDS)
+        return parse_step_values(self.tv_thresholds, "tv_thresholds")
 
     # --- schedule ---------------------------------------------------------------------------------------------
 
@@ -224,7 +246,7 @@ class DivideBind(Method):
         0.2, 0.3} — stored negated, since the sampler refines while ``refine_value = −min TV`` is above the
         threshold — at most 50 iterations, 100 at step 0."""
         window = (0, min(num_steps, max(1, self.guide_steps * num_steps // REFERENCE_STEPS)))
-        negated = {s: -thr for s, thr in parse_step_values(self.tv_thresholds, "tv_thresholds").items()}
+        negated = {s: -thr for s, thr in self.thresholds().items()}
         return Schedule(window=window, refine=scaled_steps(negated, num_steps, window),
                         max_refine_iters=self.refine_iters, step_size=self.step_size,
                         step_schedule=self.step_schedule, refine_iters_at={0: self.refine_iters_first})
@@ -248,6 +270,8 @@ class DivideBind(Method):
         if not (self.bind and self.attribute_maps == "finer"):
             return (objects,)
         finer = sorted({layer.level for layer in cross_attention_layers(unet) if layer.level < level})
+        if not finer and is_joint(unet):  # an MMDiT's maps have one resolution: attributes read it (docs/mmdit.md)
+            return (objects, objects)
         if not finer:
             raise UnbleedError("-o attribute_maps=finer: this UNet has no cross-attention level finer than up-1's; "
                                "use -o attribute_maps=same", field="options")
@@ -255,7 +279,7 @@ class DivideBind(Method):
 
     def _processed(self, maps: torch.Tensor, words: list[tuple[int, ...]], last: int) -> torch.Tensor:
         """``[B, len(words), h, w]``: each word's token-softmaxed map (mean over its pieces), smoothed."""
-        return subject_maps(maps, words, last, self.temperature, self.kernel_size if self.smooth else 1, self.sigma)
+        return subject_maps(maps, words, last, self.map_scale, self.kernel_size if self.smooth else 1, self.sigma)
 
     def _attribute_source(self, maps: Maps) -> torch.Tensor:
         """Raw maps for the attribute tokens: the finer levels nearest-resized to the object size and averaged

@@ -25,10 +25,12 @@ compete (sec. 3 of the paper), then samples from it with Attend-and-Excite-style
 joint loss ``S_CA + S_SA + clean`` at the first timestep, ``S_SA`` set to 0 while ``S_CA > 0.5``. Each Adam step
 is followed by Adam steps on the **distribution alignment** term alone, ``KL(N(μ, σ²) ‖ N(0, I)) = −½ mean(1 +
 log σ² − μ² − σ²)`` (``fn_calc_kld_loss_func``), until it is ≤ 0.001. A round stops as soon as ``S_CA < 0.2`` and
-``S_SA < 0.3`` (``tau_cross_attn``, ``tau_self_attn``: the noise is valid), else after 10 steps. Up to 5 rounds,
-each from a fresh noise of the seed; if none succeeded, the round with the lowest score ``S_CA + S_SA`` (+1 when
-``S_SA ≤ 1e-6``; ties: the earlier round) is optimised again from its original noise for up to 50 steps, and its
-result is used either way.
+``S_SA < 0.3`` (``tau_cross_attn``, ``tau_self_attn``: the noise is valid), else after 10 steps. Rounds, each from
+a fresh noise of the seed, go on until one succeeds or 5 have run. Then, as the official ``__call__``
+(``optimized_latents_pool.sort()``), *all* rounds run — the successful one included — are ranked by their score
+``S_CA + S_SA`` (+1 when ``S_SA ≤ 1e-6``; ties: the earlier round): if the best is the successful round its
+optimised noise is used; otherwise (a failed round scored lower, or none succeeded) the best round is optimised
+again from its original noise for up to 50 steps, and that result is used either way (:func:`select_round`).
 
 **Sampling** (official ``__call__`` loop with ``run_sd=False``, as ``run_sd_initno.py`` runs it): the first 25 of
 50 steps (``max_iter_to_alter``) move the latent by ``α_i ∇S_CA``, ``α_i = 20·sqrt(linspace(1, 0.5, T)[i])``
@@ -69,6 +71,13 @@ from .base import Maps, Method, StepContext, register
 from .maps import excite_loss, otsu_threshold, smooth, subject_maps
 
 KL_STEPS_CAP = 10_000
+
+
+def select_round(pool: list[tuple]) -> tuple:
+    """The round to go on from: the official ``optimized_latents_pool.sort()`` then ``[0]`` — the lowest score,
+    ties to the earlier round — over every round run, the successful one included. Each entry is ``(score, round,
+    optimised noise, original noise, succeeded)``."""
+    return min(pool, key=lambda e: (e[0], e[1]))
 
 
 def peaks(subject: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,13 +183,14 @@ class InitNO(Method):
     """InitNO: initial-noise optimisation, then A&E-style guidance. Options (official defaults):
 
     noise stage ``rounds`` (5), ``round_steps`` (10), ``final_steps`` (50), ``lr`` (1e-2), ``tau_cross`` (0.2) and
-    ``tau_self`` (0.3) — also the refinement thresholds —, ``kl_threshold`` (1e-3); maps ``temperature`` (100),
+    ``tau_self`` (0.3) — also the refinement thresholds —, ``kl_threshold`` (1e-3); maps ``map_scale`` (100),
     ``kernel_size`` (3), ``sigma`` (0.5), ``exclude_padding`` (false: columns 1:-1), ``attributes`` (false: the
     entities only are subjects).
     """
 
     name: ClassVar[str] = "initno"
     source: ClassVar[str] = "Guo et al., CVPR 2024"
+    renamed: ClassVar[dict[str, str]] = {"temperature": "map_scale"}
 
     rounds: int = 5
     round_steps: int = 10
@@ -189,7 +199,7 @@ class InitNO(Method):
     tau_cross: float = 0.2
     tau_self: float = 0.3
     kl_threshold: float = 1e-3
-    temperature: float = 100.0
+    map_scale: float = 100.0
     kernel_size: int = 3
     sigma: float = 0.5
     exclude_padding: bool = False
@@ -198,8 +208,8 @@ class InitNO(Method):
     def check(self) -> None:
         if self.rounds < 0 or self.round_steps < 1 or self.final_steps < 0:
             raise UnbleedError("-o rounds must be ≥ 0, round_steps ≥ 1 and final_steps ≥ 0", field="options")
-        if self.lr <= 0 or self.kl_threshold <= 0 or self.temperature <= 0 or self.sigma <= 0:
-            raise UnbleedError("-o lr, kl_threshold, temperature and sigma must be > 0", field="options")
+        if self.lr <= 0 or self.kl_threshold <= 0 or self.map_scale <= 0 or self.sigma <= 0:
+            raise UnbleedError("-o lr, kl_threshold, map_scale and sigma must be > 0", field="options")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
 
@@ -219,7 +229,7 @@ class InitNO(Method):
     def subject_maps(self, maps: Maps, ctx: StepContext) -> torch.Tensor:
         """``[B, subjects, h, w]``: the token-softmaxed, smoothed maps the scores read."""
         last = ctx.eot if self.exclude_padding else maps[0].shape[1] - 1
-        return subject_maps(maps[0], self.subjects(ctx), last, self.temperature, self.kernel_size, self.sigma)
+        return subject_maps(maps[0], self.subjects(ctx), last, self.map_scale, self.kernel_size, self.sigma)
 
     def scores(self, maps: Maps, ctx: StepContext) -> dict[str, torch.Tensor]:
         """``subject`` maps, ``index`` of their peaks, and per sample ``cross`` (S_CA), ``self`` (S_SA, not zeroed)
@@ -249,7 +259,7 @@ class InitNO(Method):
         steps = [0] * batch
         pools: list[list[tuple]] = [[] for _ in range(batch)]
         rec = {"rounds": [0] * batch, "succeeded": [False] * batch, "score": [None] * batch,
-               "noise_steps": [0] * batch}
+               "best_round": [None] * batch, "noise_steps": [0] * batch}
         while any(p is not None for p in phase):
             active = torch.tensor([p is not None for p in phase])
             with torch.enable_grad():
@@ -287,16 +297,12 @@ class InitNO(Method):
                     continue
                 pools[i].append((float(score[i]), phase[i], z.clone(), noise[i].clone(), bool(success[i])))
                 rec["rounds"][i] = phase[i] + 1
-                if success[i]:
-                    result[i], phase[i] = z, None
-                    rec["succeeded"][i] = True
-                    continue
-                if phase[i] + 1 < self.rounds:  # a fresh noise from this seed's generator
+                if not success[i] and phase[i] + 1 < self.rounds:  # a fresh noise from this seed's generator
                     noise[i] = stage.draw(i)[0] / sigma
                     phase[i] += 1
                 else:
-                    best = min(pools[i], key=lambda e: (e[0], e[1]))
-                    rec["score"][i] = best[0]
+                    best = select_round(pools[i])
+                    rec["score"][i], rec["best_round"][i] = best[0], best[1]
                     if best[4] or self.final_steps == 0:
                         result[i], phase[i] = best[2], None
                         rec["succeeded"][i] = best[4]

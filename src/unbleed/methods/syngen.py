@@ -9,7 +9,7 @@ Models`` (the authors' repository, formerly ``RoyiRassin/linguistic-binding-in-d
 * Maps: every cross-attention layer at 16×16 (SD 1.x at 512 px: ``AttentionStore(attn_res=(16, 16))`` keeps only
   maps of 256 queries, from down, mid and up blocks), averaged over heads and layers (``aggregate_attention``),
   then ×100 (``_get_attention_maps_list``) with *no* softmax over tokens. Here: ``map_requests`` is one
-  ``MapRequest(level=L, out_level=L)`` with L the level of ``up-1``; ``scale`` = 100.
+  ``MapRequest(level=L, out_level=L)`` with L the level of ``up-1``; ``map_scale`` = 100.
 * Distance: each token map becomes a distribution over pixels (``torch.distributions.Categorical(probs=map)``
   normalises it — so the ×100 cancels and never changes the loss) and ``dist(p, q) = (KL(p‖q) + KL(q‖p)) / 2``
   (``_symmetric_kl``).
@@ -138,16 +138,17 @@ class SynGen(Method):
     """SynGen (Rassin et al., NeurIPS 2023). Options (``-o key=value``), defaults from the official code:
 
     ``level_block`` maps from every cross-attention layer at this block's resolution (``up-1``: 16×16 in SD at
-    512 px); ``scale`` the ×100 on the maps; ``pieces`` multi-piece pooling ``max`` | ``mean``;
+    512 px); ``map_scale`` the ×100 on the maps; ``pieces`` multi-piece pooling ``max`` | ``mean``;
     ``positive_weight`` / ``negative_weight`` the two terms' weights (1, 1); ``step_size`` the constant α (20);
     ``guide_steps`` guided steps out of 50 (25), scaled to the run's step count.
     """
 
     name: ClassVar[str] = "syngen"
     source: ClassVar[str] = "Rassin et al., NeurIPS 2023"
+    renamed: ClassVar[dict[str, str]] = {"scale": "map_scale"}
 
     level_block: str = "up-1"
-    scale: float = 100.0
+    map_scale: float = 100.0
     pieces: str = "max"
     positive_weight: float = 1.0
     negative_weight: float = 1.0
@@ -157,8 +158,8 @@ class SynGen(Method):
     def check(self) -> None:
         if not self.level_block.strip():
             raise UnbleedError("-o level_block=: name a block whose resolution to use, e.g. up-1", field="options")
-        if not self.scale > 0 or self.scale == float("inf"):
-            raise UnbleedError(f"-o scale={self.scale}: must be a finite number > 0", field="options")
+        if not self.map_scale > 0 or self.map_scale == float("inf"):
+            raise UnbleedError(f"-o map_scale={self.map_scale}: must be a finite number > 0", field="options")
         if self.pieces not in ("max", "mean"):
             raise UnbleedError(f"-o pieces={self.pieces}: unknown; use max or mean", field="options")
         for key in ("positive_weight", "negative_weight"):
@@ -188,5 +189,5 @@ class SynGen(Method):
         return {"pairs": syngen_pairs(ctx.groups, min(ctx.prompt_length, maps[0].shape[1]))}
 
     def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:
-        return syngen_loss(maps[0], state["pairs"], self.scale, self.pieces, self.positive_weight,
+        return syngen_loss(maps[0], state["pairs"], self.map_scale, self.pieces, self.positive_weight,
                            self.negative_weight)

@@ -30,12 +30,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UnbleedError
-from .world import COLOURS, SHAPES, heldout_prompts, parse_caption, train_prompts
+from ..eval.verdicts import VERDICTS, summarise, write_plots  # the verdict tables, shared with unbleed report
+from .world import COLOURS, SHAPES, parse_caption, split_prompts
 
-VERDICTS = ("success", "neglected", "malformed", "wrong_shape", "recoloured", "duplicated", "leak", "fused", "missing")
 _CONNECTORS = {"a", "an", "and", "next", "to", "with", "above", "below"}
 
 if TYPE_CHECKING:
@@ -82,18 +82,15 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
 def bench_prompts(split: str, n: int, prompts_file: str | Path | None = None, seed: int = 0,
                   objects: int = 2) -> list[str]:
-    """The benchmark's prompts: ``n`` captions of ``objects`` objects (default two) from ``split`` (``train`` |
-    ``heldout``), or a file's."""
+    """The benchmark's prompts: ``n`` captions of ``objects`` objects (default two) from the prompt split ``split``
+    (``train`` for tuning | ``test``: trained combinations, object sets disjoint from train's | ``unseen``: each
+    names a combination never trained; :mod:`unbleed.shapes.world`), or a file's."""
     if prompts_file is not None:
         prompts = read_prompts_file(prompts_file)
         return prompts[:n] if n else prompts
     if n < 1:
         raise UnbleedError(f"--prompts {n}: use at least 1")
-    if split == "train":
-        return train_prompts(n, seed, objects)
-    if split == "heldout":
-        return heldout_prompts(n, seed, objects)
-    raise UnbleedError(f"--split {split!r}: use train or heldout")
+    return split_prompts(split, n, seed, objects)
 
 
 def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list[int], *,
@@ -162,41 +159,6 @@ def run_bench(pipe, contenders: list[Contender], prompts: list[str], seeds: list
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return figures
-
-
-def summarise(outcomes: dict[str, dict[str, Any]], baseline: str) -> dict:
-    """Rates, their intervals and the paired differences from ``baseline`` of ``{label: {VERDICT: [prompts,
-    seeds] booleans}}`` (the figures of :func:`run_bench`, without ``seconds``)."""
-    from ..stats import compare, rate_interval
-
-    figures: dict = {}
-    for c, per in outcomes.items():
-        rates = {v: rate_interval(per[v]) for v in VERDICTS}
-        figures[c] = {**{v: r["rate"] for v, r in rates.items()}, "images": rates["success"]["n"],
-                      "ci": {v: r["ci"] for v, r in rates.items()}}
-    for v in VERDICTS:
-        diffs = compare({c: per[v] for c, per in outcomes.items()}, baseline)
-        for c, d in diffs.items():
-            figures[c].setdefault("vs_baseline", {"baseline": baseline})[v] = d
-    return figures
-
-
-def write_plots(figures: dict, baseline: str, out: Path, title: str) -> None:
-    """``bench.png``: every rate with its 95 % interval; ``bench-diff.png``: each contender minus the baseline,
-    with its paired 95 % interval (when there is more than one contender)."""
-    from ..io.plots import bar_plot
-
-    shown = [v for v in VERDICTS if v != "missing"]
-    labels = list(figures)
-    bar_plot({v: {c: figures[c][v] for c in labels} for v in shown}, out / "bench.png",
-             errors={v: {c: tuple(figures[c]["ci"][v]) for c in labels} for v in shown},
-             title=title + " (95 % CI over prompts)", ylabel="fraction of images")
-    others = [c for c in labels if c != baseline]
-    if others:
-        bar_plot({v: {c: figures[c]["vs_baseline"][v]["diff"] for c in others} for v in shown},
-                 out / "bench-diff.png",
-                 errors={v: {c: tuple(figures[c]["vs_baseline"][v]["ci"]) for c in others} for v in shown},
-                 title=f"{title}: difference from {baseline} (paired 95 % CI)", ylabel=f"method − {baseline}")
 
 
 def _grid(rows, seeds, prompt):

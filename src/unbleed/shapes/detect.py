@@ -160,64 +160,12 @@ def find_blobs(arr: np.ndarray) -> list[Blob]:
 
 
 def detect(image: Image.Image | np.ndarray | str | Path, prompt: str) -> dict[str, Any]:
-    """Verdicts for a generated image against the objects its prompt requests (JSON-able; see module doc)."""
-    requested = parse_caption(prompt)
+    """Verdicts for a generated image against the objects its prompt requests (JSON-able; see module doc). The
+    verdict logic (steps 4 and 5) is :func:`unbleed.eval.verdicts.judge`, shared with the real-image verdicts."""
+    from ..eval.verdicts import judge
+
     blobs = find_blobs(load_image(image))
-    req_colours = [c for c, _ in requested]
-    clean = [b for b in blobs if b.clean]
-
-    fused = [b for b in blobs if b.shape is None and
-             (len(b.significant) >= 2 or (b.significant and req_colours.count(b.significant[0]) >= 2))]
-    leaks: list[dict[str, Any]] = []
-    for b in blobs:
-        if len(b.significant) >= 2 and b.shape is not None:
-            leaks.append({"kind": "mixed", "shape": b.shape, "colours": b.significant})
-        elif b.clean:
-            wanted = {c for c, s in requested if s == b.shape}
-            if wanted and b.colour not in wanted and b.colour in req_colours:
-                leaks.append({"kind": "wrong_colour", "shape": b.shape, "colour": b.colour,
-                              "requested": sorted(wanted)})
-    fused_colours = {c for b in fused for c in b.significant}
-
-    objects = []
-    for c, s in requested:
-        count = sum(1 for b in clean if b.colour == c and b.shape == s)
-        found = count > 0 or any(b.shape == s for b in blobs)
-        objects.append({"colour": c, "shape": s, "found": found, "colour_correct": count > 0, "count": count,
-                        "state": _object_state(c, s, count, requested, blobs, fused_colours)})
-    extra = [b.to_json() for b in blobs
-             if b not in fused and (b.shape is None or (b.colour, b.shape) not in requested)]
-
-    missing = any(not o["found"] and o["colour"] not in fused_colours for o in objects)
-    success = (all(o["count"] == requested.count((o["colour"], o["shape"])) for o in objects)
-               and not leaks and not fused)
-    states = {o["state"] for o in objects}
-    finer = {k: k in states for k in ("neglected", "malformed", "wrong_shape", "recoloured")}
-    finer["duplicated"] = any(o["count"] > requested.count((o["colour"], o["shape"])) for o in objects)
-    return {"prompt": prompt, "objects": objects, "extra": extra, "colour_leaks": leaks,
-            "fused_blobs": [b.to_json() for b in fused], "success": success, "missing": missing,
-            "leak": bool(leaks), "fused": bool(fused), **finer, "blobs": [b.to_json() for b in blobs]}
-
-
-def _object_state(c: str, s: str, count: int, requested: list[tuple[str, str]], blobs: list[Blob],
-                  fused_colours: set[str]) -> str:
-    """What became of the requested object ``(c, s)``: the first of these that holds (see the module doc)."""
-    req_colours = {rc for rc, _ in requested}
-    req_shapes = {rs for _, rs in requested}
-    if count > 0:
-        return "present"
-    if c in fused_colours:
-        return "fused"
-    if any(b.shape == s and b.colour != c and (b.colour in req_colours or len(b.significant) >= 2) for b in blobs):
-        return "leaked"
-    mine = [b for b in blobs if c in b.significant]
-    if any(b.shape is None for b in mine):
-        return "malformed"
-    if any(b.clean and b.colour == c and b.shape not in req_shapes for b in mine):
-        return "wrong_shape"
-    if any(b.clean and b.shape == s for b in blobs):
-        return "recoloured"
-    return "neglected"
+    return {"prompt": prompt, **judge(parse_caption(prompt), blobs), "blobs": [b.to_json() for b in blobs]}
 
 
 # ----------------------------------------------------------------------------------------------- validation

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import checks
 from ..errors import UnbleedError
 from .model import ARCHS, Arch, IMAGE_SIZE, build_components, make_pipeline, noise_schedule
 from .render import render
@@ -79,20 +80,24 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.arch not in ARCHS:
             raise UnbleedError(f"--arch {self.arch!r} is unknown: use one of {', '.join(ARCHS)}")
-        for name in ("steps", "vae_steps", "batch", "vae_batch", "checkpoint_every"):
-            if getattr(self, name) < (1 if name in ("batch", "vae_batch", "checkpoint_every") else 0):
-                raise UnbleedError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range: use a "
-                                   f"positive number")
+        # every number through the one validation layer (whole, finite, in range), named by its flag
+        self.steps = checks.whole(self.steps, "--steps", 1, fix=": the diffusion phase makes the model "
+                                                                "(OUT/pipeline); raise it to train on")
+        for name, low in (("vae_steps", 0), ("batch", 1), ("vae_batch", 1), ("checkpoint_every", 1), ("warmup", 0),
+                          ("seed", 0)):
+            setattr(self, name, checks.whole(getattr(self, name), f"--{name.replace('_', '-')}", low))
+        for name in ("lr", "vae_lr", "min_snr"):
+            setattr(self, name, checks.real(getattr(self, name), f"--{name.replace('_', '-')}", 0, low_open=True))
+        self.ema = checks.real(self.ema, "--ema", 0, 1, high_open=True, fix=" (the EMA decay, e.g. 0.999)")
         p = self.p_objects
-        if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
+        if len(p) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in p) or min(p) < 0 \
+                or abs(sum(p) - 1) > 1e-6:
             raise UnbleedError(f"--p-objects {','.join(map(str, p))}: give three probabilities (1, 2, 3 objects) "
                                f"that sum to 1")
         if self.lr_decay not in LR_DECAYS:
             raise UnbleedError(f"--lr-decay {self.lr_decay!r}: use one of {', '.join(LR_DECAYS)}")
-        if not 0 <= self.p_uncond < 1:
-            raise UnbleedError(f"--p-uncond {self.p_uncond}: use a probability in [0, 1)")
-        if not 0 <= self.p_words_only <= 1:
-            raise UnbleedError(f"--p-words-only {self.p_words_only}: use a probability in [0, 1]")
+        self.p_uncond = checks.real(self.p_uncond, "--p-uncond", 0, 1, high_open=True, fix=" (a probability)")
+        self.p_words_only = checks.real(self.p_words_only, "--p-words-only", 0, 1, fix=" (a probability)")
         return self
 
     def to_dict(self) -> dict:

@@ -279,10 +279,13 @@ def parse(prompt: str, tokenizer) -> Parse:
                 dropped.append({"text": a_text, "kind": "attribute", "entity": text,
                                 "reason": "past the token limit"})
         entities.append(Entity(text, idx, attrs))
-    if dropped:
-        warnings.warn(f"{len(dropped)} word(s) lie past the text encoder's {tokenizer.model_max_length}-token "
-                      f"limit ({total} tokens) and are dropped: " + ", ".join(d["text"] for d in dropped),
-                      stacklevel=2)
+    words = [w for w in doc if not (w.is_punct or w.is_space)]
+    cut = [w for w in words if not _word_fits(spans, w)] if total > tokenizer.model_max_length else []
+    if cut:  # every word past the cut counts, not only the entities and attributes it drops
+        warnings.warn(f"{len(cut)} of the prompt's {len(words)} words lie past the text encoder's "
+                      f"{tokenizer.model_max_length}-token limit ({total} tokens) and are cut"
+                      + (": dropped from the token groups: " + ", ".join(d["text"] for d in dropped) if dropped
+                         else ""), stacklevel=2)
     if not _looks_english(prompt, doc):
         warnings.warn(f"the prompt parser reads English and {prompt!r} does not look English: its entities may be "
                       f"wrong; pass --tokens to choose tokens by hand", stacklevel=2)

@@ -24,26 +24,39 @@ def load_clip_tokenizer():
 
 
 def load_tokenizer(spec: str = "clip"):
-    """Only the tokenizer of a model: ``clip``/``tiny``/``tiny-xl`` (the shipped CLIP BPE one: SD 1.x's, and the
-    first of the tiny SDXL's two; SD 2.x shares its BPE, so prompt token indices are equal), a local diffusers
-    folder, or a hub id."""
-    if spec in ("clip", "tiny", "tiny-xl"):
+    """Only the tokenizer of a model: ``clip``/``tiny``/``tiny-xl``/``tiny-sd3``/``tiny-flux`` (the shipped CLIP BPE
+    one: SD 1.x's, the first of the tiny SDXL's two, and the CLIP one whose indices token groups use on SD3/FLUX;
+    SD 2.x shares its BPE, so prompt token indices are equal), a local diffusers folder, or a hub id."""
+    if spec in ("clip", "tiny", "tiny-xl", "tiny-sd3", "tiny-flux"):
         return load_clip_tokenizer()
-    from transformers import CLIPTokenizer
-
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
         if not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
             raise UnbleedError(f"--model {spec}: no tokenizer there (no tokenizer/vocab.json or tokenizer.json): "
                                f"pass a diffusers folder, a hub id, or --model clip")
+    offline_fix = "offline, use --model clip (the SD 1.x/2.x CLIP vocabulary shipped with unbleed)"
+    if not path.is_dir():
+        if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+            raise UnbleedError(f"--model {spec}: no such folder, and it is not a hub id of the form owner/name: "
+                               f"pass a local diffusers folder, a hub id, or --model clip")
+        from ..hub import resolve
+
+        local = resolve(spec, "tokenizer/vocab.json", "--model", "a local diffusers folder or, " + offline_fix)
+    from transformers import CLIPTokenizer  # (after the checks: a bad id answers before transformers loads)
+
     try:
         if path.is_dir():
-            return CLIPTokenizer.from_pretrained(folder)
-        return CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer")
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(spec, subfolder="tokenizer", local_files_only=local)
     except Exception as err:  # hub and file errors come as many types
         raise UnbleedError(f"--model {spec}: cannot load its tokenizer ({type(err).__name__}: {_first_line(err)}); "
-                           f"offline, use --model clip (the SD 1.x/2.x CLIP vocabulary shipped with unbleed)") from None
+                           f"{offline_fix}") from None
+    if not len(tokenizer.get_vocab()):  # transformers may hand back a tokenizer without a vocabulary
+        raise UnbleedError(f"--model {spec}: its tokenizer came without a vocabulary (no tokenizer/vocab.json): "
+                           f"pass a diffusers folder or hub id that has one, or {offline_fix}")
+    return tokenizer
 
 
 def _first_line(err: BaseException) -> str:

@@ -83,12 +83,17 @@ def find_word(tokenizer, prompt: str, word: str, occurrence: int = 1) -> tuple[i
     raise UnbleedError(f"--tokens: {word!r} is not a word of the prompt {prompt!r}: name words that appear in it")
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``²`` and other digits that ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_word(tokenizer, prompt: str, item: str) -> TokenGroup:
     item = item.strip()
     if not item:
         raise UnbleedError("--tokens: an empty item: separate words with single commas, e.g. --tokens cat,frog")
-    if item.isdigit():
-        index = int(item)
+    if _is_number(item):
+        index = int(item) if len(item) < 10 else 10**9  # (int() refuses over 4300 digits; any such is out of range)
         tokens = prompt_tokens(tokenizer, prompt)
         if not 1 <= index <= len(tokens) - 2:
             raise UnbleedError(f"--tokens: index {index} is out of range: this prompt's word tokens are "
@@ -97,9 +102,9 @@ def _parse_word(tokenizer, prompt: str, item: str) -> TokenGroup:
     word, occurrence = item, 1
     if "#" in item:
         word, _, n = item.rpartition("#")
-        if not n.isdigit() or int(n) < 1:
+        if not _is_number(n) or int(n) < 1:
             raise UnbleedError(f"--tokens: {item!r}: the occurrence after '#' must be a number ≥ 1, e.g. cat#2")
-        occurrence = int(n)
+        occurrence = int(n) if len(n) < 10 else 10**9
     return TokenGroup(word.strip(), find_word(tokenizer, prompt, word.strip(), occurrence))
 
 
@@ -107,7 +112,7 @@ def _candidates(tokenizer, prompt: str, item: str) -> list[TokenGroup]:
     """What one side of a ``--tokens`` item can name: an index or ``word#N`` is one group, a plain word is each of
     its occurrences."""
     item = item.strip()
-    if not item or item.isdigit() or "#" in item:
+    if not item or _is_number(item) or "#" in item:
         return [_parse_word(tokenizer, prompt, item)]
     find_word(tokenizer, prompt, item)  # one clear error when the word is not there
     pieces = _word_pieces(tokenizer, item)
@@ -121,6 +126,9 @@ def parse_token_spec(tokenizer, prompt: str, spec: str) -> list[Entity]:
     items = []
     for item in spec.split(","):
         attr_text, sep, ent_text = item.rpartition(":")
+        if sep and (not attr_text.strip() or not ent_text.strip()):
+            raise UnbleedError(f"--tokens: {item.strip()!r} needs a word on both sides of ':' (ATTRIBUTE:ENTITY, "
+                               f"e.g. red:cat)")
         ents = _candidates(tokenizer, prompt, ent_text)
         items.append((item, ents, _candidates(tokenizer, prompt, attr_text) if sep else None))
     entity_tokens = {i for _, ents, _ in items for e in ents for i in e.indices}
