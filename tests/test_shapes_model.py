@@ -298,7 +298,7 @@ def test_shipped_model_draws_single_objects_and_fails_pairs_more_often(shipped):
     from unbleed.shapes.detect import detect
 
     rates = {}
-    for objects, split in ((1, "train"), (2, "heldout")):
+    for objects, split in ((1, "train"), (2, "unseen")):
         ok = []
         for prompt in bench_prompts(split, 12, objects=objects):
             result = generate(shipped, prompt, seeds=[0, 1], num_inference_steps=20)
