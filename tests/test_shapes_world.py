@@ -178,6 +178,14 @@ def test_test_split_is_disjoint_from_train_by_construction():
                 sets.setdefault(split, set()).update(objs)
     assert not sets["train"] & sets["test"] and not (sets["train"] | sets["test"]) & sets["unseen"]
     assert not any(set(o) & HELDOUT for o in sets["test"])
+    from unbleed.shapes.world import split_size
+
+    for split in PROMPT_SPLITS:  # every object set can be drawn, and no more
+        for k in (1, 2):
+            assert len(split_prompts(split, split_size(split, k), objects=k)) == split_size(split, k)
+    assert sum(split_size(h, 2) for h in ("train", "test")) == sum(len(o) == 2 for h in halves.values() for o in h)
+    with pytest.raises(UnbleedError, match=r"--prompts 1000000000000: the test split has only 261 distinct"):
+        split_prompts("test", 10**12)  # at once, not after 200 × 10**12 draws
     with pytest.raises(UnbleedError, match="--split heldout is now called 'unseen'"):
         canonical_split("heldout")
     with pytest.raises(UnbleedError, match=r"--split 'nope': use one of train, test, unseen"):

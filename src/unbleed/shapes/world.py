@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
+from itertools import combinations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -286,10 +288,22 @@ def canonical_split(split: str) -> str:
     return split
 
 
+@lru_cache(maxsize=None)
+def split_size(split: str, objects: int) -> int:
+    """How many distinct object sets (so prompts) of ``objects`` objects the prompt split ``split`` holds."""
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    return sum(1 for objs in combinations(combos, objects)
+               if len({c for c, _ in objs}) == objects and len({s for _, s in objs}) == objects
+               and prompt_split(list(objs)) == split)
+
+
 def _prompts(n: int, seed: int, split: str, objects: int = 2) -> list[str]:
     if not 1 <= objects <= 3:
         raise UnbleedError(f"--objects {objects}: a prompt names 1 to 3 objects")
     split = canonical_split(split)
+    if n > split_size(split, objects):  # before drawing: a huge n is one line, not an endless loop
+        raise UnbleedError(f"--prompts {n}: the {split} split has only {split_size(split, objects)} distinct "
+                           f"{objects}-object prompts; ask for at most {split_size(split, objects)}")
     rng = np.random.default_rng([seed, objects, PROMPT_SPLITS.index(split)])
     out: dict[frozenset, str] = {}  # one prompt per object set, in draw order: a benchmark's unit is the prompt
     for _ in range(200 * n):
@@ -337,6 +351,6 @@ __all__ = [
     "SHAPES", "COLOURS", "BACKGROUND", "HELDOUT", "TRAIN_COMBOS", "SIZE_RANGE", "MARGIN", "Obj", "Scene",
     "sample_pairs", "place_boxes", "scene_from_pairs", "sample_scene", "noun_phrase", "caption",
     "parse_caption", "parse_relations", "scene_from_caption", "train_prompts", "unseen_prompts",
-    "split_prompts", "prompt_split", "object_set_half", "canonical_split", "PROMPT_SPLITS", "with_objects",
+    "split_prompts", "split_size", "prompt_split", "object_set_half", "canonical_split", "PROMPT_SPLITS", "with_objects",
     "vertical_relation",
 ]
