@@ -395,3 +395,18 @@ def test_generated_tokens_give_exit_0_or_one_line(tiny_model):
             _outcome(runner.invoke(app, args), "--tokens")
 
     check()
+
+
+def test_a_huge_seed_count_is_one_line_before_any_list():
+    """`--seeds 1000000000` listed a billion ints and filled the memory (found by the property test in CI)."""
+    import time
+
+    from unbleed.eval.sweep import MAX_SEEDS, parse_seeds
+
+    start = time.perf_counter()
+    for text in ("1000000000", "5:900000000", str(MAX_SEEDS + 1)):
+        with pytest.raises(UnbleedError, match=r"seeds give at most 100,000|seeds; give at most 100,000"):
+            parse_seeds(text)
+    assert time.perf_counter() - start < 1 and len(parse_seeds(str(MAX_SEEDS))) == MAX_SEEDS
+    res = runner.invoke(app, ["shapes", "bench", "--seeds", "1000000000"])
+    assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0 and "--seeds" in res.stderr, res.output

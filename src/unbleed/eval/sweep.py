@@ -138,22 +138,30 @@ def seeds_text(seeds: list[int]) -> str:
     return ",".join(map(str, seeds))
 
 
+MAX_SEEDS = 100_000  # seeds one count or range may name (each is an image per prompt and method)
+
+
 def parse_seeds(text: str, name: str = "seeds") -> list[int]:
     """``64`` → seeds 0…63; ``0,5,7`` → those; ``10:20`` → 10…19 (the inverse of :func:`seeds_text`). Seeds must be
     distinct and follow the one seed rule (:func:`unbleed.guidance.sampler.check_seeds`); errors start with
     ``name`` (their ``field``)."""
     from ..checks import seeds as check_seeds  # the one seed rule, without torch
 
+    span, seeds = None, []
     try:
         if "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
         elif ":" in text:
             a, b = text.split(":")
-            seeds = list(range(int(a), int(b)))
+            span = range(int(a), int(b))
         else:
-            seeds = list(range(int(text)))
-    except (ValueError, OverflowError):  # OverflowError: a count or range too long to list
-        seeds = []
+            span = range(int(text))
+        if span is not None and len(span) <= MAX_SEEDS:  # a count of 10**9 would fill the memory before any check
+            seeds = list(span)
+    except (ValueError, OverflowError):  # OverflowError: a count or range too long to measure
+        seeds, span = [], None
+    if span is not None and len(seeds) != len(span):
+        raise UnbleedError(f"{name} {text!r}: {len(span):,} seeds; give at most {MAX_SEEDS:,}", field=name)
     if not seeds or len(set(seeds)) != len(seeds):
         raise UnbleedError(f"{name} {text!r}: give a count (64 → seeds 0…63), distinct seeds 0,5,7, or a range 10:20",
                            field=name)
