@@ -226,10 +226,10 @@ def test_16_seeds_are_checked(seeds, needle, tiny):
 def test_17_steps_must_be_a_whole_number(steps, tiny):
     from unbleed import RunSpec, generate
 
-    with pytest.raises(UnbleedError, match=r"^steps .* must be a whole number ≥ 1") as caught:
+    with pytest.raises(UnbleedError, match=r"^steps .* must be a whole number from 1 to 1000") as caught:
         RunSpec(steps=steps).build()
     assert caught.value.field == "steps"
-    with pytest.raises(UnbleedError, match=r"^steps .* must be a whole number ≥ 1"):
+    with pytest.raises(UnbleedError, match=r"^steps .* must be a whole number from 1 to 1000"):
         generate(tiny, "a cat", seeds=[0], num_inference_steps=steps)
     assert RunSpec(steps=3.0).build() == (None, None)  # a whole float is a whole number
 
@@ -267,7 +267,7 @@ def test_tokens_with_an_empty_side_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["shapes", "diagnose", "--steps", "1"], "--steps 1 must be ≥ 2"),
+    (["shapes", "diagnose", "--steps", "1"], "--steps 1 must be from 2 to 1000"),
     (["shapes", "diagnose", "--objects", "4"], "--objects 4 must be from 1 to 3"),
     (["shapes", "bench", "--objects", "0"], "--objects 0 must be from 1 to 3"),
     (["shapes", "detect-check", "--n", "0"], "--n 0 must be ≥ 1"),
@@ -410,3 +410,23 @@ def test_a_huge_seed_count_is_one_line_before_any_list():
     assert time.perf_counter() - start < 1 and len(parse_seeds(str(MAX_SEEDS))) == MAX_SEEDS
     res = runner.invoke(app, ["shapes", "bench", "--seeds", "1000000000"])
     assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0 and "--seeds" in res.stderr, res.output
+
+
+def test_objects_beyond_a_split_names_both_flags():
+    """`shapes bench --objects 1` asks for the default 50 prompts of a split with 17 singles: the one line names
+    --objects as well as --prompts (the property test varies one flag and expects it named)."""
+    for command in ("bench", "diagnose"):
+        res = runner.invoke(app, ["shapes", command, "--objects", "1"])
+        line = res.stderr.strip()
+        assert res.exit_code == 2 and "\n" not in line and "--objects 1" in line and "--prompts" in line, res.output
+
+
+def test_steps_beyond_the_training_timesteps_are_one_line():
+    """`--steps 100000000000` passed every check and died in the scheduler with a 745 GiB numpy allocation."""
+    from unbleed.guidance.spec import RunSpec
+
+    with pytest.raises(UnbleedError, match=r"^steps 100000000000 must be from 1 to 1000"):
+        RunSpec(method="sd", steps=100_000_000_000).check()
+    assert RunSpec(method="sd", steps=1000).check().steps == 1000
+    res = runner.invoke(app, ["shapes", "bench", "--steps", "100000000000"])
+    assert res.exit_code == 2 and "--steps 100000000000 must be from 1 to 1000" in res.stderr, res.output

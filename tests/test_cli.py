@@ -326,7 +326,7 @@ def test_schedule_flags_of_plain_sampling_are_noted(tmp_path):
 
 def test_bench_speed_checks_its_flags_before_the_model_loads(monkeypatch):
     monkeypatch.setattr("unbleed.models.load_model", _no_model)
-    for args, needle in ((["--window", "5"], "--window '5'"), (["--steps", "0"], "--steps 0 must be ≥ 1"),
+    for args, needle in ((["--window", "5"], "--window '5'"), (["--steps", "0"], "--steps 0 must be from 1 to 1000"),
                          (["--methods", "sd,elx"], "--methods 'elx' is unknown"),
                          (["--window", "0:1", "--refine-steps", "1:0.1"], "--refine-steps: step 1 is outside")):
         one_line_error(runner.invoke(app, ["bench", "speed", "--model", "tiny", "--steps", "2", *args]), needle)

@@ -190,7 +190,7 @@ def test_diagnose_cli(tmp_path):
     assert f["seeds"] == [1] and f["split"] == "train" and f["carry_over"]["methods"] == {}
     assert f["predictiveness"]["peak_attention_neglect"]["positives"] + \
         f["predictiveness"]["peak_attention_neglect"]["negatives"] == 2
-    for args, needle in ((["--split", "test"], "--split 'test'"), (["--seeds", "3:3"], "--seeds '3:3'"),
+    for args, needle in ((["--split", "nope"], "--split 'nope'"), (["--seeds", "3:3"], "--seeds '3:3'"),
                          (["--steps", "1"], "--steps 1")):
         res = runner.invoke(app, ["shapes", "diagnose", "--prompts", "1", *args])
         lines = [line for line in res.stderr.splitlines() if line.strip()]

@@ -36,6 +36,9 @@ SCHEDULERS = {
 }
 
 
+MAX_STEPS = 1000  # denoising steps: at most the schedulers' training timesteps (SD's and the flow models' 1000)
+
+
 def _range_text(low, high, low_open: bool = False, high_open: bool = False) -> str:
     if low is not None and high is not None:
         return (f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"

@@ -237,7 +237,7 @@ def diagnose(
     for flag, value in (("--carry-prompts", carry_prompts), ("--knockout-prompts", knockout_prompts)):
         if value is not None:
             checks.whole(value, flag, 0, fix=" (0 = none)")
-    checks.whole(steps, "--steps", 2, fix=": diagnose needs an update and the step after it")
+    checks.whole(steps, "--steps", 2, checks.MAX_STEPS, fix=": diagnose needs an update and the step after it")
     checks.real(guidance_scale, "--guidance-scale")
     if out is not None:
         checks.out_folder(out, "--out")

@@ -64,7 +64,7 @@ def sweep(
 
     # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
     seed_list = parse_seeds(seeds, "--seeds")
-    checks.whole(steps, "--steps", 1)
+    checks.whole(steps, "--steps", 1, checks.MAX_STEPS)
     checks.whole(batch_size, "--batch-size", 1)
     if limit is not None:
         checks.whole(limit, "--limit", 1)

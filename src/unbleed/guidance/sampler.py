@@ -286,7 +286,8 @@ def generate(
     t0 = time.perf_counter()
     # 1. Check inputs.
     seeds = check_seeds(seeds)
-    num_inference_steps = checks.whole(num_inference_steps, "steps", 1)
+    num_inference_steps = checks.whole(num_inference_steps, "steps", 1,
+                                       getattr(pipe.scheduler.config, "num_train_timesteps", checks.MAX_STEPS))
     groups = check_groups(pipe.tokenizer, prompt, groups or [])
     if method is not None and method.needs_groups and not groups:
         raise UnbleedError(f"{method.name} needs token groups: pass --tokens, e.g. --tokens cat,frog", field="groups")

@@ -60,7 +60,7 @@ class RunSpec:
         where they count), the seeds, the textual window — with :mod:`unbleed.checks`; this
         imports neither torch nor diffusers, so the command lines call it before anything loads. Returns ``self``;
         :meth:`build` calls it first."""
-        self.steps = checks.whole(self.steps, "steps", 1)
+        self.steps = checks.whole(self.steps, "steps", 1, checks.MAX_STEPS)
         self.seeds = tuple(checks.seeds(self.seeds))
         self.guidance_scale = checks.real(self.guidance_scale, "guidance_scale")
         self.eta = checks.real(self.eta, "eta", 0)

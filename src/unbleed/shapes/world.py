@@ -303,7 +303,8 @@ def _prompts(n: int, seed: int, split: str, objects: int = 2) -> list[str]:
     split = canonical_split(split)
     if n > split_size(split, objects):  # before drawing: a huge n is one line, not an endless loop
         raise UnbleedError(f"--prompts {n}: the {split} split has only {split_size(split, objects)} distinct "
-                           f"{objects}-object prompts; ask for at most {split_size(split, objects)}")
+                           f"{objects}-object prompts (--objects {objects}); ask for at most "
+                           f"{split_size(split, objects)}")
     rng = np.random.default_rng([seed, objects, PROMPT_SPLITS.index(split)])
     out: dict[frozenset, str] = {}  # one prompt per object set, in draw order: a benchmark's unit is the prompt
     for _ in range(200 * n):
@@ -320,7 +321,7 @@ def _prompts(n: int, seed: int, split: str, objects: int = 2) -> list[str]:
             out[frozenset(pairs)] = phrases[0] if objects == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if len(out) < n:
         raise UnbleedError(f"--prompts {n}: the {split} split has only {len(out)} distinct {objects}-object "
-                           f"prompts; ask for at most {len(out)}")
+                           f"prompts (--objects {objects}); ask for at most {len(out)}")
     return list(out.values())
 
 
