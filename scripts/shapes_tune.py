@@ -24,7 +24,7 @@ from pathlib import Path
 
 from unbleed.errors import UnbleedError
 from unbleed.eval.sweep import parse_seeds
-from unbleed.guidance.spec import RunSpec
+from unbleed.run.spec import RunSpec
 from unbleed.models import load_model
 from unbleed.shapes.bench import Contender, bench_prompts, run_bench
 

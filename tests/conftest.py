@@ -44,6 +44,19 @@ def blob(h, w, rows, cols, value=1.0, base=0.0):
     return m
 
 
+def make_guide(pipe, method, prompt, groups, *, batch=1, schedule=None, num_steps=50, latent_hw=(16, 16),
+               truncate=True):
+    """A :class:`~unbleed.run.sampler.Guide` for ``prompt`` as the sampler builds one, for tests that call
+    :func:`~unbleed.run.sampler.guided_step` or a noise stage directly: the conditional text encoding of ``batch``
+    copies of the prompt, its token count, and ``schedule`` (default: the method's own at ``num_steps``)."""
+    from unbleed.run.sampler import Guide
+
+    cond, _ = pipe.encode_prompt(prompt, pipe.device, batch, False)
+    length = len(pipe.tokenizer(prompt).input_ids)
+    schedule = method.default_schedule(num_steps) if schedule is None else schedule
+    return Guide(pipe, method, schedule, groups, length, cond, latent_hw, num_steps=num_steps, truncate=truncate)
+
+
 def one_update(pipe, method, groups, prompt, alpha, batch=2, t=800, seed=0, run=None, step=0):
     """The sampler's own :func:`guided_step` at a random latent: loss, one update ``z − α∇L`` (no refinement),
     the loss of the updated latent with the same step state.
@@ -52,13 +65,11 @@ def one_update(pipe, method, groups, prompt, alpha, batch=2, t=800, seed=0, run=
     method's per-run object (``method.new_run(unet)``), passed again to chain steps as a run does.
     """
     from unbleed.guidance.attention import attention_store
-    from unbleed.guidance.sampler import Guide, guided_step
+    from unbleed.run.sampler import guided_step
     from unbleed.guidance.schedule import Schedule
 
-    cond, _ = pipe.encode_prompt(prompt, pipe.device, batch, False)
-    length = len(pipe.tokenizer(prompt).input_ids)
     schedule = Schedule(window=(step, step + 1), step_size=alpha, step_schedule="constant")
-    guide = Guide(pipe, method, schedule, groups, length, cond, (16, 16), num_steps=50, truncate=False)
+    guide = make_guide(pipe, method, prompt, groups, batch=batch, schedule=schedule, truncate=False)
     if run is not None:
         guide.run = run
     z = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed))

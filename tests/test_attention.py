@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from unbleed.guidance.attention import MapRequest, attention_store, level_of, resolve_block, size_at_level
+from unbleed.guidance.attention import (AttentionEdit, MapRequest, attention_store, cross_attention_layers, level_of,
+                                       resolve_block, size_at_level)
 from unbleed.errors import UnbleedError
 
 
@@ -159,15 +160,64 @@ def test_self_maps_resized_to_another_level(tiny):
     assert torch.allclose(maps.flatten(2).sum(-1), torch.full((1, 64), 0.25), atol=1e-5)
 
 
-def test_value_sets_never_reach_self_attention(tiny):
-    # StructureDiffusion's value sets replace cross-attention values only; a set equal to the prompt's own
-    # embeddings leaves the output unchanged, self-attention layers included
+def test_an_attention_edit_that_changes_nothing_leaves_the_output_alone(tiny):
+    # the hook's defaults are diffusers' computation: installed, it runs in the cross-attention layers only (the
+    # explicit-softmax path there), and the UNet's output is unchanged up to float rounding
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
     cond = _cond(tiny)
     plain = tiny.unet(z, 10, encoder_hidden_states=cond).sample
-    with attention_store(tiny.unet) as store, store.values([cond]):
+
+    class Count(AttentionEdit):
+        def __init__(self):
+            self.layers = []
+
+        def probs(self, layer, probs, heads):
+            self.layers.append(layer)
+            return probs
+
+    edit = Count()
+    with attention_store(tiny.unet) as store, store.editing(edit):
         out = tiny.unet(z, 10, encoder_hidden_states=cond).sample
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)
+    assert sorted(edit.layers) == sorted(l.key for l in cross_attention_layers(tiny.unet))
+    assert all("attn2" in layer for layer in edit.layers)  # never self-attention
+    assert store.edit is None  # installed for the block only
+
+
+def test_a_custom_attention_edit_changes_attention_and_what_is_recorded(tiny):
+    """A prompt-to-prompt-style re-weighting (Hertz et al. 2022): scale one token's probabilities in every
+    cross-attention layer. The recorded maps are the edited ones, and the image changes."""
+    token = 2  # "cat" in "a cat and a frog"
+
+    class Reweight(AttentionEdit):
+        def probs(self, layer, probs, heads):
+            scale = torch.ones(probs.shape[-1], dtype=probs.dtype)
+            scale[token] = 5.0
+            edited = probs * scale
+            return edited / edited.sum(-1, keepdim=True)
+
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    # the first cross-attention layer (down_blocks.0 has one): its input is the same with and without the edit
+    cond, request = _cond(tiny), MapRequest(blocks=("down_blocks.0",), out_level=0)
+    maps = {}
+    for name, edit in (("plain", None), ("edited", Reweight())):
+        with torch.no_grad(), attention_store(tiny.unet) as store, store.editing(edit):
+            with store.capture(request, (16, 16)):
+                out = tiny.unet(z, 10, encoder_hidden_states=cond).sample
+            maps[name] = (store.maps(request), out)
+    (plain, plain_out), (edited, edited_out) = maps["plain"], maps["edited"]
+    assert (edited[:, token] > plain[:, token]).all()  # every pixel attends more to the re-weighted token
+    torch.testing.assert_close(edited.sum(1), plain.sum(1))  # still distributions over the tokens
+    assert (edited_out - plain_out).abs().max() > 1e-4
+
+    class Silence(AttentionEdit):  # the output step: no text reaches the image
+        def output(self, layer, probs, values, context):
+            return torch.zeros_like(super().output(layer, probs, values, context))
+
+    with torch.no_grad(), attention_store(tiny.unet) as store, store.editing(Silence()):
+        silent = tiny.unet(z, 10, encoder_hidden_states=cond).sample
+        other = tiny.unet(z, 10, encoder_hidden_states=_cond(tiny, "a red house")).sample
+    torch.testing.assert_close(silent, other)  # the prompt no longer matters
 
 
 def test_unknown_request_kind(tiny):

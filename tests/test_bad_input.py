@@ -270,14 +270,14 @@ def test_tokens_with_an_empty_side_says_so(tmp_path):
     (["shapes", "diagnose", "--steps", "1"], "--steps 1 must be from 2 to 1000"),
     (["shapes", "diagnose", "--objects", "4"], "--objects 4 must be from 1 to 3"),
     (["shapes", "bench", "--objects", "0"], "--objects 0 must be from 1 to 3"),
-    (["shapes", "detect-check", "--n", "0"], "--n 0 must be ≥ 1"),
+    (["shapes", "detect-check", "--n", "0"], "--n 0 must be from 1 to 1000000"),
     (["sweep", "--suite", "cc500", "--model", "tiny", "--out", "OUT", "--batch-size", "0"], "--batch-size 0"),
     (["sweep", "--suite", "cc500", "--model", "tiny", "--out", "OUT", "--guidance-scale", "nan"],
      "--guidance-scale nan must be a finite number"),
     ([*GEN, "--guidance-scale", "inf"], "--guidance-scale inf must be a finite number"),
     ([*GEN, "--step-size", "nan"], "--step-size nan must be a finite number"),
     (["bench", "speed", "--repeats", "0"], "--repeats 0 must be ≥ 1"),
-    (["report", "RUN", "--cell", "4"], "--cell 4 must be ≥ 8"),
+    (["report", "RUN", "--cell", "4"], "--cell 4 must be from 8 to 4096"),
 ])
 def test_numeric_flags_go_through_the_one_layer(args, needle, tmp_path, no_model):
     args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
@@ -390,7 +390,7 @@ def test_generated_tokens_give_exit_0_or_one_line(tiny_model):
     def check(tokens):
         with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as out:
             mp.setattr("unbleed.models.load_model", lambda *a, **k: tiny_model)
-            mp.setattr("unbleed.guidance.spec.RunSpec.run", _reached)
+            mp.setattr("unbleed.run.spec.RunSpec.run", _reached)
             args = [*GEN, "--method", "ela", "--tokens", tokens, "--out", out]
             _outcome(runner.invoke(app, args), "--tokens")
 
@@ -423,10 +423,124 @@ def test_objects_beyond_a_split_names_both_flags():
 
 def test_steps_beyond_the_training_timesteps_are_one_line():
     """`--steps 100000000000` passed every check and died in the scheduler with a 745 GiB numpy allocation."""
-    from unbleed.guidance.spec import RunSpec
+    from unbleed.run.spec import RunSpec
 
     with pytest.raises(UnbleedError, match=r"^steps 100000000000 must be from 1 to 1000"):
         RunSpec(method="sd", steps=100_000_000_000).check()
     assert RunSpec(method="sd", steps=1000).check().steps == 1000
     res = runner.invoke(app, ["shapes", "bench", "--steps", "100000000000"])
     assert res.exit_code == 2 and "--steps 100000000000 must be from 1 to 1000" in res.stderr, res.output
+
+
+# --- a fresh pass over every command (issue #25's "done when"): each case one line naming its flag, before any
+# model loads (and, for those in test_fresh_pass_imports_no_torch, before torch) ---
+
+_FRESH = [
+    (["shapes", "train", "--out", "OUT", "--batch", "99999999999999999999"],
+     "--batch 99999999999999999999 must be from 1 to 65536"),
+    (["shapes", "train", "--out", "OUT", "--vae-batch", "0"], "--vae-batch 0 must be from 1 to 65536"),
+    (["shapes", "train", "--out", "OUT", "--seed", "99999999999999999999999"],
+     "--seed 99999999999999999999999 must be from 0 to"),
+    (["shapes", "train", "--out", "OUT", "--lr", "1e400"], "--lr inf must be a finite number"),
+    (["shapes", "train", "--out", "OUT", "--p-words-only", "nan"], "--p-words-only nan must be a finite number"),
+    (["shapes", "train", "--out", "OUT", "--device", "cuda:x"], "--device 'cuda:x' is not a device"),
+    (["shapes", "train", "--out", "OUT", "--init-from", "NOPE"],
+     "--init-from NOPE: no such folder: give the"),
+    (["shapes", "train", "--out", "OUT", "--init-from", "FILE"], "--init-from FILE: not a pipeline exported by"),
+    (["shapes", "train", "--out", "OUT", "--init-from", "DIR"], "--init-from DIR: not a pipeline exported by"),
+    (["shapes", "train", "--out", ""], "--out is empty: name a folder"),
+    (["shapes", "render", "-p", "a red circle", "--out", "DIR/x.png", "--seed", "-1"], "--seed -1 must be from 0 to"),
+    (["shapes", "render", "-p", "a red circle", "--out", "DIR/x.png", "--size", "100000"],
+     "--size 100000 must be from 16 to 4096"),
+    (["shapes", "render", "-p", "a red circle", "--out", "DIR"], "--out 'DIR': a folder; give an image file name"),
+    (["shapes", "render", "-p", "a red circle", "--out", ""], "--out '': empty; give an image file name"),
+    (["shapes", "detect", "NOPE", "-p", "a red circle"], "IMAGE 'NOPE': no such file"),
+    (["shapes", "detect", "DIR", "-p", "a red circle"], "IMAGE 'DIR': a folder"),
+    (["shapes", "detect-check", "--n", "99999999999"], "--n 99999999999 must be from 1 to 1000000"),
+    (["shapes", "detect-check", "--seed", "99999999999999999999999"], "--seed 99999999999999999999999 must be from 0"),
+    (["shapes", "bench", "--methods", "sd,sd"], "--methods sd,sd: name each method once"),
+    (["shapes", "bench", "--baseline", "bogus"], "--baseline 'bogus' is not among --methods sd,ela"),
+    (["shapes", "bench", "--baseline", ""], "--baseline '' is not among --methods"),
+    (["shapes", "bench", "--prompts-file", "PROMPTS", "--prompts", "5"], "--prompts 5: --prompts-file has only 2"),
+    (["shapes", "bench", "--model", ""], "--model is empty"),
+    (["shapes", "bench", "--out", ""], "--out is empty"),
+    (["shapes", "bench", "--device", ""], "--device '' is not a device"),
+    (["shapes", "diagnose", "--out", ""], "--out is empty"),
+    (["shapes", "diagnose", "--device", "cuda!"], "--device 'cuda!' is not a device"),
+    (["sweep", "--suite", "cc500", "--model", "tiny", "--out", ""], "--out is empty"),
+    (["sweep", "--suite", "cc500", "--model", "", "--out", "OUT"], "--model is empty"),
+    (["sweep", "--suite", "cc500", "--model", "tiny", "--out", "OUT", "--device", "bogus!"],
+     "--device 'bogus!' is not"),
+    (["sweep", "--suite", "cc500", "--model", "tiny", "--out", "OUT", "--dtype", "fp8"], "--dtype 'fp8' is unknown"),
+    (["sweep", "--suite", "cc500", "--model", "tiny", "--out", "OUT", "--height", "99999992"],
+     "--height 99999992 must be from 1 to 16384"),
+    (["report", "DIR", "--out", ""], "--out is empty"),
+    (["report", "DIR", "--cell", "99999999999"], "--cell 99999999999 must be from 8 to 4096"),
+    (["judge", "JUDGED", "--out", ""], "--out is empty"),
+    (["judge", "JUDGED", "--device", "bogus!"], "--device 'bogus!' is not a device"),
+    (["demo", "--scheduler", "bogus"], "--scheduler 'bogus' is unknown"),
+    (["demo", "--device", "bogus!"], "--device 'bogus!' is not a device"),
+    (["demo", "--dtype", "bogus"], "--dtype 'bogus' is unknown"),
+    (["demo", "--model", " "], "--model is empty"),
+    (["bench", "speed", "--model", "tiny", "--prompt", " "], "--prompt is empty"),
+    (["bench", "speed", "--model", "tiny", "--device", "bogus!"], "--device 'bogus!' is not a device"),
+    (["bench", "speed", "--model", "tiny", "--dtype", "bogus"], "--dtype 'bogus' is unknown"),
+    (["bench", "speed", "--model", "tiny", "--width", "99999992"], "--width 99999992 must be from 1 to 16384"),
+    (["bench", "speed", "--model", ""], "--model is empty"),
+]
+
+
+def _fresh_args(args, tmp_path):
+    """OUT: a new folder; DIR: an empty folder; FILE: a file; NOPE: nothing; PROMPTS: two captions; JUDGED: a
+    folder with one image and its record."""
+    from PIL import Image
+
+    (tmp_path / "dir").mkdir(exist_ok=True)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    judged = tmp_path / "judged"
+    judged.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64)).save(judged / "a.png")
+    (judged / "records.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "a red circle", "method": "sd",
+                                                      "seed": 0}) + "\n")
+    names = {"OUT": tmp_path / "out", "DIR": tmp_path / "dir", "FILE": tmp_path / "file", "NOPE": tmp_path / "nope",
+             "PROMPTS": tmp_path / "prompts.txt", "JUDGED": judged}
+    return [str(names[a]) if a in names else a.replace("DIR/", f"{tmp_path / 'dir'}/") for a in args], names
+
+
+@pytest.mark.parametrize("args, needle", _FRESH, ids=[" ".join(a)[:60] for a, _ in _FRESH])
+def test_fresh_pass_is_one_line_before_the_model(args, needle, tmp_path, no_model, monkeypatch):
+    monkeypatch.setattr("unbleed.eval.sweep.run_sweep", _no_model)
+    monkeypatch.setattr("unbleed.eval.scoring.Metrics.load", _no_model)
+    monkeypatch.setattr("unbleed.eval.report.make_report", _no_model)
+    monkeypatch.setattr("unbleed.cli.demo.check_port", lambda host, port: None)  # (a taken port is not the case)
+    args, names = _fresh_args(args, tmp_path)
+    for key, path in names.items():
+        needle = needle.replace(f" {key}", f" {path}").replace(f"'{key}'", repr(str(path)))
+    one_line_error(runner.invoke(app, args), needle)
+    assert not (tmp_path / "out" / "pipeline").exists() and not (tmp_path / "dir" / "x.png").exists()
+
+
+def test_fresh_pass_imports_no_torch(tmp_path):
+    """shapes train's numbers, --init-from, and every command's --device/--dtype/--model/--out spelling are refused
+    before torch loads (issue #26: a flag error answers at once)."""
+    out = str(tmp_path / "run")
+    cases = [["shapes", "train", "--out", out, "--lr", "nan"], ["shapes", "train", "--out", out, "--ema", "2"],
+             ["shapes", "train", "--out", out, "--warmup", "-5"], ["shapes", "train", "--out", out, "--steps", "0"],
+             ["shapes", "train", "--out", out, "--batch", "0"], ["shapes", "train", "--out", out, "--seed", "-1"],
+             ["shapes", "train", "--out", out, "--init-from", str(tmp_path / "nope")],
+             ["shapes", "train", "--out", out, "--device", "cuda:x"],
+             ["shapes", "bench", "--device", ""], ["shapes", "bench", "--methods", "sd,sd"],
+             ["shapes", "bench", "--model", ""], ["shapes", "diagnose", "--out", ""],
+             ["shapes", "detect-check", "--n", "0"], ["shapes", "render", "-p", "a red circle", "--out", "x.png",
+                                                       "--size", "100000"],
+             ["sweep", "--suite", "cc500", "--out", str(tmp_path / "s"), "--dtype", "fp8"],
+             ["bench", "speed", "--device", "bogus!"], ["demo", "--dtype", "bogus"]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [2] * len(cases), result
+    assert result["heavy"] == [], result
+    assert not (tmp_path / "run" / "pipeline").exists()

@@ -193,10 +193,10 @@ def test_read_only_out_folder_fails_before_the_model_loads(tmp_path, monkeypatch
 
 
 def test_each_batch_is_written_as_it_is_done_and_a_write_failure_keeps_it(tmp_path, monkeypatch):
-    import unbleed.guidance.sampler
+    import unbleed.run.sampler
     from PIL import Image as PILImage
 
-    events, sample, save = [], unbleed.guidance.sampler.generate, PILImage.Image.save
+    events, sample, save = [], unbleed.run.sampler.sample, PILImage.Image.save
 
     def sampled(*args, **kwargs):
         events.append("sample")
@@ -208,7 +208,7 @@ def test_each_batch_is_written_as_it_is_done_and_a_write_failure_keeps_it(tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(self, *args, **kwargs)
 
-    monkeypatch.setattr(unbleed.guidance.sampler, "generate", sampled)
+    monkeypatch.setattr(unbleed.run.sampler, "sample", sampled)
     monkeypatch.setattr(PILImage.Image, "save", saved)
     res = run("--steps", "1", "--seed", "1", "--seed", "2", "--batch-size", "1", "--out", str(tmp_path), "--json")
     assert res.exit_code == 2, res.output
@@ -330,3 +330,19 @@ def test_bench_speed_checks_its_flags_before_the_model_loads(monkeypatch):
                          (["--methods", "sd,elx"], "--methods 'elx' is unknown"),
                          (["--window", "0:1", "--refine-steps", "1:0.1"], "--refine-steps: step 1 is outside")):
         one_line_error(runner.invoke(app, ["bench", "speed", "--model", "tiny", "--steps", "2", *args]), needle)
+
+
+def test_an_old_method_step_size_option_is_refused_in_one_line_naming_the_flag(tmp_path):
+    """``-o step_size`` was SynGen's and Divide & Bind's second knob for the step: the run's --step-size is the one."""
+    for method in ("syngen", "divide-bind"):
+        res = run("--method", method, "-o", "step_size=30", "--out", str(tmp_path))
+        one_line_error(res, "-o step_size", "use --step-size 30")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_step_size_reaches_the_record_once_validated(tmp_path):
+    """--step-size → the run spec → the sampler: the record's schedule has it; a bad one is one line naming it."""
+    res = run("--method", "syngen", "--tokens", "cat,frog", "--step-size", "7.5", "--out", str(tmp_path), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["schedule"]["step_size"] == 7.5
+    one_line_error(run("--method", "syngen", "--step-size", "-1", "--out", str(tmp_path)), "--step-size -1")

@@ -139,7 +139,7 @@ def test_the_headline_says_what_is_not_shown():
 
 # --- a run --------------------------------------------------------------------------------------------------------
 def test_the_defaults_are_the_command_lines():
-    from unbleed.guidance.spec import RunSpec
+    from unbleed.run.spec import RunSpec
 
     assert DEFAULT_STEPS == RunSpec().steps == 50 and parse_seeds(DEFAULT_SEEDS) == [0, 1, 2]
 
@@ -320,7 +320,9 @@ def test_bad_settings_are_one_error_line_naming_the_pages_control(demo, methods,
 
 
 def test_parse_seeds():
-    assert parse_seeds("0, 1 2") == [0, 1, 2] and parse_seeds(7) == [7]
+    # the page's grammar (a lone number is that seed, as the page's seeds box means it); the CLI's counts 7 → 0..6
+    assert parse_seeds("0, 1 2", bare_count=False) == [0, 1, 2] and parse_seeds(7, bare_count=False) == [7]
+    assert parse_seeds("7") == list(range(7))
     with pytest.raises(UnbleedError) as e:
         parse_seeds("1,a")
     assert e.value.field == "seeds"
@@ -358,7 +360,7 @@ def test_generate_progress_counts_steps_not_passes(monkeypatch, tmp_path):
 def test_a_seed_in_a_batch_is_its_image_alone_up_to_float_rounding(shapes):
     """The README's ``--seed`` note: the same initial noise, the batched UNet's float rounding (about 2e-6 on one
     pass) moves at most 1 level of 255 at a few pixels after 50 steps."""
-    from unbleed.guidance.spec import RunSpec
+    from unbleed.run.spec import RunSpec
 
     batch = RunSpec(seeds=(0, 1, 2)).run(shapes, PROMPT)
     alone = RunSpec(seeds=(0,)).run(shapes, PROMPT)

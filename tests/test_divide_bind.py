@@ -10,7 +10,7 @@ from unbleed.methods.divide_bind import (DivideBind, binding_divergence, divide_
                                          total_variation)
 from unbleed.methods.maps import gaussian_kernel
 from unbleed.methods.maps import smooth as gaussian_smooth
-from unbleed.guidance.sampler import generate
+from unbleed.run.sampler import generate
 from unbleed import Entity, TokenGroup, token_groups
 
 from conftest import one_update

@@ -178,7 +178,7 @@ def test_attribute_uses_its_entity_mask():
     maps = torch.zeros(1, 8, 8, 8)
     maps[0, 0], maps[0, 2], maps[0, 3], maps[0, 5] = sot, blue, cat, frog
     groups = [Entity("cat", (3,), [TokenGroup("blue", (2,))]), Entity("frog", (5,))]
-    ctx = StepContext(step=0, num_steps=50, prompt_length=7, groups=tuple(groups))
+    ctx = StepContext(step=10, num_steps=50, prompt_length=7, groups=tuple(groups))  # T_start: the default 10
     ela = ELA(lam=0.5)
     state = ela.prepare_step((maps,), ctx, None)
     loss = ela.loss((maps,), ctx, state)
@@ -221,7 +221,9 @@ def test_bad_options(opts, match):
 def test_start_step_begins_masks_and_anchoring_there():
     """T_start (Alg. 1): the window starts at ``start`` (at 50 steps, scaled); refinement steps before it are dropped
     and the start step refines with the threshold in force there; before it there are no masks and no loss."""
-    assert ELA().start == 0 and ELA().default_schedule(50).window == (0, 25)  # default: step 0 (pending tuning)
+    assert ELA().start == 10 and ELA().default_schedule(50).window == (10, 25)  # default: step 10 (tuned)
+    assert ELA().default_schedule(50).refine == {10: 0.1, 20: 0.05}
+    assert ELA(start=0).default_schedule(50).window == (0, 25)  # the old behaviour, one option away
     s = make_method("ela", {"start": "5"}).default_schedule(50)
     assert s.window == (5, 25) and s.refine == {5: 0.2, 10: 0.1, 20: 0.05}
     s = make_method("ela", {"start": "15"}).default_schedule(20)  # ⌊15·20/50⌋ = 6
@@ -246,14 +248,14 @@ def test_start_step_begins_masks_and_anchoring_there():
 
 
 def test_default_schedule_is_scaled_and_inside_the_window():
-    s = ELA().default_schedule(50)
+    s = ELA(start=0).default_schedule(50)
     assert s.window == (0, 25) and s.refine == {0: 0.2, 10: 0.1, 20: 0.05}
     s4 = ELA().default_schedule(4)
     assert s4.window == (0, 2) and all(0 <= k < 2 for k in s4.refine)
     # Eq. 8: z' = z − ∇L, a unit step at every guided step
     assert s.step_schedule == "constant" and s.alpha(0, 50) == 1.0 and s.alpha(24, 50) == 1.0
     # A&E's schedule stays an option
-    from unbleed.guidance.spec import RunSpec
+    from unbleed.run.spec import RunSpec
 
     _, ae = RunSpec(method="ela", steps=50, step_size=20.0, step_schedule="sqrt-linear").build()
     assert ae.alpha(0, 50) == pytest.approx(20.0) and ae.alpha(49, 50) == pytest.approx(20 * math.sqrt(0.5))

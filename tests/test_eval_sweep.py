@@ -117,7 +117,7 @@ def test_sweep_resumes_after_a_crash_with_every_record_once(tmp_path, monkeypatc
     assert Path(rec["image"]).name == "0000-syngen-s1.png"  # the prompt's index, never its text
     # the image equals the sampler's own output for that seed alone
     from unbleed.methods import make_method
-    from unbleed.guidance.sampler import generate
+    from unbleed.run.sampler import generate
     from unbleed.text.prompt import token_groups
 
     pipe = tiny
@@ -221,16 +221,38 @@ def test_parse_seeds_counts_lists_ranges_and_the_seed_rule():
     assert W.parse_seeds("10:13") == [10, 11, 12] and W.parse_seeds("1") == [0]
     for seeds in ([0, 1, 2], [0, 5, 7], [10, 11, 12], [3]):
         assert W.parse_seeds(W.seeds_text(seeds)) == seeds  # seeds_text is its inverse
-    for text in ("x", "0", "3:3", "3:1", "1,1", "", "18446744073709551617", "1:2:3"):
+    for text in ("x", "0", "3:3", "3:1", "18446744073709551617", "1:2:3", "0,x", "-1"):
         with pytest.raises(UnbleedError, match=rf"^seeds {text!r}: give a count") as err:
             W.parse_seeds(text)
         assert err.value.field == "seeds"
+    for text, needle in (("1,1", "^seeds '1,1': each seed once"), ("0:3 2", "^seeds '0:3 2': each seed once"),
+                         ("", "^seeds: give at least one seed"), (" , ", "^seeds: give at least one seed")):
+        with pytest.raises(UnbleedError, match=needle):
+            W.parse_seeds(text)
     for text, bad in (("0,18446744073709551616", "18446744073709551616"), ("0,-1", "-1"), ("-2:1", "-2")):
         with pytest.raises(UnbleedError, match=rf"^seeds {bad}: a seed must be from 0 to 2\*\*64 − 1") as err:
             W.parse_seeds(text)
         assert err.value.field == "seeds"
     with pytest.raises(UnbleedError, match=r"^--seeds 'x'"):
         W.parse_seeds("x", "--seeds")
+
+
+def test_parse_seeds_is_the_one_grammar_of_the_command_line_and_the_demo():
+    """Commas or spaces between seeds, ranges among them; a lone number is a count on the command line and that
+    one seed in the demo's box (``bare_count=False``); ``7,`` is seed 7 either way."""
+    assert W.parse_seeds("0, 1 2") == [0, 1, 2] == W.parse_seeds("0 1 2", bare_count=False)
+    assert W.parse_seeds("0,10:12") == [0, 10, 11] == W.parse_seeds("0 10:12", bare_count=False)
+    assert W.parse_seeds("7") == list(range(7)) and W.parse_seeds("7", bare_count=False) == [7]
+    assert W.parse_seeds(7, bare_count=False) == [7] and W.parse_seeds("7,") == [7]
+    assert W.parse_seeds(" 7 ,", bare_count=False) == [7]
+    assert W.parse_seeds("3:5", bare_count=False) == [3, 4]
+    for text, needle in (("x", "^seeds 'x': give whole numbers separated by commas, e.g. 0,1$"),
+                         ("0,0", "^seeds '0,0': each seed once$"), ("-1", "^seeds -1: a seed must be from 0"),
+                         ("", "^seeds: give at least one seed"), (None, "^seeds: give at least one seed"),
+                         ("0:200000", "^seeds '0:200000': 200,000 seeds; give at most 100,000$")):
+        with pytest.raises(UnbleedError, match=needle) as err:
+            W.parse_seeds(text, bare_count=False)
+        assert err.value.field == "seeds"
 
 
 def test_options_are_routed_per_method_by_the_one_router(tmp_path):

@@ -1,18 +1,22 @@
 """A new loss method is one file and nothing else: a method defined here, registered with the decorator, runs
-through ``unbleed generate``, ``unbleed sweep`` and ``unbleed shapes bench`` and is listed by ``unbleed methods``."""
+through ``unbleed generate``, ``unbleed sweep`` and ``unbleed shapes bench`` and is listed by ``unbleed methods``;
+so does a method that edits attention (an attention-edit hook)."""
 
 import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import one_update
 from unbleed.cli import app
-from unbleed.guidance.attention import MapRequest, level_of, resolve_block
+from unbleed.guidance.attention import AttentionEdit, MapRequest, level_of, resolve_block
 from unbleed.guidance.schedule import Schedule
-from unbleed.methods import METHODS, Method, register
+from unbleed.methods import METHODS, Conditioning, Method, register
 
 
 @dataclass
@@ -100,3 +104,45 @@ def test_unknown_method_lists_the_registry(centre):
     res = runner.invoke(app, ["generate", "a cat", "--model", "tiny", "--method", "nope"])
     assert res.exit_code == 2
     assert "test-centre" in res.stderr and "--method" in res.stderr
+
+
+@dataclass
+class Mute(Conditioning):
+    """Toy attention edit (prompt-to-prompt's re-weighting, Hertz et al. 2022): scale the entities' probabilities
+    in every cross-attention layer by ``gain``, renormalised."""
+
+    name: ClassVar[str] = "test-mute"
+    source: ClassVar[str] = "tests/test_extension.py"
+    gain: float = 0.0
+
+    def attention_edit(self, pipe, prompt, groups, embeds, batch, do_cfg):
+        columns = [i for e in groups for i in e.indices]
+        gain = self.gain
+
+        class Reweight(AttentionEdit):
+            def probs(self, layer, probs, heads):
+                scale = torch.ones(probs.shape[-1], dtype=probs.dtype)
+                scale[columns] = gain
+                edited = probs * scale
+                return edited / edited.sum(-1, keepdim=True)
+
+        return Reweight()
+
+
+def test_a_method_that_edits_attention_is_one_file_too(tmp_path):
+    """A :class:`Conditioning` returns its attention edit; the sampler installs it for every pass of the run."""
+    register(Mute)
+    try:
+        images = {}
+        for method, options in (("sd", []), ("test-mute", ["-o", "gain=0"]), ("test-mute", ["-o", "gain=1"])):
+            res = runner.invoke(app, ["generate", "a cat and a frog", "--model", "tiny", "--method", method,
+                                      *options, "--tokens", "cat,frog", "--steps", "2", "--out", str(tmp_path),
+                                      "--json"])
+            assert res.exit_code == 0, res.output
+            (rec,) = json.loads(res.stdout)
+            images[method, tuple(options)] = np.asarray(Image.open(rec["path"]), dtype=np.float32)
+    finally:
+        METHODS.pop(Mute.name)
+    plain = images["sd", ()]
+    assert np.abs(images["test-mute", ("-o", "gain=0")] - plain).max() > 1  # the entities muted: another image
+    assert np.abs(images["test-mute", ("-o", "gain=1")] - plain).max() <= 1  # a gain of 1 edits nothing

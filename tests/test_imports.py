@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "unbleed"
 
@@ -202,6 +204,51 @@ def test_no_import_cycles():
     assert not cycles, "import cycles in src/unbleed:\n" + "\n".join(cycles)
 
 
+# The layers of the package, lowest first: a module may import from its own layer and those below it, never from
+# one above. Each name is a top-level module or subpackage of unbleed ("" is the package's __init__, which only
+# imports errors and hands the public names on lazily). A new top-level module or folder must be placed here.
+LAYERS = (
+    ("errors",),
+    ("", "checks", "hub", "stats"),
+    ("text",),  # tokenizers, token groups, the prompt parser
+    ("testing", "models"),  # pipelines: tiny ones built in-process, and the loader
+    ("guidance",),  # the data path's parts: attention capture, conditioning, schedule
+    ("methods",),  # one file per method, on guidance's parts
+    ("run",),  # the run spec and the one sampler, running a method
+    ("io",),  # images and records of runs
+    ("eval",),
+    ("shapes",),
+    ("demo",),
+    ("cli",),
+    ("__main__",),
+)
+
+
+def layer_of(module: str, package: str, layers) -> int:
+    """The index in ``layers`` of ``module``'s top-level name under ``package``."""
+    top = module[len(package) + 1:].split(".")[0] if module != package else ""
+    for i, names in enumerate(layers):
+        if top in names:
+            return i
+    raise AssertionError(f"{module}: its top-level name {top!r} is in no layer: place it in LAYERS")
+
+
+def upward_imports(modules, imports: list[Import], package: str, layers) -> list[str]:
+    """Every import of a module from a layer above its own, one line each."""
+    found = []
+    for imp in imports:
+        low, high = layer_of(imp.importer, package, layers), layer_of(imp.target, package, layers)
+        if high > low:
+            found.append(f"{imp.importer} (line {imp.line}) imports {imp.target}, a layer above it")
+    return found
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    modules, imports = _package_imports()
+    violations = upward_imports(modules, imports, PACKAGE, LAYERS)
+    assert not violations, "imports that run up the layers of src/unbleed:\n" + "\n".join(violations)
+
+
 def test_no_private_names_imported_across_modules():
     violations = private_imports(*_package_imports())
     assert not violations, ("private names imported from another module of unbleed (make them public, or move "
@@ -271,3 +318,22 @@ def test_private_import_finder(tmp_path):
         "fake.sub.d (line 2): from fake import _impl",
         "fake.sub.d (line 3): from fake.a import _hidden",
     ]
+
+
+def test_layer_check_reports_imports_from_above(tmp_path):
+    modules = _write_package(tmp_path, {
+        "__init__.py": "",
+        "low.py": "def f():\n    from .high.top import g\n",  # up two layers, deferred into a function
+        "mid/__init__.py": "",
+        "mid/a.py": "from ..low import f\nfrom . import b\n",  # down, and within its own layer
+        "mid/b.py": "import fake.high\n",  # up to a package
+        "high/__init__.py": "",
+        "high/top.py": "from fake.mid.a import f\n",
+    })
+    layers = (("low", ""), ("mid",), ("high",))
+    assert upward_imports(modules, find_imports(modules), "fake", layers) == [
+        "fake.low (line 2) imports fake.high.top, a layer above it",
+        "fake.mid.b (line 1) imports fake.high, a layer above it",
+    ]
+    with pytest.raises(AssertionError, match="'mid' is in no layer"):
+        upward_imports(modules, find_imports(modules), "fake", (("low", ""), ("high",)))

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import one_update
+from conftest import make_guide, one_update
 from unbleed import generate, make_method, token_groups
 from unbleed.cli import app
 from unbleed.guidance.attention import attention_store
-from unbleed.guidance.sampler import Guide, NoiseStage
+from unbleed.run.sampler import NoiseStage
 from unbleed.methods.base import StepContext
 from unbleed.methods.initno import (InitNO, SampleAdam, clean_loss, conflict_score, kl_alignment, peak_component,
                                     peaks)
@@ -139,9 +140,8 @@ def test_refinement_loss_at_a_refinement_step(tiny):
 
 
 def _stage(pipe, method, seeds):
-    cond, _ = pipe.encode_prompt(PROMPT, "cpu", len(seeds), False)
     groups = token_groups(pipe.tokenizer, PROMPT, "cat,frog")
-    guide = Guide(pipe, method, method.default_schedule(50), groups, 7, cond, (16, 16), 50)
+    guide = make_guide(pipe, method, PROMPT, groups, batch=len(seeds))
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     z = pipe.prepare_latents(len(seeds), 4, 128, 128, torch.float32, "cpu", gens)
     pipe.scheduler.set_timesteps(50)
@@ -271,12 +271,16 @@ def test_cli_on_tiny(tmp_path):
 
 
 def test_cli_on_a_full_size_sd1_folder(sd1_folder, tmp_path):
+    """InitNO's one full-size run, noise stage included (tests/test_methods.py's full-size run of every method
+    asserts the same of the image and the guidance record)."""
     res = runner.invoke(app, ["generate", PROMPT, "--model", str(sd1_folder), "--method", "initno", "--steps", "1",
                               "--height", "128", "--width", "128", "--refine-steps", "none", "-o", "rounds=1",
                               "-o", "round_steps=1", "-o", "final_steps=1", "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
     (rec,) = json.loads(res.stdout)
-    assert rec["initial_noise"]["noise_steps"] == [2] and math.isfinite(rec["guidance"][0]["loss"])
+    assert rec["initial_noise"]["noise_steps"] == [2]
+    assert rec["model"] == str(sd1_folder) and Image.open(rec["path"]).size == (128, 128)
+    assert len(rec["guidance"]) == 1 and math.isfinite(rec["guidance"][0]["loss"])
 
 
 def test_initno_refuses_composition_in_one_line():

@@ -26,14 +26,12 @@ def test_every_method_runs_from_the_cli_on_tiny(name, tmp_path):
     assert Image.open(rec["attention_path"]).width > 300
 
 
-@pytest.mark.parametrize("name", GUIDED)
+@pytest.mark.parametrize("name", [n for n in GUIDED if n != "initno"])
 def test_every_method_runs_from_the_cli_on_a_full_size_sd1_folder(name, sd1_folder, tmp_path):
-    # InitNO's noise stage runs its full 100 steps on random weights (its scores never reach the thresholds):
-    # skipped here; tests/test_initno.py runs one step of it on this folder
-    quick = ["-o", "rounds=0"] if name == "initno" else []
+    # InitNO: tests/test_initno.py runs it on this folder (noise stage included) with these same assertions
     res = CliRunner().invoke(app, ["generate", PROMPT, "--model", str(sd1_folder), "--method", name, "--steps", "1",
                                    "--height", "128", "--width", "128", "--window", "0:1", "--refine-steps", "none",
-                                   "--out", str(tmp_path), "--json", *quick])
+                                   "--out", str(tmp_path), "--json"])
     assert res.exit_code == 0, res.output
     rec = json.loads(res.stdout)[0]
     assert rec["model"] == str(sd1_folder) and Image.open(rec["path"]).size == (128, 128)
@@ -78,3 +76,30 @@ def test_one_name_for_the_map_scale_and_old_names_refused_in_one_line():
                                            r"tau in conform: use -o map_scale=2$"):
         make_method("attend-excite+conform", {"temperature": "2"})
     assert make_method("conform", {"tau": "0.25"}).tau == 0.25
+
+
+def test_the_step_size_has_one_road_and_an_old_method_knob_is_refused_in_one_line():
+    """The step size (and its schedule, and the window) are the run's, set by ``--step-size`` (``RunSpec``): no
+    method has a second knob for them; ``-o step_size=…`` (SynGen's and Divide & Bind's old option) is refused in
+    one line naming the flag, for every method, alone or in a composition, plain or namespaced."""
+    from unbleed.errors import UnbleedError
+    from unbleed.methods.base import RUN_SETTINGS
+    from unbleed.run.spec import RunSpec
+
+    assert not any(set(RUN_SETTINGS) & set(METHODS[n].option_names()) for n in GUIDED)
+    for method, key in (("syngen", "step_size"), ("divide-bind", "step-size"), ("ela", "step_size"),
+                        ("ela+syngen", "syngen.step_size"), ("sd", "step_size")):
+        with pytest.raises(UnbleedError, match=rf"^-o {key}: step_size is a setting of the run, not a method "
+                                               rf"option: use --step-size 30 ") as err:
+            make_method(method, {key: "30"})
+        assert err.value.field == "options" and "\n" not in str(err.value)
+    with pytest.raises(UnbleedError, match=r"^-o step_schedule: .* use --step-schedule constant"):
+        make_method("divide-bind", {"step_schedule": "constant"})
+    # each method's default step is unchanged, and --step-size reaches the schedule the sampler runs
+    defaults = {"syngen": (20.0, "constant"), "divide-bind": (20.0, "sqrt-linear"), "ela": (1.0, "constant"),
+                "attend-excite": (20.0, "sqrt-linear"), "astar": (20.0, "sqrt-linear"),
+                "conform": (20.0, "sqrt-linear"), "initno": (20.0, "sqrt-linear")}
+    for name, (size, kind) in defaults.items():
+        schedule = RunSpec(method=name).build().schedule
+        assert (schedule.step_size, schedule.step_schedule) == (size, kind), name
+        assert RunSpec(method=name, step_size=3.0).build().schedule.step_size == 3.0

@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from unbleed import generate, make_method, token_groups
 from unbleed.cli import app
 from unbleed.errors import UnbleedError
-from unbleed.guidance import conditioning, mmdit
+from unbleed.guidance import attention, conditioning, mmdit
 from unbleed.guidance.attention import AttentionStore, MapRequest, attention_store, level_of, resolve_block
-from unbleed.guidance.joint_attention import joint_layers, naive_text_probs, text_probs
-from unbleed.guidance.sampler import Guide, guided_step
+from unbleed.guidance.joint_attention import (JointCaptureProcessor, joint_layers, naive_text_probs, resolve_blocks,
+                                             select_layers, text_probs)
+from unbleed.run.sampler import Guide, guided_step
 from unbleed.guidance.schedule import Schedule
 from unbleed.methods import Method, method_names
 from unbleed.models import load_model
@@ -70,7 +71,7 @@ def test_tiny_models_mirror_sd3_and_flux(sd3, flux):
         assert conditioning.default_size(p) == 256 and conditioning.size_multiple(p) == 16
         assert not any(q.requires_grad for q in p.transformer.parameters())
         assert resolve_block(p.transformer, "up-1") == "joint" and level_of(p.transformer, "joint") == 1
-        with pytest.raises(UnbleedError, match="its joint-attention layers form one block, joint"):
+        with pytest.raises(UnbleedError, match="down-2"):
             resolve_block(p.transformer, "down-2")
     assert flux.transformer.config.guidance_embeds
     # SD3: every block is joint; FLUX: the 2 double-stream blocks, not the 2 single-stream ones
@@ -203,6 +204,144 @@ def test_recorded_maps_are_the_conditional_half(sd3):
     torch.testing.assert_close(first, alone)
 
 
+# --- which blocks: -o layers= and FLUX's single-stream blocks ------------------------------------------------------
+
+
+
+def test_joint_blocks_are_numbered_in_forward_order(sd3, flux):
+    assert [(l.index, l.block, l.single) for l in joint_layers(flux.transformer, single=True)] == [
+        (0, "transformer_blocks.0", False), (1, "transformer_blocks.1", False),
+        (2, "single_transformer_blocks.0", True), (3, "single_transformer_blocks.1", True)]
+    assert [l.index for l in joint_layers(sd3.transformer, single=True)] == [0, 1, 2, 3]
+    assert not any(l.single for l in joint_layers(sd3.transformer, single=True))
+
+
+def test_block_selections_resolve_and_select(pipe):
+    net = pipe.transformer
+    assert [resolve_blocks(net, n) for n in ("up-1", "JOINT", " 2 ", "1-2", "2-2", "double")] == [
+        "joint", "joint", "2", "1-2", "2", "double"]
+    keys = lambda *sel: [l.block for l in select_layers(net, joint_layers(net, single=True), sel or None)]  # noqa
+    if mmdit.family(pipe) == "flux":
+        assert resolve_blocks(net, "single") == "single"
+        assert keys() == keys("joint") == keys("double") == ["transformer_blocks.0", "transformer_blocks.1"]
+        assert keys("single") == ["single_transformer_blocks.0", "single_transformer_blocks.1"]
+        assert keys("1-2") == ["transformer_blocks.1", "single_transformer_blocks.0"]
+        assert keys("0", "3") == ["transformer_blocks.0", "single_transformer_blocks.1"]
+    else:
+        assert keys() == keys("double") == [f"transformer_blocks.{i}" for i in range(4)]
+        assert keys("3", "1") == ["transformer_blocks.1", "transformer_blocks.3"]
+
+
+@pytest.mark.parametrize("bad", ["4", "2-7", "3-1", "down-2", "-1", "x"])
+def test_an_unknown_or_out_of_range_block_is_one_line(pipe, bad):
+    fam = mmdit.NAMES[mmdit.family(pipe)]
+    with pytest.raises(UnbleedError, match=rf"^-o layers={bad}: the {fam} transformer has blocks 0-3") as info:
+        resolve_blocks(pipe.transformer, bad)
+    assert "\n" not in str(info.value) and info.value.field == "options"
+    if fam == "FLUX":
+        assert "(0-1 double-stream, 2-3 single-stream)" in str(info.value)
+    else:  # SD3 has no single-stream blocks
+        with pytest.raises(UnbleedError, match=r"^-o layers=single: the SD3 transformer .*\), double or joint"):
+            resolve_blocks(pipe.transformer, "single")
+
+
+class _Store:
+    """What :class:`JointCaptureProcessor` uses of ``AttentionStore``: the wanted keys, the latent grid, the batch
+    rows, the chunk and ``record_joint``."""
+
+    def __init__(self, keys, latent_hw, chunk=None):
+        self.wanted, self.latent_hw, self.batch_slice, self.chunk = set(keys), latent_hw, slice(None), chunk
+        self.records = {}
+
+    def record_joint(self, key, probs):
+        self.records.setdefault(key, []).append(probs)
+
+
+def test_single_stream_capture_equals_the_full_matrix(flux):
+    """A single-stream block's map is the image-query → text-key block of the full (text + image)² softmax over
+    the one projected sequence, recomputed independently here from the block's input and checked against the
+    block's own attention output (so the reference's q, k, v are the model's)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    net = flux.transformer
+    text = conditioning.encode(flux, PAIRS, "cpu", 1, False)
+    z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))  # a 4×4 token grid
+    t = torch.tensor(600.0)
+    attn = net.single_transformer_blocks[1].attn
+    seen = {}
+    hook = attn.register_forward_hook(lambda m, args, kw, out: seen.update(kw, out=out), with_kwargs=True)
+    keys = [l.key for l in joint_layers(net, single=True) if l.single]
+    store = _Store(keys, (8, 8), chunk=5)
+    originals = dict(net.attn_processors)
+    net.set_attn_processor({k: JointCaptureProcessor(store, k, p, True) if k in keys else p
+                            for k, p in originals.items()})
+    try:
+        out = conditioning.predict(flux, z, t, text.cond, text.added_cond)
+    finally:
+        net.set_attn_processor(originals)
+        hook.remove()
+    assert torch.equal(out, conditioning.predict(flux, z, t, text.cond, text.added_cond))  # the pass is unchanged
+    hs, rope = seen["hidden_states"], seen["image_rotary_emb"]
+    n_txt, n = text.cond.shape[1], hs.shape[1]
+    assert n == n_txt + 16
+
+    def heads(x):
+        return x.unflatten(-1, (attn.heads, -1))
+
+    q = apply_rotary_emb(attn.norm_q(heads(attn.to_q(hs))), rope, sequence_dim=1).transpose(1, 2)
+    k = apply_rotary_emb(attn.norm_k(heads(attn.to_k(hs))), rope, sequence_dim=1).transpose(1, 2)
+    v = heads(attn.to_v(hs)).transpose(1, 2)
+    full = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # [1, H, N, N]
+    torch.testing.assert_close((full @ v).transpose(1, 2).flatten(2), seen["out"], rtol=1e-4, atol=1e-5)
+    captured = store.records[keys[1]][0]
+    assert captured.shape == (1, 16, n_txt) and set(store.records) == set(keys)
+    torch.testing.assert_close(captured, full[:, :, n_txt:, :n_txt].mean(1))
+    assert (captured.sum(-1) < 1).all()  # normalised over all keys, text and image
+
+
+def _ela_capture(pipe, layers, z, t, text, truncate=False):
+    """ELA's maps with ``-o layers=...`` and the keys the capture recorded."""
+    method = make_method("ela", {"layers": layers} if layers else None)
+    net = pipe.transformer
+    with attention_store(net) as store:
+        store.columns = mmdit.token_columns(pipe, PAIRS)
+        req = method.map_requests(net)
+        with store.capture(req, tuple(z.shape[-2:]), truncate=truncate):
+            conditioning.predict(pipe, z, t, text.cond, text.added_cond)
+        return store.maps(req[0]), sorted(store.records)
+
+
+def test_layers_option_picks_the_blocks_read(pipe):
+    text = conditioning.encode(pipe, PAIRS, "cpu", 1, False)
+    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor(700.0)
+    flux = mmdit.family(pipe) == "flux"
+    one = {i: _ela_capture(pipe, str(i), z, t, text) for i in range(4)}
+    for i, (maps, recorded) in one.items():
+        block = f"single_transformer_blocks.{i - 2}" if flux and i >= 2 else f"transformer_blocks.{i}"
+        assert recorded == [f"{block}.attn.processor"]
+        assert maps.shape == (1, 77, 8, 8)
+    assert not torch.allclose(one[0][0], one[1][0]) and not torch.allclose(one[1][0], one[3][0])
+    default, recorded = _ela_capture(pipe, None, z, t, text)  # joint: every double-stream block
+    double = [0, 1] if flux else [0, 1, 2, 3]
+    assert len(recorded) == len(double)
+    torch.testing.assert_close(default, sum(one[i][0] for i in double) / len(double))
+    torch.testing.assert_close(_ela_capture(pipe, "0,2-3", z, t, text)[0], (one[0][0] + one[2][0] + one[3][0]) / 3)
+    if flux:  # a truncated pass stops after the last block read, single-stream ones included
+        single, recorded = _ela_capture(pipe, "single", z, t, text, truncate=True)
+        assert len(recorded) == 2
+        torch.testing.assert_close(single, (one[2][0] + one[3][0]) / 2)
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_an_out_of_range_block_is_refused_on_the_command_line(model, tmp_path):
+    res = CliRunner().invoke(app, ["generate", PAIRS, "--model", model, "--method", "ela", "-o", "layers=1,9",
+                                   "--steps", "1", "--height", "128", "--width", "128", "--out", str(tmp_path)])
+    fam = "FLUX" if model == "tiny-flux" else "SD3"
+    assert res.exit_code == 2 and f"-o layers=9: the {fam} transformer has blocks 0-3" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
 # --- token columns -------------------------------------------------------------------------------------------------
 
 def test_token_columns_flux(flux):
@@ -226,6 +365,17 @@ def test_token_columns_sd3(sd3):
     assert torch.equal(m[:77], torch.eye(77))  # CLIP's own positions
     assert m[77:, 3].nonzero().flatten().tolist() == [2, 3] and m[77:, 8].nonzero().flatten().tolist() == [8]
     assert m[77 + 9:].abs().sum() == 0  # T5's padding is left out
+
+
+def test_token_columns_sd3_without_t5(sd3):
+    """SD3 run without T5 (``text_encoder_3=None``, as the full-size speed figure): diffusers fills T5's 256 positions
+    with zeros, so only CLIP's 77 columns carry the prompt."""
+    from diffusers import StableDiffusion3Pipeline
+
+    no_t5 = StableDiffusion3Pipeline(**{**sd3.components, "text_encoder_3": None, "tokenizer_3": None})
+    assert conditioning.encode(no_t5, PAIRS, "cpu", 1, False).cond.shape == (1, 77 + 256, 64)
+    m = mmdit.token_columns(no_t5, PAIRS)
+    assert m.shape == (77 + 256, 77) and torch.equal(m[:77], torch.eye(77)) and m[77:].abs().sum() == 0
 
 
 def test_a_t5_piece_over_two_clip_pieces_is_shared(flux):

@@ -50,7 +50,7 @@ def test_empty_window_equals_plain_sampling(tiny):
 
 def test_ela_changes_the_image_and_batch_equals_single_seeds(tiny):
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
-    kw = dict(method=make_method("ela"), groups=groups, num_inference_steps=4,
+    kw = dict(method=make_method("ela", {"start": "0"}), groups=groups, num_inference_steps=4,
               schedule=Schedule(window=(0, 2), refine={0: 0.0}, max_refine_iters=2, step_size=200.0))
     both = generate(tiny, PROMPT, seeds=[0, 1], **kw)
     alone = generate(tiny, PROMPT, seeds=[1], **kw)
@@ -63,7 +63,7 @@ def test_ela_changes_the_image_and_batch_equals_single_seeds(tiny):
 
 def test_one_update_lowers_the_ela_loss(tiny):
     groups = token_groups(tiny.tokenizer, PROMPT, "cat,frog")
-    before, after, _ = one_update(tiny, make_method("ela"), groups, PROMPT, alpha=50.0)
+    before, after, _ = one_update(tiny, make_method("ela", {"start": "0"}), groups, PROMPT, alpha=50.0)  # step 0
     assert (after < before).all(), (before, after)
 
 
@@ -154,7 +154,7 @@ def test_bad_inputs(tiny, kw, match):
 
 
 def test_largest_seed_runs():
-    from unbleed.guidance.sampler import SEED_MAX, check_seeds
+    from unbleed.run.sampler import SEED_MAX, check_seeds
 
     assert check_seeds([0, SEED_MAX]) == [0, 2**64 - 1]
     torch.Generator("cpu").manual_seed(SEED_MAX)  # the rule's top is what torch takes, and one more it refuses

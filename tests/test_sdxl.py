@@ -17,7 +17,7 @@ from unbleed.cli import app
 from unbleed.errors import UnbleedError
 from unbleed.guidance import conditioning
 from unbleed.guidance.attention import AttentionStore, attention_store, level_of, resolve_block, size_at_level
-from unbleed.guidance.sampler import Guide, guided_step
+from unbleed.run.sampler import Guide, guided_step
 from unbleed.guidance.schedule import Schedule
 from unbleed.methods import Conditioning, Method, method_names
 from unbleed.models import load_model, set_scheduler
@@ -234,7 +234,7 @@ def relative_updates(pipe, name, at=(0, 5, 9), steps=20):
     ``steps``-step trajectory with ``pipe``'s scheduler (the measurement of docs/sdxl.md)."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-    method = make_method(name)
+    method = make_method(name, {"start": "0"} if name == "ela" else {})  # ELA anchors from step 0 here
     groups = token_groups(pipe.tokenizer, PROMPT, "cat,frog")
     schedule = method.default_schedule(steps)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -3,6 +3,7 @@ the library function on the shipped shapes model, and the CLI."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +15,12 @@ from unbleed.guidance.attention import MapRequest, attention_store, level_of
 from unbleed.cli import app
 from unbleed.guidance.schedule import Schedule
 from unbleed.models import load_model
-from unbleed.guidance.sampler import default_size
-from unbleed.shapes.diagnose import (auc, auc_ci, iou, nearest_mask, neglect_label, otsu_mask, overlap, mean_ci,
-                                     cleaned_columns, run_diagnose)
+from unbleed.run.sampler import default_size
+from unbleed.shapes.diagnose import (PromptRun, auc, auc_ci, block_requests, ela_localisation, iou, localisation,
+                                     nearest_mask, neglect_label, otsu_mask, overlap, mean_ci, cleaned_columns,
+                                     predictiveness, run_diagnose)
+from unbleed.methods import StepContext
+from unbleed.text.tokens import Entity
 
 runner = CliRunner()
 
@@ -133,6 +137,63 @@ def test_cleaned_columns_replace_exactly_those_columns_of_the_conditional_half(s
         assert (run(changed) - reference)[:2].abs().max() > 1e-3  # the unconditional half keeps its own columns
     assert "forward" not in vars(unet)  # restored
     torch.testing.assert_close(run(expected), reference)
+
+
+# ----------------------------------------------------------------------------------------------- the figures
+
+def _hand_run(unet) -> PromptRun:
+    """A prompt's record with hand-made maps at step 0 (8×8, the shipped model's up-1 size): the start-of-text
+    column on the background cells, the star's word (column 3) on its cells (rows 2-5, columns 1-3), the square's
+    (column 7) faintly on its own (rows 2-5, columns 5-7), each word nowhere else. The star is found cleanly; the square is neglected."""
+    cells = np.zeros((8, 8), bool)
+    star, square = cells.copy(), cells.copy()
+    star[2:6, 1:4], square[2:6, 5:8] = True, True
+    maps = torch.full((1, 77, 8, 8), 0.01)
+    maps[0, 0] = torch.where(torch.from_numpy(star | square), 0.05, 0.9)
+    maps[0, 3] = torch.from_numpy(star) * 0.9
+    maps[0, 7] = torch.from_numpy(square) * 0.02
+    up = np.kron(np.stack([star, square]), np.ones((8, 8), bool))  # the cells at 64×64 pixels
+    requests = [block_requests(unet)["up-1"], *make_method("attend-excite").map_requests(unet),
+                *make_method("ela").map_requests(unet)]
+    requests = list(dict.fromkeys(requests))
+    groups = (Entity("star", (3,)), Entity("square", (7,)))
+    objects = [{"colour": "red", "shape": "star", "state": "present", "neglected": False, "clean": True},
+               {"colour": "blue", "shape": "square", "state": "neglected", "neglected": True, "clean": False}]
+    return PromptRun(
+        prompt="a red star and a blue square", groups=groups, objects=[0, 1],
+        result=SimpleNamespace(trace=[SimpleNamespace(raw_maps=tuple(maps for _ in requests))], seeds=[0]),
+        recorded=requests, context=StepContext(0, 1, 9, groups), unet=unet, arrays=[np.zeros((64, 64, 3))],
+        verdicts=[{"objects": [{"count": 1}, {"count": 0}]}], truth=[[up[0], None]], background=[~(up[0] | up[1])],
+        records=[{"prompt": "a red star and a blue square", "seed": 0, "success": False, "fused": False,
+                  "objects": objects}])
+
+
+def test_localisation_scores_each_clean_object_and_the_background(shipped):
+    run = _hand_run(shipped.unet)
+    blocks = {"up-1": block_requests(shipped.unet)["up-1"]}
+    (cell,) = localisation(run, blocks, [0])["up-1"].values()
+    assert len(cell["entity"]) == 1 and cell["entity"][0] > 0.8  # the square has no clean blob: not scored
+    assert len(cell["background"]) == 1 and cell["background"][0] > 0.8
+    run.truth[0][0] = ~run.truth[0][0]  # the map on the wrong pixels
+    assert localisation(run, blocks, [0])["up-1"][0]["entity"][0] < 0.2
+
+
+def test_ela_localisation_scores_elas_own_masks(shipped):
+    run = _hand_run(shipped.unet)
+    got = ela_localisation(run, make_method("ela"), [0])
+    assert got == {0: {"entity": [1.0], "background": [1.0]}}  # cell-aligned masks, nearest upsampling: exact
+
+
+def test_predictiveness_scores_the_peaks_and_the_overlap_and_extends_the_records(shipped):
+    run = _hand_run(shipped.unet)
+    got = predictiveness(run, make_method("attend-excite"), [0])
+    star, square = got["peak"]
+    assert star < square < 0  # negated: the neglected square's peak is the lower one
+    assert got["neglected"] == [False, True] and got["absent"] == [False, True] and got["fused"] == [False]
+    assert got["overlap"] == [0.0]  # the two words attend to disjoint cells
+    entries = run.records[0]["objects"]
+    assert entries[0]["peak"] == round(-star, 5) and entries[1]["peak"] == round(-square, 5)
+    assert run.records[0]["overlap"] == round(got["overlap"][0], 5)
 
 
 # ----------------------------------------------------------------------------------------------- end to end

@@ -62,7 +62,7 @@ def test_train_writes_a_pipeline_that_the_loader_runs(trained):
     assert all(str(f).endswith(".safetensors") for f in (out / "pipeline" / "unet").glob("*.safetensors"))
     assert abs(pipe.vae.config.scaling_factor - 0.18215) > 1e-6
     from unbleed.methods import make_method
-    from unbleed.guidance.sampler import generate
+    from unbleed.run.sampler import generate
     from unbleed.text.prompt import token_groups
 
     prompt = "a red circle and a blue square"
@@ -176,7 +176,7 @@ def test_bench_cli(trained, tmp_path):
 def test_run_bench_runs_each_contenders_spec(trained, tmp_path):
     """The library bench: each contender's RunSpec sets its method, options, schedule, steps and guidance scale;
     results.json keeps every spec, records.jsonl is the one per-image record with the verdicts and states."""
-    from unbleed.guidance.spec import RunSpec
+    from unbleed.run.spec import RunSpec
     from unbleed.shapes.bench import VERDICTS, Contender, run_bench
 
     out, _ = trained
@@ -249,7 +249,7 @@ def test_bench_prompts_by_split_and_object_count():
 
 
 def test_missing_shipped_model_names_the_fix(monkeypatch, tmp_path):
-    monkeypatch.setattr("unbleed.shapes.model.shipped_model_path", lambda: tmp_path)
+    monkeypatch.setattr("unbleed.models.shipped_model_path", lambda: tmp_path)
     with pytest.raises(UnbleedError, match="unbleed shapes train"):
         load_model("shapes")
 
@@ -261,7 +261,7 @@ def shipped():
 
 def test_shipped_model_is_sd_format_and_small(shipped):
     from unbleed.guidance.attention import cross_attention_layers
-    from unbleed.shapes.model import shipped_model_path
+    from unbleed.models import shipped_model_path
 
     folder = shipped_model_path()
     size = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
@@ -293,7 +293,7 @@ def test_shipped_model_draws_single_objects_and_fails_pairs_more_often(shipped):
     """Plain sampling: the calibration (docs/shapes.md, 50 steps: 92 % of single objects, 48.5 % of held-out
     pairs) in a quick form — 12 prompts x 2 seeds at 20 steps measured 0.83 and 0.08 (session 3). Guards against
     a broken export or a retrained model that no longer leaves anything to fix."""
-    from unbleed.guidance.sampler import generate
+    from unbleed.run.sampler import generate
     from unbleed.shapes.bench import bench_prompts
     from unbleed.shapes.detect import detect
 
@@ -355,7 +355,7 @@ def test_sd32_arch_has_sds_geometry_and_trains(tmp_path):
     """The SD-like organism (issue 17): 32×32 latents from 64 px images, the papers' up-1/down-2 maps at 16×16
     (SD's at 512 px), 4 heads; it trains, exports and samples like the default."""
     from unbleed.guidance.attention import level_of, resolve_block, size_at_level
-    from unbleed.guidance.sampler import generate
+    from unbleed.run.sampler import generate
     from unbleed.shapes.model import ARCHS, build_components
 
     arch = ARCHS["sd32"]
@@ -430,3 +430,22 @@ def test_clean_pads_replace_the_padding_and_teach_the_encoder_to_produce_it():
         opt.step()
     assert float(loss.detach()) < 0.3 * first
     assert np.isfinite(trainer.diffusion_update())  # and a training step runs with it
+
+
+def test_keep_eot_cleans_only_the_padding_after_the_end_of_text():
+    """``keep_eot``: the end-of-text column stays the caption's (one summary column); the padding after it is the
+    empty caption's; without ``clean_pads`` the option is one line naming both flags."""
+    from unbleed.shapes.train import token_ids
+
+    trainer = Trainer("/nonexistent-not-written", small(clean_pads=True, keep_eot=True), torch.device("cpu"))
+    ids = token_ids(trainer.tokenizer, ["a red circle and a blue square"])
+    cond = trainer.text_encoder(ids)[0]
+    new, loss = trainer.with_clean_pads(ids, cond)
+    clean = trainer.text_encoder(token_ids(trainer.tokenizer, [""]))[0][0]
+    torch.testing.assert_close(new[0, :9], cond[0, :9])  # words and the end-of-text (at 8): the caption's own
+    torch.testing.assert_close(new[0, 9:], clean[9:])  # the padding after it: the empty caption's
+    assert not torch.allclose(cond[0, 8], clean[8])  # so the kept column does differ from the clean one
+    assert float(loss.detach()) > 0
+    assert np.isfinite(trainer.diffusion_update())
+    with pytest.raises(UnbleedError, match="--keep-eot .*--clean-pads"):
+        small(keep_eot=True).validate()

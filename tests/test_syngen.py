@@ -6,6 +6,7 @@ import torch
 
 from unbleed import generate
 from unbleed.guidance.attention import MapRequest
+from unbleed.guidance.schedule import Schedule
 from unbleed.errors import UnbleedError
 from unbleed.methods.base import StepContext
 from unbleed.methods.syngen import (SynGen, kl, pair_losses, symmetric_kl, syngen_loss, syngen_pairs,
@@ -179,7 +180,7 @@ def test_prepare_step_takes_the_prompt_words_from_the_context():
     ({"pieces": "min"}, "unknown; use max or mean"),
     ({"positive_weight": "-1"}, "positive_weight=-1.0: must be"),
     ({"negative_weight": "nan"}, "negative_weight=nan: must be"),
-    ({"step_size": "inf"}, "step_size=inf: must be"),
+    ({"step_size": "inf"}, "step_size is a setting of the run, not a method option: use --step-size inf"),
     ({"guide_steps": "51"}, "must be in 0..50"),
     ({"level_block": " "}, "name a block"),
     ({"colour": "red"}, "syngen has no such option"),
@@ -192,8 +193,8 @@ def test_bad_options(opts, match):
 
 
 def test_options_round_trip():
-    m = SynGen.from_options({"pieces": "mean", "step-size": "10", "guide_steps": "10", "map_scale": "1"})
-    assert (m.pieces, m.step_size, m.guide_steps, m.map_scale) == ("mean", 10.0, 10, 1.0)
+    m = SynGen.from_options({"pieces": "mean", "guide_steps": "10", "map_scale": "1"})
+    assert (m.pieces, m.guide_steps, m.map_scale) == ("mean", 10, 1.0)
     assert m.options()["negative_weight"] == 1.0
 
 
@@ -205,8 +206,7 @@ def test_default_schedule():
     assert SynGen().default_schedule(4).window == (0, 2)
     assert SynGen().default_schedule(1).window == (0, 1)
     assert SynGen(guide_steps=0).default_schedule(50).window == (0, 0)
-    assert SynGen(guide_steps=50, step_size=5.0).default_schedule(10).window == (0, 10)
-    assert SynGen(step_size=5.0).default_schedule(50).alpha(3, 50) == 5.0
+    assert SynGen(guide_steps=50).default_schedule(10).window == (0, 10)
     SynGen().default_schedule(7).validate(7)
 
 
@@ -236,7 +236,8 @@ def test_sampler_runs_syngen_and_no_pair_leaves_the_image_alone(tiny):
                         **kw)
     np.testing.assert_array_equal(plain.images, no_pairs.images)
     assert [r.loss for r in no_pairs.trace if r.guided] == [[0.0]]
-    guided = generate(tiny, PROMPT, method=SynGen(step_size=200.0),
+    guided = generate(tiny, PROMPT, method=SynGen(), schedule=Schedule(window=(0, 1), step_size=200.0,
+                                                                      step_schedule="constant"),
                       groups=parse_token_spec(tiny.tokenizer, PROMPT, "blue:bag,yellow:clock"), **kw)
     assert [r.step for r in guided.trace if r.guided] == [0]
     assert all(math.isfinite(x) for r in guided.trace if r.guided for x in r.loss)

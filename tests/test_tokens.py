@@ -118,3 +118,54 @@ def test_a_word_named_twice_takes_both_occurrences(tokenizer):
     assert _bound(parse_token_spec(tokenizer, "a blue bag", "bag,blue:bag")) == [("bag", (3,), [("blue", (2,))])]
     with pytest.raises(UnbleedError, match=r"'cat' occurs 2 time\(s\) in the prompt, not 3: use cat#1..cat#2"):
         parse_token_spec(tokenizer, "a cat and a cat", "cat,cat,cat")
+
+
+# --- issue #25 (1): a tokenizer that comes without a vocabulary is one line naming --model, not an OverflowError ---
+
+def _folder_with_vocab(root, vocab: str):
+    folder = root / "tokenizer"
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(vocab)
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return root
+
+
+def test_a_folder_with_an_empty_vocabulary_is_one_line(tmp_path):
+    """An empty vocab.json loads (transformers keeps <|endoftext|> as an added token) and failed only when the
+    parse first encoded: an `Exception: Unk token … not found` traceback."""
+    from typer.testing import CliRunner
+
+    from unbleed.cli import app
+    from unbleed.text.tokenizers import load_tokenizer
+
+    root = _folder_with_vocab(tmp_path / "model", "{}")
+    with pytest.raises(UnbleedError, match=r"^--model .*: its tokenizer came without a vocabulary") as caught:
+        load_tokenizer(str(root))
+    assert "--model clip" in str(caught.value)
+    res = CliRunner().invoke(app, ["parse", "a cat and a frog", "--model", str(root)])
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "came without a vocabulary" in lines[0], res.output
+
+
+def test_a_hub_tokenizer_without_a_vocabulary_is_one_line(monkeypatch):
+    """What a hub id can hand back (issue #25: `parse --model some/unknown-hub-id` ended in an OverflowError)."""
+    import transformers
+
+    from unbleed import hub
+    from unbleed.text.tokenizers import load_clip_tokenizer, load_tokenizer
+
+    empty = load_clip_tokenizer()
+    monkeypatch.setattr(type(empty), "get_vocab", lambda self: {})
+    monkeypatch.setattr(hub, "resolve", lambda *args, **kwargs: True)
+    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: empty))
+    with pytest.raises(UnbleedError, match=r"^--model owner/name: its tokenizer came without a vocabulary"):
+        load_tokenizer("owner/name")
+
+
+def test_a_working_tokenizer_folder_loads(tmp_path):
+    import shutil
+
+    from unbleed.text.tokenizers import clip_tokenizer_path, load_tokenizer
+
+    shutil.copytree(clip_tokenizer_path(), tmp_path / "model" / "tokenizer")
+    assert load_tokenizer(str(tmp_path / "model"))("a cat").input_ids == [49406, 320, 2368, 49407]

@@ -77,7 +77,7 @@ def test_standin_agrees_with_shapes_bench_image_for_image_and_table_for_table(mo
     bench's figures (rates, intervals, paired differences)."""
     import importlib
 
-    from unbleed.guidance.spec import RunSpec
+    from unbleed.run.spec import RunSpec
     from unbleed.models import load_model
     from unbleed.shapes.bench import Contender, bench_prompts, run_bench
 

@@ -6,8 +6,8 @@ from .errors import UnbleedError
 
 # The public names load on first use (PEP 562), so that `import unbleed.cli` (`unbleed --help`, a bad flag) does
 # not import torch and diffusers; `from unbleed import generate` works as before.
-_LAZY = {"Result": "guidance.sampler", "generate": "guidance.sampler", "Schedule": "guidance.schedule",
-         "RunSpec": "guidance.spec", "METHODS": "methods", "Method": "methods", "StepContext": "methods",
+_LAZY = {"Result": "run.sampler", "generate": "run.sampler", "Schedule": "guidance.schedule",
+         "RunSpec": "run.spec", "METHODS": "methods", "Method": "methods", "StepContext": "methods",
          "make_method": "methods", "register": "methods", "load_model": "models", "token_groups": "text.prompt",
          "Entity": "text.tokens", "TokenGroup": "text.tokens"}
 

@@ -10,12 +10,16 @@ says the fix. They return the value, converted (``whole(3.0)`` is ``3``).
 * :func:`real` — a finite number (not NaN, not ±inf), in range;
 * :func:`seeds` — the one seed rule: whole numbers from 0 to 2**64 − 1, at least one;
 * :func:`out_folder` — a folder that can be created and written in (a real probe), before any work starts;
-* :func:`scheduler` — one of :data:`SCHEDULERS` (or ``default``).
+* :func:`scheduler` — one of :data:`SCHEDULERS` (or ``default``);
+* :func:`given` — a text flag that is not empty (``--model ''`` is not the current folder);
+* :func:`device`, :func:`dtype` — the spelling of ``--device`` and ``--dtype`` (whether the device exists is
+  torch's to say, when the model loads).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import numbers
 import tempfile
 from pathlib import Path
@@ -37,6 +41,7 @@ SCHEDULERS = {
 
 
 MAX_STEPS = 1000  # denoising steps: at most the schedulers' training timesteps (SD's and the flow models' 1000)
+MAX_SIDE = 16384  # image height/width in pixels: 16× SDXL's trained 1024; more is a typo that runs out of memory
 
 
 def _range_text(low, high, low_open: bool = False, high_open: bool = False) -> str:
@@ -110,6 +115,8 @@ def out_folder(path: str | Path, name: str = "--out") -> Path:
     """Create the folder ``path`` if needed and make sure a file can be written in it (a real probe: permission bits
     say nothing for root or on read-only mounts). Every command that writes calls it before any work starts (and
     before any model loads)."""
+    if not str(path).strip():
+        raise UnbleedError(f"{name} is empty: name a folder, e.g. {name} out", field=name)
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UnbleedError(f"{name} {path}: that is a file, not a folder; choose a writable folder", field=name)
@@ -134,4 +141,30 @@ def scheduler(name: str | None) -> str | None:
                        field="scheduler")
 
 
-__all__ = ["SEED_MAX", "SCHEDULERS", "whole", "real", "seeds", "out_folder", "scheduler"]
+def given(text: str, name: str, example: str) -> str:
+    """``text`` when it is not empty or blank (an empty ``--model`` would name the current folder)."""
+    if not text.strip():
+        raise UnbleedError(f"{name} is empty: {example}", field=name)
+    return text
+
+
+DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+
+
+def device(name: str, flag: str = "--device") -> str:
+    """``name`` when it is spelt as a device: ``auto``, or a torch device type with an optional index (``cpu``,
+    ``cuda``, ``cuda:1``, ``mps``)."""
+    if name == "auto" or re.fullmatch(r"[a-z][a-z_]*(:[0-9]+)?", name or ""):
+        return name
+    raise UnbleedError(f"{flag} {name!r} is not a device: use auto, cpu, cuda or cuda:N", field="device")
+
+
+def dtype(name: str, flag: str = "--dtype") -> str:
+    """``name`` when it is one of :data:`DTYPES`."""
+    if name in DTYPES:
+        return name
+    raise UnbleedError(f"{flag} {name!r} is unknown: use auto, fp32, fp16 or bf16", field="dtype")
+
+
+__all__ = ["SEED_MAX", "SCHEDULERS", "DTYPES", "MAX_STEPS", "MAX_SIDE", "given", "whole", "real", "seeds",
+           "out_folder", "scheduler", "device", "dtype"]

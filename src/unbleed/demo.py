@@ -41,7 +41,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import UnbleedError
-from .methods import METHODS, Method, make_method, method_names
+from .eval.sweep import parse_seeds
+from .methods import METHODS, make_method, method_names
 
 DEFAULT_METHODS = ("sd", "ela")
 DEFAULT_STEPS = 50  # the command line's --steps default: fewer steps draw worse images, and the page is a first look
@@ -136,21 +137,6 @@ class Stopped(Exception):
 def error_line(e: UnbleedError, flags: dict[str, str] | None) -> str:
     """The command line's line for ``e``: ``error: `` and the message with its field named by its flag."""
     return "error: " + (e.for_flags(flags) if flags else str(e))
-
-
-def parse_seeds(text) -> list[int]:
-    """``0, 1 2`` → ``[0, 1, 2]``: distinct whole numbers, each a valid seed (errors name the field ``seeds``)."""
-    from .guidance.sampler import check_seeds
-
-    items = str(text if text is not None else "").replace(",", " ").split()
-    try:
-        seeds = [int(s) for s in items]
-    except ValueError:
-        raise UnbleedError(f"seeds {str(text).strip()!r}: give whole numbers separated by commas, e.g. 0,1",
-                           field="seeds") from None
-    if len(set(seeds)) != len(seeds):
-        raise UnbleedError(f"seeds {str(text).strip()!r}: each seed once", field="seeds")
-    return check_seeds(seeds, "seeds")
 
 
 def parse_steps(value) -> int:
@@ -473,7 +459,7 @@ class Demo:
             return Shown(notes=[f"stopped at {e}: nothing kept"], stopped=True)
 
     def _specs(self, methods, tokens, seeds, steps, settings: Settings):
-        from .guidance.spec import RunSpec
+        from .run.spec import RunSpec
 
         height = width = None
         size = settings.size.strip().lower().replace("×", "x") if settings.size else ""
@@ -490,19 +476,17 @@ class Demo:
                         step_size=float(settings.step_size) if _number(settings.step_size, "step_size") else None,
                         step_schedule=None if settings.step_schedule in ("", "default") else settings.step_schedule)
         return [RunSpec(method=m, options=settings.options.get(m, {}), tokens=tokens, seeds=tuple(seeds), steps=steps,
-                        guidance_scale=_guidance(settings.guidance_scale), height=height, width=width,
-                        **(schedule if METHODS.get(m) is not None and issubclass(METHODS[m], Method) else {}))
-                for m in methods]
+                        guidance_scale=_guidance(settings.guidance_scale), height=height, width=width, **schedule)
+                for m in methods]  # plain sampling and conditioning methods have no schedule: theirs is ignored
 
     def _run(self, prompt, tokens, methods, seeds, steps, progress, settings, should_stop) -> Shown:
-        from .guidance.sampler import check_size, default_size
         from .io.output import save_result
         from .io.plots import image_grid
 
         if not methods:
             raise UnbleedError("method: choose at least one method", field="method")
         methods = [m for m in self.methods if m in methods] + [m for m in methods if m not in self.methods]
-        seeds, steps = parse_seeds(seeds), parse_steps(steps)
+        seeds, steps = parse_seeds(seeds, bare_count=False), parse_steps(steps)
         tokens = tokens.strip() if tokens and tokens.strip() else None
         with self.text_lock:  # tokens equal to the parse's own text are the parse (the record says so)
             if tokens is not None and prompt.strip():
@@ -525,16 +509,10 @@ class Demo:
             if settings.scheduler not in SCHEDULERS:
                 raise UnbleedError(f"scheduler {settings.scheduler!r} is unknown: use one of "
                                    f"{', '.join(['default', *SCHEDULERS])}", field="scheduler")
-        size = specs[0].height or default_size(self.pipe), specs[0].width or default_size(self.pipe)
-        check_size(self.pipe, *size)
-        notes, groups = [], []
         with self.text_lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for spec, (guide, _) in zip(specs, built):
-                if isinstance(guide, Method):
-                    guide.map_requests(self.pipe.unet)
-                groups.append(spec.groups(self.pipe.tokenizer, prompt, pictures=True))
-        notes += list(dict.fromkeys(f"warning: {w.message}" for w in caught)) + self._vocabulary_notes(prompt)
+            plans = [spec.prepare(self.pipe, prompt, pictures=True, built=b) for spec, b in zip(specs, built)]
+        notes = list(dict.fromkeys(f"warning: {w.message}" for w in caught)) + self._vocabulary_notes(prompt)
         if should_stop is not None and should_stop():
             raise Stopped("the start")
         scheduler = self.pipe.scheduler
@@ -542,19 +520,19 @@ class Demo:
             from .models import set_scheduler
 
             set_scheduler(self.pipe, settings.scheduler)
-            return self._sample(prompt, tokens, methods, specs, built, groups, seeds, steps, progress,
-                                should_stop, notes, image_grid, save_result)
+            return self._sample(prompt, tokens, methods, specs, plans, seeds, steps, progress, should_stop, notes,
+                                image_grid, save_result)
         finally:
             self.pipe.scheduler = scheduler
 
-    def _sample(self, prompt, tokens, methods, specs, built, groups, seeds, steps, progress, should_stop, notes,
+    def _sample(self, prompt, tokens, methods, specs, plans, seeds, steps, progress, should_stop, notes,
                 image_grid, save_result) -> Shown:
-        from .guidance.sampler import picture_groups
+        from .run.sampler import picture_groups
 
         out = self._request_folder()
         shown = Shown(notes=notes, columns=len(seeds), methods=list(methods), seeds=list(seeds))
         rows, series, view = [], [], {"images": {}, "maps": {}, "guided": {}, "names": []}
-        for k, (method, spec, made, grp) in enumerate(zip(methods, specs, built, groups)):
+        for k, (method, spec, plan) in enumerate(zip(methods, specs, plans)):
             def on_step(i, total, rec, k=k, method=method):
                 done = max(1, round((i + 1) * steps / total))  # schedulers such as PNDM make 51 passes of 50 steps
                 if should_stop is not None and should_stop():
@@ -565,7 +543,7 @@ class Demo:
             if progress is not None:
                 progress(k / len(methods), f"{method}: starting")
             started = time.perf_counter()
-            result = spec.run(self.pipe, prompt, groups=grp, save_attention=True, callback=on_step, built=made)
+            result = spec.run(self.pipe, prompt, plan, save_attention=True, callback=on_step)
             with self.state_lock:
                 number, self.number = self.number, self.number + len(seeds)
             records = save_result(result, prompt, method, self.model_name, out, save_attention=True,
@@ -595,7 +573,7 @@ class Demo:
                     view["maps"][(method, rec["seed"])] = np.stack([r.maps[j].float().numpy() for r in traced])
                     view["guided"][(method, rec["seed"])] = [r.guided for r in traced]
                 guided = rec["guidance"]
-                if isinstance(made[0], Method):
+                if plan.guiding:
                     series.append((f"{method} s{rec['seed']}", [g["step"] for g in guided],
                                    [g["loss"] for g in guided],
                                    [g["final_loss"] if g["refine_iters"] else None for g in guided]))

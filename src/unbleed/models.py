@@ -15,6 +15,7 @@ loaded, so they are accepted only with ``allow_pickle=True`` (CLI ``--allow-pick
 from __future__ import annotations
 
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -67,10 +68,13 @@ def set_scheduler(pipe, name: str | None) -> None:
         raise UnbleedError(f"--scheduler {name} needs a package that is not installed ({_first_line(err)})") from None
 
 
-def _shapes_folder() -> Path:
-    """The trained shapes-world model shipped in the package (``unbleed shapes train`` makes it)."""
-    from .shapes.model import shipped_model_path
+def shipped_model_path() -> Path:
+    """Where the trained shapes-world model lives inside the package (``unbleed shapes train`` makes it)."""
+    return Path(str(resources.files("unbleed") / "data" / "shapes_model"))
 
+
+def _shapes_folder() -> Path:
+    """The shipped shapes model's folder, or one line naming the fix when it is missing."""
     path = shipped_model_path()
     if not (path / "model_index.json").is_file():
         raise UnbleedError(f"--model shapes: the trained shapes model is missing from the package ({path}): "
@@ -91,6 +95,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
     diffusers folder, or a hub id (resolved from the local cache first).
     Raises :class:`UnbleedError` with one line naming the fix when the model cannot be had.
     """
+    if not str(spec).strip():
+        raise UnbleedError("--model is empty: name a model, e.g. --model tiny, --model shapes or a folder",
+                           field="model")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if spec == "tiny":

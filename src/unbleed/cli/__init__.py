@@ -7,6 +7,7 @@
 * :mod:`.shapes` — ``shapes render|detect|detect-check|bench|diagnose|train``;
 * :mod:`.info` — ``methods``, ``version``;
 * :mod:`.common` — what they share: flag names, the error handling, progress, options, parsers.
+* :mod:`.tables` — terminal tables that fit the terminal's width, split into parts rather than cut to "…".
 
 Errors are one line ``error: …`` on stderr and exit status 2 — the argument parser's usage errors too
 (:class:`.common.OneLineErrors`); ``unbleed --help`` and every flag error that needs no model import neither torch

@@ -11,9 +11,11 @@ import typer
 from rich.console import Console
 
 from .. import checks
-from ..guidance.spec import RunSpec
+from ..errors import UnbleedError
+from ..run.spec import RunSpec
 from .common import (DEFAULT_MODEL, Bar, Device, Dtype, Height, Model, RefineSteps, Steps, Width, Window, command,
                      err, methods_help, progress, quiet_libraries, split_list)
+from .tables import print_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Benchmarks.")
 
@@ -43,12 +45,18 @@ def speed(
 ) -> None:
     """Median seconds, ratio to sd and peak memory of each method, interleaved in one process (every step guided and
     none refined unless --window/--refine-steps say otherwise)."""
-    from rich.table import Table
-
     from ..guidance.schedule import parse_refine, parse_window
 
     # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
     checks.whole(repeats, "--repeats", 1)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None:
+            checks.whole(value, flag, 1, checks.MAX_SIDE, fix=" (pixels)")
+    checks.given(model, "--model", "name a model, e.g. --model tiny")
+    checks.device(device)
+    checks.dtype(dtype)
+    if not prompt.strip():
+        raise UnbleedError("--prompt is empty: give the text every run draws, e.g. --prompt 'a cat and a frog'")
     RunSpec(steps=steps, height=height, width=width).check()
     names = split_list(methods)
     guided, refine = parse_window(window, steps), parse_refine(refine_steps, {})
@@ -72,11 +80,14 @@ def speed(
     if as_json:
         sys.stdout.write(json.dumps(figures) + "\n")
         return
-    table = Table("method", "median s", "× sd", "peak MB",
-                  title=f"{model} · {height or 'default'}×{width or 'default'} px · {steps} steps")
-    for name, f in figures.items():
-        table.add_row(name, f"{f['seconds']:.3f}", f"{f['ratio']:.2f}", f"{f['peak_mb']:.0f}")
-    Console().print(table)
+    speed_table(figures, f"{model} · {height or 'default'}×{width or 'default'} px · {steps} steps")
 
 
-__all__ = ["app", "speed"]
+def speed_table(figures: dict, title: str, console: Console | None = None) -> None:
+    """``bench speed``'s figures as a table that fits the terminal (:mod:`.tables`: no header or value cut)."""
+    print_table(console or Console(), title, ["method", "median s", "× sd", "peak MB"],
+                [(name, f"{f['seconds']:.3f}", f"{f['ratio']:.2f}", f"{f['peak_mb']:.0f}")
+                 for name, f in figures.items()])
+
+
+__all__ = ["app", "speed", "speed_table"]

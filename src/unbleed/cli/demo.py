@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from .. import checks
 from ..errors import UnbleedError
 from .common import AllowPickle, Device, Dtype, Model, Scheduler, command, err, quiet_libraries
 
@@ -52,12 +53,18 @@ def demo(
 ) -> None:
     """Serve the browser demo: a prompt, its parse, methods × seeds (with the shapes detector's verdicts), an
     attention viewer, loss traces, PNG and zip downloads."""
-    from .. import models
-
+    # the flags that need no model, checked before torch and diffusers load (unbleed.checks)
+    checks.given(model, "--model", "name a model, e.g. --model shapes")
+    checks.scheduler(scheduler)
+    checks.device(device)
+    checks.dtype(dtype)
     if importlib.util.find_spec("gradio") is None:
         raise UnbleedError("unbleed demo needs gradio: run ./setup.sh, or pip install 'unbleed[demo]'")
-    quiet_libraries()
     check_port(host, port)
+
+    from .. import models
+
+    quiet_libraries()
     with err.status(f"loading model {model}…"):
         pipe = models.load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
     from ..demo import build_app, serve

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from .. import checks
 from ..errors import UnbleedError
-from ..guidance.spec import RunSpec
+from ..run.spec import RunSpec
 from .common import (DEFAULT_MODEL, AllowPickle, BatchSize, Device, Dtype, GuidanceScale, Height, Layout, MethodName,
                      MethodOptions, Model, RefineIters, RefineSteps, Scheduler, Steps, StepSchedule, StepSize, Width,
                      Window, Bar, command, err, parse_options, parse_weights, progress, quiet_libraries, with_layout)
@@ -82,31 +82,38 @@ def generate(
     if not prompt.strip():
         raise UnbleedError("PROMPT is empty: give the text to draw")
     checks.scheduler(scheduler)
+    checks.given(model, "--model", "name a model, e.g. --model tiny")
+    checks.device(device)
+    checks.dtype(dtype)
     checks.out_folder(out)  # before the model loads: an unwritable --out must not cost a whole run
     if tokens and tokens.strip():
         check_tokens(model, prompt, tokens)
 
     from .. import models
-    from ..guidance import mmdit
-    from ..guidance.conditioning import denoiser
-    from ..guidance.sampler import check_size, default_size
     from ..io.output import save_result
-    from ..methods import Method
 
     quiet_libraries()
     warnings.filterwarnings("ignore", module="diffusers")
     spec.options = with_layout(spec.options, layout, [method])
-    built = spec.build()
-    guide = built[0]
-    if spec.sets_schedule and not isinstance(guide, Method):
+    built = spec.build()  # the method's options and the schedule, before the model loads
+    if spec.sets_schedule and not built.guiding:
         err.print(f"note: --method {method} does no guidance; the schedule options are ignored", highlight=False)
     with err.status(f"loading model {model}…"):
         pipe = models.load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle, scheduler=scheduler)
-    check_size(pipe, height or default_size(pipe), width or default_size(pipe))
-    mmdit.check_method(pipe, guide)  # a method that cannot run on SD3/FLUX: one line, before any work starts
-    if isinstance(guide, Method):
-        guide.map_requests(denoiser(pipe))  # names a bad -o layers=… before any work starts
-    groups = spec.groups(pipe.tokenizer, prompt, pictures=save_attention)
+    prepared = spec.prepare(pipe, prompt, pictures=save_attention, built=built)  # one line for what does not fit
+    announce(model, prompt, prepared.groups, bool(tokens))
+    source = ("--tokens" if tokens else "parse") if prepared.groups else None
+    records = sample_batches(spec, pipe, prompt, prepared, batch_size, save_attention,
+                             lambda result: save_result(result, prompt, method, model, out,
+                                                        save_attention=save_attention,
+                                                        extra={"tokens_source": source}))
+    if as_json:
+        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+
+
+def announce(model: str, prompt: str, groups, given: bool) -> None:
+    """The lines before sampling: words the shapes model never saw, and the token groups (``given``: from
+    ``--tokens``)."""
     if model == "shapes":  # words the shapes model never saw in a caption draw nothing meaningful
         from ..demo import shapes_vocabulary, unknown_shapes_words
 
@@ -115,29 +122,31 @@ def generate(
             err.print(f"warning: the shapes model never saw {', '.join(repr(w) for w in unknown)}: it knows only "
                       f"{shapes_vocabulary()}", highlight=False, soft_wrap=True)
     if groups:
-        err.print(("tokens: " if tokens else "tokens (from the parse; --tokens overrides): ") + describe(groups),
+        err.print(("tokens: " if given else "tokens (from the parse; --tokens overrides): ") + describe(groups),
                   highlight=False, soft_wrap=True)
-    source = ("--tokens" if tokens else "parse") if groups else None
+
+
+def sample_batches(spec: RunSpec, pipe, prompt: str, prepared, batch_size: int, save_attention: bool,
+                   save) -> list[dict]:
+    """The spec's seeds in batches of ``batch_size`` under one progress bar, each batch ``save``d (and its files
+    named) as soon as it is done; the records of every image."""
     seeds = list(spec.seeds)
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     records = []
     with progress() as display:
-        bar = Bar(display, f"{method} ×{len(seeds)}")
+        bar = Bar(display, f"{spec.method} ×{len(seeds)}")
         bar.status(bar.label)
         for b, batch in enumerate(batches):
             def on_step(i, total, rec, b=b):  # in --steps (a PNDM run of 50 steps makes 51 passes)
                 bar.step(b * spec.steps + round((i + 1) * spec.steps / total), total=spec.steps * len(batches))
 
-            result = spec.run(pipe, prompt, groups=groups, seeds=batch, save_attention=save_attention,
-                              callback=on_step, built=built)
-            saved = save_result(result, prompt, method, model, out, save_attention=save_attention,
-                                extra={"tokens_source": source})  # each batch as it is done
+            result = spec.run(pipe, prompt, prepared, seeds=batch, save_attention=save_attention, callback=on_step)
+            saved = save(result)
             for rec in saved:
                 err.print(f"wrote {rec['path']}" + (f" and {rec['attention_path']}" if "attention_path" in rec
                                                     else ""), highlight=False, soft_wrap=True)
             records += saved
-    if as_json:
-        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+    return records
 
 
 @command()
@@ -175,4 +184,4 @@ def parse(
         err.print("dropped: " + ", ".join(d["text"] for d in result.dropped), highlight=False)
 
 
-__all__ = ["generate", "parse", "describe", "check_tokens"]
+__all__ = ["generate", "parse", "describe", "check_tokens", "announce", "sample_batches"]

@@ -42,8 +42,9 @@ def judge(
 
     names = parse_metrics(metrics)
     folder_records(folder)  # no records: one line, before any model loads
-    out_dir = Path(out) if out is not None else Path(folder) / "judge"
-    checks.out_folder(out_dir)  # an unwritable --out: one line before any model loads (unbleed.checks)
+    checks.device(device)
+    # an unwritable (or empty) --out: one line before any model loads (unbleed.checks)
+    out_dir = checks.out_folder(out if out is not None else Path(folder) / "judge")
 
     import torch
 

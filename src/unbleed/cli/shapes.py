@@ -13,16 +13,22 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from .. import checks
 from ..errors import UnbleedError
-from ..guidance.spec import RunSpec
+from ..run.spec import RunSpec
 from .common import (Bar, Device, GuidanceScale, Steps, command, err, methods_help, parse_options, progress,
                      quiet_libraries, split_list)
+from .tables import print_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="The shapes world: a synthetic model organism with an exact bleeding detector.")
+
+
+MAX_SCENES = 1_000_000  # detect-check: about an hour of scenes on one core
+MAX_SIZE = 4096  # render: pixels per side
+MAX_BATCH = 65_536  # train: images per batch (a bigger one is a typo; it would only fail for memory)
 
 
 def _mark(ok: bool) -> str:
@@ -37,18 +43,19 @@ def detect(
     as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
 ) -> None:
     """Per requested object: its state, found, right colour, count; and the image's verdicts."""
+    if not image.is_file():
+        raise UnbleedError(f"IMAGE {str(image)!r}: {'a folder' if image.is_dir() else 'no such file'}; give an image "
+                           f"file (PNG, JPEG, …)")
     from ..shapes.detect import detect as run_detect
 
     result = run_detect(image, prompt)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
-    table = Table("object", "state", "found", "colour correct", "count", title=prompt)
-    for o in result["objects"]:
-        table.add_row(f"{o['colour']} {o['shape']}", o["state"], _mark(o["found"]), _mark(o["colour_correct"]),
-                      str(o["count"]))
     console = Console()
-    console.print(table)
+    print_table(console, prompt, ["object", "state", "found", "colour correct", "count"],
+                [(f"{o['colour']} {o['shape']}", o["state"], _mark(o["found"]), _mark(o["colour_correct"]),
+                  str(o["count"])) for o in result["objects"]])
     console.print("   ".join(f"{k.replace('_', ' ')}: {_mark(result[k])}" for k in
                              ("success", "missing", "leak", "fused", "neglected", "malformed", "wrong_shape",
                               "duplicated")), highlight=False)
@@ -67,8 +74,8 @@ def detect_check(
     """Validate the detector on random rendered scenes (with missing, leaked, recoloured, fused, malformed,
     duplicated and wrong-shape perturbations, mild noise and blur): the fraction whose verdicts all match the
     ground truth."""
-    checks.whole(n, "--n", 1)
-    checks.whole(seed, "--seed", 0)
+    checks.whole(n, "--n", 1, MAX_SCENES)
+    checks.whole(seed, "--seed", 0, checks.SEED_MAX)
     from ..shapes.detect import detect_check as run_check
 
     result = run_check(n, seed)
@@ -89,15 +96,18 @@ def detect_check(
 def render(
     prompt: str = typer.Option(..., "--prompt", "-p", help="A caption in the shapes vocabulary."),
     seed: int = typer.Option(0, "--seed", help="Random seed for sizes and positions."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output image file (e.g. scene.png)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output image file (e.g. scene.png)."),
     size: int = typer.Option(64, "--size", help="Image side in pixels."),
 ) -> None:
     """Render a scene that matches a caption (its objects and any "above"/"below" relation)."""
     from ..shapes.render import render as run_render
     from ..shapes.world import scene_from_caption
 
-    if size < 16:
-        raise UnbleedError(f"--size {size}: use at least 16 pixels")
+    checks.whole(size, "--size", 16, MAX_SIZE, fix=" (pixels)")
+    checks.whole(seed, "--seed", 0, checks.SEED_MAX)
+    if not out.strip() or Path(out).is_dir():
+        raise UnbleedError(f"--out {out!r}: {'a folder' if out.strip() else 'empty'}; give an image file name, "
+                           f"e.g. --out scene.png")
     image = run_render(scene_from_caption(prompt, seed, size))
     try:
         image.save(out)
@@ -123,7 +133,8 @@ def bench_options(items: list[str], names: list[str]) -> dict[str, dict[str, str
 @command(flags={"method": "--methods"})
 def bench(
     methods: str = typer.Option("sd,ela", "--methods", "-m", help=methods_help("sd,ela,attend-excite")),
-    prompts: int = typer.Option(50, "--prompts", help="How many two-object prompts (with a file: the first N; 0 = all)."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="How many prompts of the split [default: 50] "
+                                           "(with --prompts-file: the first N; 0 or unset = all)."),
     seeds: str = typer.Option("4", "--seeds", help="Seeds per prompt and method, the same for all: K (0…K−1), "
                               "a range A:B (A…B−1) or a list 3,7,9."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The method every other is compared with "
@@ -138,7 +149,7 @@ def bench(
     option: list[str] = typer.Option([], "--option", "-o", help="METHOD.KEY=VALUE, e.g. -o ela.lam=0.3."),
     as_json: bool = typer.Option(False, "--json", help="Print {METHOD: {VERDICT: rate, seconds, images, ci, "
                                  "vs_baseline}} (see unbleed.shapes.bench)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write per-prompt grids, bench.png, results.json there."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write per-prompt grids, bench.png, results.json there."),
     device: Device = "auto",
 ) -> None:
     """Run methods on the same shapes prompts and seeds; count success and each failure kind with the detector, with
@@ -149,14 +160,22 @@ def bench(
     names = split_list(methods)
     if not names:
         raise UnbleedError("--methods is empty: name methods, e.g. --methods sd,ela")
+    if len(set(names)) != len(names):
+        raise UnbleedError(f"--methods {methods}: name each method once")
+    if baseline is not None and baseline not in names:
+        raise UnbleedError(f"--baseline {baseline!r} is not among --methods {','.join(names)}: name one of them")
+    if prompts is None:
+        prompts = 0 if prompts_file else 50  # a file: all of it; a split: 50
     checks.whole(prompts, "--prompts", 0, fix=" (0 = all of --prompts-file)" if prompts_file else "")
     checks.whole(objects, "--objects", 1, 3)
     seed_list = parse_seeds(seeds)
     per = bench_options(option, names)
     contenders = [(n, RunSpec(method=n, options=per[n], seeds=tuple(seed_list), steps=steps,
                               guidance_scale=guidance_scale).check()) for n in names]
+    checks.given(model, "--model", "name a model, e.g. --model shapes")
+    checks.device(device)
     if out is not None:
-        checks.out_folder(out, "--out")
+        out = checks.out_folder(out, "--out")
 
     from .. import models
     from ..shapes.bench import Contender, bench_prompts, run_bench
@@ -166,6 +185,9 @@ def bench(
     for c in contenders:
         c.spec.build()  # every method's options, before the model loads
     texts = bench_prompts(split, prompts, prompts_file, objects=objects)
+    if prompts_file is not None and prompts > len(texts):
+        raise UnbleedError(f"--prompts {prompts}: --prompts-file has only {len(texts)} caption(s); ask for at most "
+                           f"{len(texts)}, or 0 for all")
     with err.status(f"loading model {model}…"):
         pipe = models.load_model(model, device=device)
     with progress() as display:
@@ -187,23 +209,24 @@ def bench(
 _SHOWN = ("success", "neglected", "malformed", "wrong_shape", "duplicated", "leak", "fused")
 
 
-def _bench_tables(figures: dict, what: str) -> None:
-    """Rates with their 95 % intervals, then each method minus the baseline with its paired 95 % interval."""
-    console = Console()
-    table = Table("method", *(v.replace("_", " ") for v in _SHOWN), "seconds", title=f"shapes bench: {what}")
-    for k, f in figures.items():
-        table.add_row(k, *(f"{f[v]:.3f}" for v in _SHOWN), f"{f['seconds']:.1f}")
-    console.print(table)
+def _bench_tables(figures: dict, what: str, console: Console | None = None) -> None:
+    """Rates, then each method minus the baseline with its paired 95 % interval: a verdict per row, a method per
+    column (so that the usual few methods fit 80 columns); split into groups of methods where the terminal is too
+    narrow for one table — never a header or value cut to "…" (:mod:`.tables`)."""
+    console = console or Console()
+    print_table(console, f"shapes bench: {what}", ["verdict", *figures],
+                [*((v.replace("_", " "), *(f"{f[v]:.3f}" for f in figures.values())) for v in _SHOWN),
+                 ("seconds", *(f"{f['seconds']:.1f}" for f in figures.values()))],
+                sections=[i == len(_SHOWN) - 1 for i in range(len(_SHOWN) + 1)])
     others = {k: f["vs_baseline"] for k, f in figures.items() if "vs_baseline" in f}
     if not others:
         return
     base = next(iter(others.values()))["baseline"]
-    diff = Table("method", *(v.replace("_", " ") for v in _SHOWN),
-                 title=f"minus {base}, paired 95 % CI (bootstrap over prompts); * = the CI excludes 0")
-    for k, d in others.items():
-        diff.add_row(k, *(f"{d[v]['diff']:+.3f} [{d[v]['ci'][0]:+.2f}, {d[v]['ci'][1]:+.2f}]"
-                          f"{'*' if d[v]['excludes_zero'] else ''}" for v in _SHOWN))
-    console.print(diff)
+    print_table(console, f"minus {base}, paired 95 % CI (bootstrap over prompts); * = the CI excludes 0",
+                ["verdict", *others],
+                [(v.replace("_", " "), *(f"{d[v]['diff']:+.3f} [{d[v]['ci'][0]:+.2f}, {d[v]['ci'][1]:+.2f}]"
+                                         f"{'*' if d[v]['excludes_zero'] else ' '}" for d in others.values()))
+                 for v in _SHOWN])
 
 
 @app.command()
@@ -221,7 +244,7 @@ def diagnose(
     knockout_prompts: Optional[int] = typer.Option(None, "--knockout-prompts", help="Prompts (the first N) with "
                                                    "the token-knockout runs (e); default all, 0 = none."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write diagnose.json, records.jsonl, maps/*.png there."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write diagnose.json, records.jsonl, maps/*.png there."),
     device: Device = "auto",
 ) -> None:
     """Validity of the shapes world for attention methods, on plain sampling: do entity maps localise their
@@ -239,8 +262,10 @@ def diagnose(
             checks.whole(value, flag, 0, fix=" (0 = none)")
     checks.whole(steps, "--steps", 2, checks.MAX_STEPS, fix=": diagnose needs an update and the step after it")
     checks.real(guidance_scale, "--guidance-scale")
+    checks.given(model, "--model", "name a model, e.g. --model shapes")
+    checks.device(device)
     if out is not None:
-        checks.out_folder(out, "--out")
+        out = checks.out_folder(out, "--out")
 
     from .. import models
     from ..shapes.bench import bench_prompts
@@ -268,59 +293,57 @@ def diagnose(
         err.print(f"wrote {out}/diagnose.json, {out}/records.jsonl, {out}/maps/*.png", highlight=False)
 
 
-def _print_diagnose(f: dict, title: str) -> None:
+def _print_diagnose(f: dict, title: str, console: Console | None = None) -> None:
     def num(x, nd=3):
         return "—" if x is None else f"{x:.{nd}f}"
 
-    console = Console()
+    def miou(v):
+        return f"{num(v['entity']['miou'])} ({v['entity']['n']}) / {num(v['background']['miou'])}"
+
+    console = console or Console()
     loc = f["localisation"]
-    table = Table("block", *(f"step {s}: entity (n) / SOT–bg" for s in loc["steps"]),
-                  title=f"(a) mIoU with the detector's masks, {title} (DAAM on SD: 0.59–0.65)")
-    for name, b in loc["blocks"].items():
-        table.add_row(f"{name} {b['resolution'][0]}×{b['resolution'][1]}",
-                      *(f"{num(v['entity']['miou'])} ({v['entity']['n']}) / {num(v['background']['miou'])}"
-                        for v in b["by_step"].values()))
     ela = f["ela_localisation"]
-    table.add_row("ELA masks", *(f"{num(v['entity']['miou'])} ({v['entity']['n']}) / {num(v['background']['miou'])}"
-                                 for v in ela["by_step"].values()))
-    console.print(table)
+    print_table(console, f"(a) mIoU with the detector's masks, {title} (DAAM on SD: 0.59–0.65); each cell: entity "
+                         f"(n) / SOT–background",
+                ["block", *(f"step {s}" for s in loc["steps"])],
+                [*((f"{name} {b['resolution'][0]}×{b['resolution'][1]}", *(miou(v) for v in b["by_step"].values()))
+                   for name, b in loc["blocks"].items()),
+                 ("ELA masks", *(miou(v) for v in ela["by_step"].values()))])
     pred = f["predictiveness"]
-    table = Table("predictor", "of", "AUC", "positives", "negatives", "mean pos", "mean neg",
-                  title=f"(b) AUC at steps {pred['steps'][0]}–{pred['steps'][1]} (1.0 = perfectly predictive)")
-    pk, ov = pred["peak_attention_neglect"], pred["overlap_fused"]
-    table.add_row("A&E peak attention (low)", f"neglected ({pk['label']})", num(pk["auc"]), str(pk["positives"]),
-                  str(pk["negatives"]), num(pk["mean_positive"]), num(pk["mean_negative"]))
-    na = pred["peak_attention_not_present"]
-    table.add_row("A&E peak attention (low)", "not cleanly present", num(na["auc"]), str(na["positives"]),
-                  str(na["negatives"]), num(na["mean_positive"]), num(na["mean_negative"]))
-    table.add_row("map overlap (high)", "fused", num(ov["auc"]), str(ov["positives"]), str(ov["negatives"]),
-                  num(ov["mean_positive"]), num(ov["mean_negative"]))
-    console.print(table)
+    pk, na, ov = pred["peak_attention_neglect"], pred["peak_attention_not_present"], pred["overlap_fused"]
+    print_table(console, f"(b) AUC at steps {pred['steps'][0]}–{pred['steps'][1]} (1.0 = perfectly predictive)",
+                ["predictor", "of", "AUC", "positives", "negatives", "mean pos", "mean neg"],
+                [(who, of, num(x["auc"]), str(x["positives"]), str(x["negatives"]), num(x["mean_positive"]),
+                  num(x["mean_negative"]))
+                 for who, of, x in (("A&E peak attention (low)", f"neglected ({pk['label']})", pk),
+                                    ("A&E peak attention (low)", "not cleanly present", na),
+                                    ("map overlap (high)", "fused", ov))])
     c = f["carry_over"]
     if c["methods"]:
-        table = Table("method", "loss before", *(f"{k} (step {c[s]})" for k, s in
-                                                  (("same", "update_step"), ("next", "next_step"),
-                                                   ("later", "later_step"))),
-                      title=f"(c) guided − unguided loss after one update at step {c['update_step']}: "
-                            f"mean [95 % CI] (fraction down), {c['prompts']} prompts")
-        for name, m in c["methods"].items():
-            table.add_row(name, num(m["loss_before_update"], 4),
-                          *(f"{num(m[k]['mean_diff'], 4)} [{num(m[k]['ci95'][0], 4)}, {num(m[k]['ci95'][1], 4)}] "
-                            f"({num(m[k]['fraction_down'], 2)})" if m[k]["ci95"] else "—"
-                            for k in ("at_step", "next_step", "later")))
-        console.print(table)
+        def carried(d):
+            return (Text(f"{num(d['mean_diff'], 4)} ({num(d['fraction_down'], 2)})\n"
+                         f"[{num(d['ci95'][0], 4)}, {num(d['ci95'][1], 4)}]") if d["ci95"] else "—")
+
+        print_table(console, f"(c) guided − unguided loss after one update at step {c['update_step']}: "
+                             f"mean (fraction down) and [95 % CI], {c['prompts']} prompts",
+                    ["loss", *c["methods"]],
+                    [("before the update", *(num(m["loss_before_update"], 4) for m in c["methods"].values())),
+                     *((f"{label} (step {c[s]})", *(carried(m[k]) for m in c["methods"].values()))
+                       for label, s, k in (("same", "update_step", "at_step"), ("next", "next_step", "next_step"),
+                                           ("later", "later_step", "later")))],
+                    sections=[True, True, True, False])
     k = f["knockout"]
     if k["prompts"]:
-        table = Table("columns replaced by the empty caption's", "objects kept", "95 % CI", "n",
-                      title=f"(e) token knockout: of the objects plain sampling draws, the fraction still drawn "
-                            f"({k['prompts']} prompts; SD-like: own words low, another's high)")
-        for key, label in (("own_words", "the object's own words"), ("other_words", "another object's words"),
-                           ("summary", "end-of-text + padding"),
-                           ("own_words_and_summary", "its own words + end-of-text + padding")):
-            v = k[key]
-            table.add_row(label, num(v["kept"]), f"[{num(v['ci95'][0])}, {num(v['ci95'][1])}]" if v["ci95"] else "—",
-                          str(v["n"]))
-        console.print(table)
+        print_table(console, f"(e) token knockout: of the objects plain sampling draws, the fraction still drawn "
+                             f"({k['prompts']} prompts; SD-like: own words low, another's high)",
+                    ["columns replaced by the empty caption's", "objects kept", "95 % CI", "n"],
+                    [(label, num(k[key]["kept"]),
+                      f"[{num(k[key]['ci95'][0])}, {num(k[key]['ci95'][1])}]" if k[key]["ci95"] else "—",
+                      str(k[key]["n"]))
+                     for key, label in (("own_words", "the object's own words"),
+                                        ("other_words", "another object's words"),
+                                        ("summary", "end-of-text + padding"),
+                                        ("own_words_and_summary", "its own words + end-of-text + padding"))])
     console.print(f"{f['images']} images in {f['seconds']:.0f} s; detector: success {num(f['detector']['success'])}, "
                   f"fused {num(f['detector']['fused'])}, {f['detector']['neglected_objects']} of "
                   f"{f['detector']['objects']} objects neglected, {f['detector']['clean_objects']} clean",
@@ -330,7 +353,7 @@ def _print_diagnose(f: dict, title: str) -> None:
 @app.command()
 @command(interrupted="interrupted; run the same command again to resume from the last checkpoint in {out}")
 def train(
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoint/, pipeline/ (the model), log.jsonl. "
+    out: str = typer.Option(..., "--out", "-o", help="Run folder: checkpoint/, pipeline/ (the model), log.jsonl. "
                              "An existing run there is resumed."),
     steps: int = typer.Option(4000, "--steps", help="Diffusion training steps in total (raise it to train on)."),
     vae_steps: int = typer.Option(1500, "--vae-steps", help="VAE training steps (first phase)."),
@@ -351,6 +374,8 @@ def train(
     clean_pads: bool = typer.Option(False, "--clean-pads", help="The UNet sees the empty caption's end-of-text and "
                                     "padding outputs, and the text encoder learns to produce them: the caption "
                                     "reaches the UNet only through its words."),
+    keep_eot: bool = typer.Option(False, "--keep-eot", help="With --clean-pads: the end-of-text column stays the "
+                                  "caption's (one summary column, as a frozen CLIP's); only the padding is cleaned."),
     min_snr: float = typer.Option(5.0, "--min-snr", help="Min-SNR-γ loss weighting (γ)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, the data and the noise."),
     arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model), sd32 (32×32 latents, "
@@ -363,17 +388,36 @@ def train(
     """Train the shapes model (VAE, then text encoder + UNet), resumable: run the same command again to continue."""
     from rich.progress import TextColumn
 
+    # every number before torch loads (unbleed.checks; TrainConfig.validate checks them again, with the rest)
+    checks.whole(steps, "--steps", 1, fix=": the diffusion phase makes the model (OUT/pipeline); raise it to train on")
+    for flag, value, low in (("--vae-steps", vae_steps, 0), ("--warmup", warmup, 0),
+                             ("--checkpoint-every", checkpoint_every, 1)):
+        checks.whole(value, flag, low)
+    for flag, value in (("--batch", batch), ("--vae-batch", vae_batch)):
+        checks.whole(value, flag, 1, MAX_BATCH)
+    checks.whole(seed, "--seed", 0, checks.SEED_MAX)
+    for flag, value in (("--lr", lr), ("--vae-lr", vae_lr), ("--min-snr", min_snr)):
+        checks.real(value, flag, 0, low_open=True)
+    checks.real(ema, "--ema", 0, 1, high_open=True, fix=" (the EMA decay, e.g. 0.999)")
+    checks.real(p_uncond, "--p-uncond", 0, 1, high_open=True, fix=" (a probability)")
+    checks.real(p_words_only, "--p-words-only", 0, 1, fix=" (a probability)")
+    checks.device(device)
     try:
         probs = tuple(float(v) for v in p_objects.split(","))
     except ValueError:
         raise UnbleedError(f"--p-objects {p_objects!r}: give three comma-separated probabilities") from None
-    checks.out_folder(out, "--out")  # before torch loads: an unwritable --out is one line, not a traceback
+    if init_from is not None and not (init_from / "unbleed_shapes.json").is_file():
+        what = ("not a pipeline exported by 'unbleed shapes train' (no unbleed_shapes.json)" if init_from.exists()
+                else "no such folder")
+        raise UnbleedError(f"--init-from {init_from}: {what}: give the OUT/pipeline folder of a shapes train run, "
+                           f"or src/unbleed/data/shapes_model")
+    out = checks.out_folder(out, "--out")  # before torch loads: an unwritable --out is one line, not a traceback
 
     from ..shapes.train import TrainConfig, train as run_train
 
     cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
                       warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond,
-                      p_words_only=p_words_only, clean_pads=clean_pads,
+                      p_words_only=p_words_only, clean_pads=clean_pads, keep_eot=keep_eot,
                       min_snr=min_snr, seed=seed, arch=arch, checkpoint_every=checkpoint_every).validate()
     with progress(TextColumn("loss {task.fields[loss]:.4f}")) as display:
         tasks: dict[str, int] = {}

@@ -70,9 +70,12 @@ def sweep(
         checks.whole(limit, "--limit", 1)
     for flag, value in (("--height", height), ("--width", width)):
         if value is not None:
-            checks.whole(value, flag, 1, fix=" (pixels)")
+            checks.whole(value, flag, 1, checks.MAX_SIDE, fix=" (pixels)")
     checks.real(guidance_scale, "--guidance-scale")
     checks.scheduler(scheduler)
+    checks.given(model, "--model", "name a model, e.g. --model tiny")
+    checks.device(device)
+    checks.dtype(dtype)
     checks.out_folder(out)
     from ..eval.scoring import parse_metrics
 
@@ -114,7 +117,7 @@ def report(
     from ..eval.report import make_report
 
     checks.whole(grid_seeds, "--grid-seeds", 1)
-    checks.whole(cell, "--cell", 8, fix=" (pixels)")
+    checks.whole(cell, "--cell", 8, 4096, fix=" (pixels)")
     if out is not None or Path(run).is_dir():  # (a missing RUN is the library's one line)
         checks.out_folder(out if out is not None else Path(run) / "report")
     with progress() as display:

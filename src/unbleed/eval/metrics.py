@@ -175,24 +175,32 @@ def tiny_bert_tokenizer(extra: Sequence[str] = ()):
                                    sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
 
 
-def tiny_blip(seed: int = 0):
-    """A small BLIP captioner with seeded random weights and :func:`tiny_bert_tokenizer` (tests, offline)."""
-    from transformers import BlipConfig, BlipForConditionalGeneration
+def tiny_blip_model(model_class: str, seed: int = 0, extra_words: Sequence[str] = (), **vision):
+    """A small BLIP model of transformers class ``model_class`` with seeded random weights, its
+    :func:`tiny_bert_tokenizer` (knowing ``extra_words`` too) and image processor (tests, offline); ``vision``:
+    further fields of the vision config. The one BLIP config of :func:`tiny_blip` and :func:`tiny_blip_vqa`."""
+    import transformers
 
-    tokenizer = tiny_bert_tokenizer()
+    tokenizer = tiny_bert_tokenizer(extra=extra_words)
     ids = tokenizer.convert_tokens_to_ids
-    config = BlipConfig(
+    config = transformers.BlipConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, bos_token_id=ids("[DEC]"),
                          sep_token_id=ids("[SEP]"), eos_token_id=ids("[SEP]"), pad_token_id=ids("[PAD]")),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4),
+                           num_attention_heads=4, **vision),
         projection_dim=16,
     )
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config)
+    model = getattr(transformers, model_class)(config)
     processor = image_processor_class("BlipImageProcessor")(size={"height": 32, "width": 32})
     return model, tokenizer, processor
+
+
+def tiny_blip(seed: int = 0):
+    """A small BLIP captioner (``BlipForConditionalGeneration``) with seeded random weights and
+    :func:`tiny_bert_tokenizer` (tests, offline)."""
+    return tiny_blip_model("BlipForConditionalGeneration", seed)
 
 
 def load_model(flag: str, spec: str, tiny, model_class: str, tokenizer_class: str, processor_class: str,
@@ -230,22 +238,8 @@ def load_captioner(spec: str = DEFAULT_CAPTIONER, device: str | torch.device = "
 def tiny_blip_vqa(seed: int = 0):
     """A small BLIP VQA model (``BlipForQuestionAnswering``) with seeded random weights and a
     :func:`tiny_bert_tokenizer` that knows "yes", "no" and "?" (tests, offline)."""
-    from transformers import BlipConfig, BlipForQuestionAnswering
-
-    tokenizer = tiny_bert_tokenizer(extra=("yes", "no", "?"))
-    ids = tokenizer.convert_tokens_to_ids
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=ids("[DEC]"),
-                         sep_token_id=ids("[SEP]"), eos_token_id=ids("[SEP]"), pad_token_id=ids("[PAD]")),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, initializer_range=0.02),  # BLIP's default 1e-10 ignores the image
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    model = BlipForQuestionAnswering(config)
-    processor = image_processor_class("BlipImageProcessor")(size={"height": 32, "width": 32})
-    return model, tokenizer, processor
+    # BLIP's default vision initializer_range (1e-10) gives weights that ignore the image
+    return tiny_blip_model("BlipForQuestionAnswering", seed, extra_words=("yes", "no", "?"), initializer_range=0.02)
 
 
 def load_vqa(spec: str = DEFAULT_VQA, device: str | torch.device = "cpu", allow_pickle: bool = False):

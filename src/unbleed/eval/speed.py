@@ -27,9 +27,9 @@ import torch
 from ..errors import UnbleedError
 from ..guidance import mmdit
 from ..guidance.conditioning import is_xl
-from ..guidance.sampler import default_size
+from ..run.sampler import default_size
 from ..guidance.schedule import Schedule
-from ..guidance.spec import RunSpec
+from ..run.spec import RunSpec
 
 REFERENCE = "diffusers-attend-excite"
 

@@ -14,7 +14,7 @@ Design (every step survives SIGKILL at any moment):
 * On start each process reads every records file (a truncated last line — a kill mid-write — is ignored), skips
   the jobs already recorded, cuts its own file back to its last complete line and empties its temporary folder.
 * One pipeline (and one set of metric models) per process, loaded once. Each method runs as one
-  :class:`~unbleed.guidance.spec.RunSpec` (:func:`method_spec`), built once; ``-o`` options reach the methods
+  :class:`~unbleed.run.spec.RunSpec` (:func:`method_spec`), built once; ``-o`` options reach the methods
   through the one router, :func:`unbleed.methods.route_options` (``ela.lam=…`` to ela only, a plain key to every
   method that has it).
 * One sweep per run folder: the main process holds ``RUN/.lock`` (an exclusive ``flock`` on an open descriptor,
@@ -37,7 +37,7 @@ from ..errors import UnbleedError
 from .suites import Prompt, load_suite
 
 if TYPE_CHECKING:
-    from ..guidance.spec import RunSpec
+    from ..run.spec import RunSpec
 
 MANIFEST = "sweep.json"
 LOCK = ".lock"
@@ -141,30 +141,40 @@ def seeds_text(seeds: list[int]) -> str:
 MAX_SEEDS = 100_000  # seeds one count or range may name (each is an image per prompt and method)
 
 
-def parse_seeds(text: str, name: str = "seeds") -> list[int]:
-    """``64`` → seeds 0…63; ``0,5,7`` → those; ``10:20`` → 10…19 (the inverse of :func:`seeds_text`). Seeds must be
-    distinct and follow the one seed rule (:func:`unbleed.guidance.sampler.check_seeds`); errors start with
-    ``name`` (their ``field``)."""
+def parse_seeds(text, name: str = "seeds", *, bare_count: bool = True) -> list[int]:
+    """The one seed grammar of every front end (the command line's ``--seeds``, the demo's seeds box): seeds
+    separated by commas or spaces (``0,5,7``, ``0 5 7``), ranges among them (``10:20`` → 10…19; ``0,10:12`` →
+    0, 10, 11), and a lone number ``64``, read as a count, seeds 0…63, or with ``bare_count=False`` as that one
+    seed (``7,`` is seed 7 either way). :func:`seeds_text` is its inverse. Seeds must be distinct and follow the
+    one seed rule (:func:`unbleed.checks.seeds`), a text may name at most :data:`MAX_SEEDS`; errors are one line
+    starting with ``name`` (their ``field``)."""
     from ..checks import seeds as check_seeds  # the one seed rule, without torch
 
-    span, seeds = None, []
+    raw = "" if text is None else str(text).strip()
+    hint = ("a count (64 → seeds 0…63), distinct seeds 0,5,7, or a range 10:20" if bare_count
+            else "whole numbers separated by commas, e.g. 0,1")
+    items = raw.replace(",", " ").split()
+    if not items:
+        raise UnbleedError(f"{name}: give at least one seed: {hint}", field=name)
+    lone = len(items) == 1 and "," not in raw and bare_count
     try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        elif ":" in text:
-            a, b = text.split(":")
-            span = range(int(a), int(b))
-        else:
-            span = range(int(text))
-        if span is not None and len(span) <= MAX_SEEDS:  # a count of 10**9 would fill the memory before any check
-            seeds = list(span)
-    except (ValueError, OverflowError):  # OverflowError: a count or range too long to measure
-        seeds, span = [], None
-    if span is not None and len(seeds) != len(span):
-        raise UnbleedError(f"{name} {text!r}: {len(span):,} seeds; give at most {MAX_SEEDS:,}", field=name)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UnbleedError(f"{name} {text!r}: give a count (64 → seeds 0…63), distinct seeds 0,5,7, or a range 10:20",
-                           field=name)
+        spans = []
+        for item in items:
+            if ":" in item:
+                start, stop = item.split(":")
+                spans.append(range(int(start), int(stop)))
+            else:
+                spans.append(range(int(item)) if lone else [int(item)])
+        total = sum(len(span) for span in spans)  # OverflowError: a count or range too long to measure
+    except (ValueError, OverflowError):
+        raise UnbleedError(f"{name} {raw!r}: give {hint}", field=name) from None
+    if total > MAX_SEEDS:  # a count of 10**9 would fill the memory before any check
+        raise UnbleedError(f"{name} {raw!r}: {total:,} seeds; give at most {MAX_SEEDS:,}", field=name)
+    if not all(spans):  # an empty count or range: 0, 3:3, 3:1
+        raise UnbleedError(f"{name} {raw!r}: give {hint}", field=name)
+    seeds = [seed for span in spans for seed in span]
+    if len(set(seeds)) != len(seeds):
+        raise UnbleedError(f"{name} {raw!r}: each seed once", field=name)
     return check_seeds(seeds, name)
 
 
@@ -259,7 +269,7 @@ def _append(fh, record: dict) -> None:
 def method_spec(cfg: SweepConfig, method: str) -> RunSpec:
     """The run of ``method`` in this sweep: its share of ``cfg.options`` (:func:`unbleed.methods.route_options`,
     not strict: an option may be another method's), the sweep's steps, guidance scale, size and seeds."""
-    from ..guidance.spec import RunSpec
+    from ..run.spec import RunSpec
     from ..methods import route_options
 
     per = route_options(method, cfg.options, strict=False)

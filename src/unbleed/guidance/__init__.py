@@ -1,1 +1,1 @@
-"""The guided sampler: cross-attention capture, the schedule, the run spec and the denoising loop."""
+"""The parts of the data path methods use: attention capture and edits, conditioning, the schedule."""

@@ -20,8 +20,9 @@ A request's ``kind`` is ``"cross"`` (default: the text cross-attention ``attn2``
 the latter.
 
 MMDiT transformers (SD3, FLUX) have no cross-attention: their maps are the image → text block of the joint
-attention (:mod:`unbleed.guidance.joint_attention`), captured in the double-stream blocks, which all form one
-block named ``joint`` at level 1 (``up-1`` names it too, so every method's default reads it); their text columns
+attention (:mod:`unbleed.guidance.joint_attention`), captured in any joint block, all at level 1; a request's
+``blocks`` are selections of :func:`~unbleed.guidance.joint_attention.resolve_blocks` (indices, ranges, ``double``,
+``single``; ``joint`` = ``up-1`` = ``None``: every double-stream block, every method's default); their text columns
 are projected onto the 77 CLIP token columns the methods index (``AttentionStore.columns``, built per prompt by
 :func:`unbleed.guidance.mmdit.token_columns`). They have no separate self-attention layers.
 """
@@ -32,12 +33,14 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UnbleedError
-from .joint_attention import JOINT_BLOCK, JOINT_LEVEL, JointCaptureProcessor, is_joint, joint_layers, text_first
+from .joint_attention import (JOINT_LEVEL, JointCaptureProcessor, is_joint, joint_layers, resolve_blocks, select_layers,
+                              text_first)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def cross_attention_layers(unet) -> list[CrossAttentionLayer]:
     from diffusers.models.attention_processor import Attention
 
     if is_joint(unet):
-        return [CrossAttentionLayer(l.key, JOINT_BLOCK, JOINT_LEVEL) for l in joint_layers(unet)]
+        return [CrossAttentionLayer(l.key, l.block, JOINT_LEVEL) for l in joint_layers(unet, single=True)]
     n = len(unet.config.block_out_channels)
     layers = []
     for name, module in unet.named_modules():
@@ -111,7 +114,8 @@ def self_attention_layers(unet) -> list[CrossAttentionLayer]:
 def forward_order(layer: CrossAttentionLayer) -> tuple[int, ...]:
     """Sort key giving the order in which the UNet runs its attention layers (down, mid, up; in a transformer
     block ``attn1`` before ``attn2``)."""
-    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(layer.block.split(".")[0], 0)
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "single_transformer_blocks": 1}.get(
+        layer.block.split(".")[0], 0)
     attn = re.search(r"attn(\d+)\.processor$", layer.key)
     return (rank, *(int(n) for n in re.findall(r"\.(\d+)", layer.key)), int(attn.group(1)) if attn else 0)
 
@@ -132,11 +136,8 @@ def blocks_with_cross_attention(unet) -> dict[str, list[str]]:
 def resolve_block(unet, name: str) -> str:
     """Map a user's block name (``up-1``, ``down_blocks.2``, ``mid``) to the diffusers block name."""
     text = name.strip().lower()
-    if is_joint(unet):
-        if text in (JOINT_BLOCK, "up-1"):
-            return JOINT_BLOCK
-        raise UnbleedError(f"attention block {name!r} does not exist in this transformer: its joint-attention "
-                           f"layers form one block, {JOINT_BLOCK} (up-1 names it too)")
+    if is_joint(unet):  # a block index, a range, double, single or joint (= up-1, the default)
+        return resolve_blocks(unet, name)
     blocks = blocks_with_cross_attention(unet)
     every = blocks["down"] + blocks["mid"] + blocks["up"]
     if text in every:
@@ -153,6 +154,8 @@ def resolve_block(unet, name: str) -> str:
 
 
 def level_of(unet, block: str) -> int:
+    if is_joint(unet):  # every joint block sees the 2×2-patch token grid
+        return JOINT_LEVEL
     for layer in cross_attention_layers(unet):
         if layer.block == block:
             return layer.level
@@ -164,6 +167,34 @@ def size_at_level(latent_hw: tuple[int, int], level: int) -> tuple[int, int]:
     for _ in range(level):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
     return h, w
+
+
+class AttentionEdit:
+    """A hook that edits cross-attention: how a method changes attention rather than the latent, the seam of
+    prompt-to-prompt's attention controllers (Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention
+    Control", 2022) and of StructureDiffusion's value sets (:mod:`unbleed.methods.structure`).
+
+    Installed by :meth:`AttentionStore.editing` (the sampler installs a :class:`~unbleed.methods.Conditioning`
+    method's for the whole run), it is called in every cross-attention layer of a UNet pass — never in
+    self-attention — at two places, each of which defaults to diffusers' own computation:
+
+    * :meth:`probs`: the softmax probabilities ``[batch·heads, queries, tokens]``, before they are recorded; return
+      them edited (p2p's word swap, refinement and re-weighting edit these);
+    * :meth:`output`: the attention output ``[batch·heads, queries, dim]`` (heads not yet merged) from the
+      probabilities and the layer's values; ``values(embeds)`` projects any text embedding shaped like the pass's
+      ``context`` (``[batch, tokens, d]``) through this layer's value projection.
+
+    ``layer`` is the processor's name (``up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor``);
+    ``heads`` the layer's head count (``batch·heads`` rows are sample-major). MMDiT joint attention (SD3, FLUX)
+    has no edit hook.
+    """
+
+    def probs(self, layer: str, probs: torch.Tensor, heads: int) -> torch.Tensor:
+        return probs
+
+    def output(self, layer: str, probs: torch.Tensor, values: Callable[[torch.Tensor], torch.Tensor],
+               context: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(probs, values(context))
 
 
 class AttentionStore:
@@ -182,27 +213,32 @@ class AttentionStore:
         self.batch_slice = slice(None)
         self.latent_hw: tuple[int, int] | None = None
         self.records: dict[str, list[torch.Tensor]] = {}
-        self.value_sets: list[torch.Tensor] | None = None  # StructureDiffusion: several value inputs, one key
+        self.edit: AttentionEdit | None = None  # a method's edit of cross-attention (:meth:`editing`)
         self.stop_key: str | None = None  # truncated pass: the last layer to run
         self.columns: torch.Tensor | None = None  # MMDiT: [text tokens, 77] projection onto the CLIP columns
         self.chunk: int | None = None  # MMDiT: image queries per chunk of the capture (None: by memory budget)
 
     @contextlib.contextmanager
-    def values(self, value_sets: list[torch.Tensor] | None):
-        """Within the block, cross-attention outputs are the mean over ``value_sets`` (each shaped like the
-        ``encoder_hidden_states``), with probabilities from the keys of the embeddings actually passed."""
-        self.value_sets = value_sets
+    def editing(self, edit: AttentionEdit | None):
+        """Within the block, every cross-attention layer runs ``edit`` (:class:`AttentionEdit`; ``None``: none)."""
+        if edit is not None and is_joint(self.unet):
+            raise UnbleedError("this method edits cross-attention, which SD3 and FLUX do not have: use a UNet model "
+                               "(SD 1.x/2.x, SDXL)", field="method")
+        self.edit = edit
         try:
             yield self
         finally:
-            self.value_sets = None
+            self.edit = None
 
     def select(self, request: MapRequest) -> list[CrossAttentionLayer]:
         if request.kind not in ("cross", "self"):
             raise UnbleedError(f"map request kind {request.kind!r} is unknown: use cross or self")
-        chosen = [l for l in (self.self_layers if request.kind == "self" else self.layers)
-                  if (request.blocks is None or l.block in request.blocks)
-                  and (request.level is None or l.level == request.level)]
+        pool = self.self_layers if request.kind == "self" else self.layers
+        if is_joint(self.unet):  # block selections (resolve_block); None: the default double-stream blocks
+            pool = select_layers(self.unet, pool, request.blocks)
+        elif request.blocks is not None:
+            pool = [l for l in pool if l.block in request.blocks]
+        chosen = [l for l in pool if request.level is None or l.level == request.level]
         if not chosen:
             raise UnbleedError(f"no {request.kind}-attention layer matches blocks={request.blocks} "
                                f"level={request.level}")
@@ -289,16 +325,17 @@ class AttentionStore:
 
 
 class CaptureProcessor:
-    """Attention processor: explicit softmax probabilities for wanted layers, the original processor otherwise.
-    ``cross=False`` marks a self-attention layer (never given value sets)."""
+    """Attention processor: explicit softmax probabilities for wanted layers and, in cross-attention, while an
+    :class:`AttentionEdit` is installed; the original processor otherwise. ``cross=False`` marks a self-attention
+    layer (never edited)."""
 
     def __init__(self, store: AttentionStore, key: str, original, cross: bool = True):
         self.store, self.key, self.original, self.cross = store, key, original, cross
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        value_sets = self.store.value_sets if self.cross else None
-        if self.key not in self.store.wanted and value_sets is None:
+        edit = self.store.edit if self.cross else None
+        if self.key not in self.store.wanted and edit is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         # The same computation as diffusers' AttnProcessor, keeping the probabilities.
         residual = hidden_states
@@ -314,6 +351,7 @@ class CaptureProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
+        context = encoder_hidden_states  # as the pass gave it (an edit's values project it afresh)
         if encoder_hidden_states is None:  # self-attention
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
@@ -321,16 +359,18 @@ class CaptureProcessor:
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         query = attn.head_to_batch_dim(query)
         probs = attn.get_attention_scores(query, key, attention_mask)
+        if edit is not None:
+            probs = edit.probs(self.key, probs, attn.heads)
         if self.key in self.store.wanted:
             self.store.record(self.key, probs, attn.heads)
             if self.key == self.store.stop_key:
                 raise StopForward
-        if value_sets is None:
+        if edit is None:
             hidden_states = torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(encoder_hidden_states)))
         else:
             norm = attn.norm_encoder_hidden_states if attn.norm_cross else (lambda e: e)
-            hidden_states = sum(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(norm(v))))
-                                for v in value_sets) / len(value_sets)
+            hidden_states = edit.output(self.key, probs, lambda e: attn.head_to_batch_dim(attn.to_v(norm(e))),
+                                        context)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:

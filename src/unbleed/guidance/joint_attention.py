@@ -14,29 +14,36 @@ kept. Under autograd each chunk is recomputed in the backward pass (``torch.util
 for the gradient is the chunks' inputs and the ``image × text`` result: memory per layer
 ``O(image tokens × text tokens)`` plus one ``chunk × keys`` block at a time.
 
-Which layers: the **double-stream blocks** (``transformer_blocks.*``: SD3's all, FLUX's first 19), where text
-and image keep their own projections (``add_k_proj``/``add_q_proj``) — the place text conditions the image, as
-a UNet's ``attn2``. FLUX's single-stream blocks (``single_transformer_blocks.*``) run one projection over the
-already-mixed sequence; they are not capture sites (docs/mmdit.md). Every capture layer sees the image at one
-resolution (the 2×2-patch token grid, latent/2), so all are "level 1" and form one block, ``joint``.
+Which layers (:func:`resolve_blocks`, :func:`select_layers`; docs/mmdit.md, "Which blocks"): every joint block is a
+capture site and is named by its index in forward order — SD3's ``transformer_blocks.0…`` are 0…; FLUX's 19
+double-stream ``transformer_blocks`` are 0–18 and its 38 single-stream ``single_transformer_blocks`` 19–56 (the
+numbering of the FLUX layer analyses, e.g. Avrahami et al., "Stable Flow", CVPR 2025). ``-o layers=`` takes
+indices, ranges (``5-9``), ``double``, ``single`` and ``joint`` (= ``up-1``, the default: every double-stream
+block, where text and image keep their own projections ``add_q_proj``/``add_k_proj`` as a UNet's ``attn2`` keeps
+text keys apart). In a single-stream block text and image share one projection over the concatenated
+``[text; image]`` sequence; its map is the same image-query → text-key block of the softmax over all keys. Every
+capture layer sees the image at one resolution (the 2×2-patch token grid, latent/2), so all are level 1.
 
 The projections (q, k, their norms and FLUX's rotary embedding) are recomputed here exactly as diffusers'
 ``JointAttnProcessor2_0`` / ``FluxAttnProcessor`` compute them; the layer's output is always the original
 processor's, so capturing never changes the denoising pass.
 
 This module is below :mod:`unbleed.guidance.attention` (which installs :class:`JointCaptureProcessor` through
-:func:`unbleed.guidance.attention.attention_store`) and imports nothing of unbleed.
+:func:`unbleed.guidance.attention.attention_store`) and imports only :mod:`unbleed.errors`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-JOINT_BLOCK = "joint"  # the one block name of an MMDiT's capture layers
+from ..errors import UnbleedError
+
+JOINT_BLOCK = "joint"  # the name of the default capture blocks: every double-stream block
 JOINT_LEVEL = 1  # the image token grid is latent/2 (2×2 patches) in SD3 and FLUX
 CHUNK_ELEMENTS = 2**24  # scores held at once per chunk (heads × chunk × keys), 64 MiB in fp32
 
@@ -51,20 +58,80 @@ def text_first(model) -> bool:
     return type(model).__name__ == "FluxTransformer2DModel"
 
 
+def family_name(model) -> str:
+    return "FLUX" if text_first(model) else "SD3"
+
+
 @dataclass(frozen=True)
 class JointLayer:
     key: str  # the processor key, e.g. "transformer_blocks.3.attn.processor"
-    index: int  # the block's index
+    index: int  # the block's index in forward order (FLUX: single-stream block i is 19 + i in FLUX.1)
+    single: bool = False  # a FLUX single-stream block (text and image in one sequence, one projection)
+
+    @property
+    def block(self) -> str:
+        """The diffusers block name, e.g. ``transformer_blocks.3`` or ``single_transformer_blocks.0``."""
+        return self.key[: -len(".attn.processor")]
 
 
-def joint_layers(model) -> list[JointLayer]:
-    """The double-stream blocks' joint attention (``transformer_blocks.N.attn``), in forward order."""
+def joint_layers(model, single: bool = False) -> list[JointLayer]:
+    """The joint attentions in forward order: the double-stream blocks' (``transformer_blocks.N.attn``), then,
+    with ``single``, FLUX's single-stream blocks' (``single_transformer_blocks.N.attn``)."""
     out = []
     for i, block in enumerate(getattr(model, "transformer_blocks", [])):
         attn = getattr(block, "attn", None)
         if attn is not None and getattr(attn, "add_k_proj", None) is not None:
             out.append(JointLayer(f"transformer_blocks.{i}.attn.processor", i))
+    double = len(out)
+    for i, block in enumerate((getattr(model, "single_transformer_blocks", None) or []) if single else []):
+        if getattr(block, "attn", None) is not None:
+            out.append(JointLayer(f"single_transformer_blocks.{i}.attn.processor", double + i, single=True))
     return out
+
+
+def _describe(layers: list[JointLayer]) -> str:
+    double = [l.index for l in layers if not l.single]
+    single = [l.index for l in layers if l.single]
+    if not single:
+        return f"blocks 0-{double[-1]}"
+    return f"blocks 0-{single[-1]} (0-{double[-1]} double-stream, {single[0]}-{single[-1]} single-stream)"
+
+
+def resolve_blocks(model, name: str, option: str = "layers") -> str:
+    """A user's block selection → its canonical form: ``joint`` (also ``up-1``: the default, every double-stream
+    block), ``double``, ``single``, an index ``N`` or a range ``A-B`` (inclusive). Anything else, or a block the
+    model does not have, is one :class:`UnbleedError` line naming the option, the family and the valid range."""
+    layers = joint_layers(model, single=True)
+    text = re.sub(r"\s+", "", str(name).lower())
+    has_single = any(l.single for l in layers)
+    if text in (JOINT_BLOCK, "up-1", "double") or (text == "single" and has_single):
+        return JOINT_BLOCK if text == "up-1" else text
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if m and layers:
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if a <= b <= layers[-1].index:
+            return f"{a}" if a == b else f"{a}-{b}"
+    words = "double, single" if has_single else "double"
+    raise UnbleedError(f"-o {option}={name}: the {family_name(model)} transformer has {_describe(layers)}; name "
+                       f"indices or ranges (e.g. 0,2-3), {words} or {JOINT_BLOCK} (the default: every double-stream "
+                       f"block)", field="options")
+
+
+def _selects(selection: str, layer: JointLayer) -> bool:
+    if selection in (JOINT_BLOCK, "double"):
+        return not layer.single
+    if selection == "single":
+        return layer.single
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", selection)
+    return bool(m) and int(m.group(1)) <= layer.index <= int(m.group(2) or m.group(1))
+
+
+def select_layers(model, layers: list, blocks: tuple[str, ...] | None) -> list:
+    """Those of ``layers`` (anything with the processor ``key``) that the canonical selections ``blocks``
+    (:func:`resolve_blocks`) name; ``None`` selects the default, ``joint``."""
+    joint = {l.key: l for l in joint_layers(model, single=True)}
+    chosen = blocks or (JOINT_BLOCK,)
+    return [l for l in layers if l.key in joint and any(_selects(b, joint[l.key]) for b in chosen)]
 
 
 def _chunk_probs(q: torch.Tensor, k: torch.Tensor, text: slice, scale: float) -> torch.Tensor:
@@ -127,20 +194,25 @@ def _sd3_qk(attn, hidden_states, encoder_hidden_states):
 
 def _flux_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """q, k ``[B, H, N, D]`` of the joint sequence ``[text; image]``, as ``FluxAttnProcessor`` (rotary embedding
-    included)."""
+    included). In a single-stream block (``encoder_hidden_states`` None) ``hidden_states`` already is that
+    sequence, under one projection."""
     from diffusers.models.embeddings import apply_rotary_emb
 
+    single = encoder_hidden_states is None
     if getattr(attn, "fused_projections", False):
         query, key, _ = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        eq, ek, _ = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        if not single:
+            eq, ek, _ = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
     else:
         query, key = attn.to_q(hidden_states), attn.to_k(hidden_states)
-        eq, ek = attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states)
+        if not single:
+            eq, ek = attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states)
     query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
     key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-    eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
-    ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
-    query, key = torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1)
+    if not single:
+        eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+        ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+        query, key = torch.cat([eq, query], dim=1), torch.cat([ek, key], dim=1)
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -148,27 +220,34 @@ def _flux_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
 
 
 class JointCaptureProcessor:
-    """Wraps a double-stream block's processor: when the store wants the layer, the image → text probabilities
+    """Wraps a joint block's processor: when the store wants the layer, the image → text probabilities
     (:func:`text_probs`) go to ``store.record_joint(key, probs)`` (which may stop a truncated pass); the output is
-    always the original processor's."""
+    always the original processor's.
+
+    In a FLUX single-stream block the processor gets the ``[text; image]`` sequence alone; the image part is the
+    last ``(h/2)·(w/2)`` tokens of the latent grid ``store.latent_hw`` (2×2 patches), the text part the rest."""
 
     def __init__(self, store, key: str, original, flux: bool):
         self.store, self.key, self.original, self.flux = store, key, original, flux
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **kwargs):
-        if self.key in self.store.wanted and encoder_hidden_states is not None:
-            n_img, n_txt = hidden_states.shape[1], encoder_hidden_states.shape[1]
-            if self.flux:
+        if self.key in self.store.wanted:
+            n = hidden_states.shape[1]
+            if self.flux and encoder_hidden_states is None:  # single-stream: [text; image] in one sequence
+                h, w = self.store.latent_hw
+                n_txt = n - math.ceil(h / 2) * math.ceil(w / 2)
+                q, k = _flux_qk(attn, hidden_states, None, image_rotary_emb)
+                image, text = slice(n_txt, n), slice(0, n_txt)
+            elif self.flux:
+                n_txt = encoder_hidden_states.shape[1]
                 q, k = _flux_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-                image, text = slice(n_txt, n_txt + n_img), slice(0, n_txt)
+                image, text = slice(n_txt, n_txt + n), slice(0, n_txt)
             else:
                 q, k = _sd3_qk(attn, hidden_states, encoder_hidden_states)
-                image, text = slice(0, n_img), slice(n_img, n_img + n_txt)
+                image, text = slice(0, n), slice(n, n + encoder_hidden_states.shape[1])
             rows = self.store.batch_slice  # the conditional half only, under classifier-free guidance
             self.store.record_joint(self.key, text_probs(q[rows], k[rows], image, text, self.store.chunk))
-        if self.flux:
-            kwargs["image_rotary_emb"] = image_rotary_emb
-        elif image_rotary_emb is not None:
+        if self.flux or image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)

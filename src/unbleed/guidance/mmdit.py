@@ -183,7 +183,8 @@ def token_columns(pipe, prompt: str, columns: int = 77) -> torch.Tensor:
 
     * SD3 — the sequence is CLIP's 77 positions, then T5's: CLIP column ``i`` is joint column ``i`` plus every T5
       piece whose characters overlap CLIP piece ``i`` (a T5 piece overlapping several CLIP pieces is shared
-      equally); T5's ``</s>`` adds to CLIP's end-of-text column. T5's padding is left out.
+      equally); T5's ``</s>`` adds to CLIP's end-of-text column. T5's padding is left out, and so are all 256 T5
+      positions of an SD3 run without T5 (``text_encoder_3=None``: diffusers fills them with zeros).
     * FLUX — the sequence is T5's only: CLIP word columns get their T5 pieces as above, end-of-text gets ``</s>``,
       and the start-of-text column (ELA's background map) gets T5's padding positions — the text positions that
       carry no prompt content, the nearest analogue of CLIP's start-of-text attention sink (a choice to check on
@@ -195,6 +196,8 @@ def token_columns(pipe, prompt: str, columns: int = 77) -> torch.Tensor:
 
     fam = family(pipe)
     n = max_sequence_length(pipe)
+    if fam == "sd3" and pipe.text_encoder_3 is None:  # SD3 without T5: its 256 positions hold zeros, no prompt
+        return torch.cat([torch.eye(columns), torch.zeros(n, columns)])
     _, clip_spans, _ = token_offsets(pipe.tokenizer, prompt)
     length = len(clip_spans)
     tok = t5_tokenizer(pipe)

@@ -74,6 +74,12 @@ class Schedule:
                 "step_size": self.step_size, "step_schedule": self.step_schedule}
 
 
+def first_steps(num_steps: int, of_50: int = 25) -> tuple[int, int]:
+    """The window of the first ``of_50`` of 50 steps at ``num_steps`` steps: ``(0, ⌊of_50·T/50⌋)``, at least one
+    step (Attend-and-Excite's first half, 25 of 50, is the default; ``of_50`` ≤ 50)."""
+    return (0, max(1, of_50 * num_steps // 50))
+
+
 def scaled_steps(steps_at_50: dict[int, float], num_steps: int, window: tuple[int, int]) -> dict[int, float]:
     """Papers give schedules for 50 steps; place them at the same fraction of ``num_steps`` (rounded down; the
     first of colliding steps wins) and keep those inside ``window``."""

@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from .. import __version__
 from ..checks import out_folder
 from ..errors import UnbleedError
-from ..guidance.sampler import Result
+from ..run.sampler import Result
 from ..text.tokens import groups_as_dicts
 
 IDENTITY = ("prompt", "seed", "method", "model")  # what names an image; the rest of a record is its parameters

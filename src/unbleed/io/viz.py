@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from ..guidance.sampler import Result, picture_groups
+from ..run.sampler import Result, picture_groups
 
 # inferno at 0, .25, .5, .75, 1 (matplotlib's values), linearly interpolated
 _INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)

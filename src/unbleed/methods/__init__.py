@@ -11,7 +11,8 @@ import importlib
 import pkgutil
 
 from ..errors import UnbleedError
-from .base import METHODS, Conditioning, Maps, Method, Options, StepContext, method_names, register
+from .base import (METHODS, Conditioning, Maps, Method, Options, StepContext, method_names, refuse_run_setting,
+                   register)
 from .compose import Composite
 
 # ELA, the headline method, first; then the others alphabetically (the order of every list of methods).
@@ -38,6 +39,7 @@ def route_options(method: str, options: dict[str, str] | None, strict: bool = Tr
     _known(names)
     per: dict[str, dict[str, str]] = {n: {} for n in names}
     for key, value in (options or {}).items():
+        refuse_run_setting(key, value)
         target, _, option = key.rpartition(".")
         if target:
             if target in per:

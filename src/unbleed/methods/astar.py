@@ -72,10 +72,10 @@ import torch
 
 from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
-from ..guidance.schedule import Schedule, scaled_steps
+from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from ..text.tokens import Entity
 from .base import Maps, Method, StepContext, register
-from .maps import EPS, binarize, subject_maps
+from .maps import EPS, binarize, check_kernel, subject_maps
 
 Box = tuple[float, float, float, float]
 
@@ -253,9 +253,7 @@ class AStar(Method):
             raise UnbleedError(f"-o refine_on={self.refine_on}: unknown; use normalized or loss", field="options")
         if not (math.isfinite(self.map_scale) and self.map_scale > 0):
             raise UnbleedError(f"-o map_scale={self.map_scale}: must be a finite number > 0", field="options")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise UnbleedError(f"-o kernel={self.kernel}: must be an odd number ≥ 1 (1 = no smoothing)",
-                               field="options")
+        check_kernel(self.kernel, "kernel")
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0", field="options")
         parse_layout(self.layout)
@@ -273,7 +271,7 @@ class AStar(Method):
         ``α_i = 20·sqrt(linspace(1, 0.5, T)[i])``. The thresholds are ours and **untuned** (no real model here):
         loose early, tighter later, as A&E's. At step 0 (no retention term by default) 0.5 means a mean soft
         overlap ≤ ¼ per pair. With ``refine_on=loss`` pass ``--refine-steps`` on ``L``'s scale."""
-        window = (0, max(1, num_steps // 2))
+        window = first_steps(num_steps)
         return Schedule(window=window, refine=scaled_steps({0: 0.5, 10: 0.4, 20: 0.3}, num_steps, window),
                         max_refine_iters=20, step_size=20.0, step_schedule="sqrt-linear")
 

@@ -41,9 +41,9 @@ import torch
 
 from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
-from ..guidance.schedule import Schedule, scaled_steps
+from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import excite_loss, subject_maps
+from .maps import check_kernel, excite_loss, subject_maps
 
 __all__ = ["AttendExcite", "excite_loss"]  # excite_loss (Eq. 1) lives in maps.py, shared with InitNO
 
@@ -74,8 +74,7 @@ class AttendExcite(Method):
     attributes: bool = False
 
     def check(self) -> None:
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
+        check_kernel(self.kernel_size)
         if self.sigma <= 0 or self.map_scale <= 0:
             raise UnbleedError("-o sigma and -o map_scale must be > 0", field="options")
         self.exclude_padding = padding_rule(self.exclude_padding)
@@ -85,7 +84,7 @@ class AttendExcite(Method):
         return (MapRequest(blocks=None, level=level, out_level=level),)
 
     def default_schedule(self, num_steps: int) -> Schedule:
-        window = (0, max(1, num_steps // 2))
+        window = first_steps(num_steps)
         return Schedule(window=window, refine=scaled_steps({0: 1 - 0.05, 10: 1 - 0.5, 20: 1 - 0.8}, num_steps, window),
                         max_refine_iters=20, step_size=20.0, step_schedule="sqrt-linear")
 

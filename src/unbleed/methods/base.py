@@ -2,7 +2,7 @@
 
 Two kinds, both built from ``-o key=value`` options (their dataclass fields):
 
-* :class:`Method` — latent guidance. The sampler (:mod:`unbleed.guidance.sampler`) owns the loop and runs the
+* :class:`Method` — latent guidance. The sampler (:mod:`unbleed.run.sampler`) owns the loop and runs the
   UNet; a method never does. Per guided step the sampler
 
   1. runs the text-conditioned UNet pass on ``z_t`` and records the maps of ``map_requests(unet)``: the hooks
@@ -15,8 +15,9 @@ Two kinds, both built from ``-o key=value`` options (their dataclass fields):
      repeats while ``refine_value(...)`` (the loss unless a method says otherwise) is above the step's threshold,
      up to the step's iteration cap.
 
-* :class:`Conditioning` — methods that change what the UNet is conditioned on instead (StructureDiffusion's
-  value sets); the sampler asks for ``value_sets(...)`` once per run.
+* :class:`Conditioning` — methods that edit attention instead (StructureDiffusion's value sets); the sampler asks
+  for ``attention_edit(...)`` once per run — an :class:`~unbleed.guidance.attention.AttentionEdit`, the hook that
+  edits the probabilities and outputs of every cross-attention layer — and installs it for every pass.
 
 A class becomes a ``--method`` with the :func:`register` decorator, under its ``name``; every list of methods
 (CLI help, ``unbleed methods``, the README check) is read from :data:`METHODS`.
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UnbleedError
-from ..guidance.attention import MapRequest
+from ..guidance.attention import AttentionEdit, MapRequest
 from ..guidance.schedule import Schedule
 from ..text.tokens import Entity
 
@@ -80,6 +81,20 @@ class StepContext:
         return cls(step, num_steps, length, tuple(groups))
 
 
+# settings of the run, not of a method: one for every method, set on the run spec (its field → the flag that sets it)
+RUN_SETTINGS = {"step_size": "--step-size", "step_schedule": "--step-schedule", "window": "--window"}
+
+
+def refuse_run_setting(key: str, value: str) -> None:
+    """One line for ``-o KEY=VALUE`` (or ``-o method.KEY=…``) whose KEY is a run setting (:data:`RUN_SETTINGS`):
+    a method has no second knob for it; the flag is the one road."""
+    option = key.rpartition(".")[2].replace("-", "_")
+    if option in RUN_SETTINGS:
+        flag = RUN_SETTINGS[option]
+        raise UnbleedError(f"-o {key}: {option} is a setting of the run, not a method option: use {flag} {value} "
+                           f"(RunSpec.{option} in Python)", field="options")
+
+
 class Options:
     """Options from ``-o key=value`` strings: the subclass's dataclass fields, converted to their types."""
 
@@ -103,6 +118,8 @@ class Options:
         kwargs: dict[str, Any] = {}
         for key, raw in options.items():
             k = key.replace("-", "_")
+            if k not in fields:
+                refuse_run_setting(key, raw)
             if k in cls.renamed and k not in fields:
                 raise UnbleedError(f"-o {key}: this option is now called {cls.renamed[k]} in {cls.name}: use "
                                    f"-o {cls.renamed[k]}={raw}", field="options")
@@ -167,8 +184,8 @@ class Method(Options, abc.ABC):
 
     def initial_noise(self, stage: Any, latents: torch.Tensor) -> torch.Tensor:
         """The initial-noise stage, run once before the denoising loop (step 4b of
-        :func:`~unbleed.guidance.sampler.generate`): return the initial latents to sample from, ``[batch, C, h, w]``
-        like the seeds' ``latents``. ``stage`` is a :class:`~unbleed.guidance.sampler.NoiseStage`: this method's
+        :func:`~unbleed.run.sampler.generate`): return the initial latents to sample from, ``[batch, C, h, w]``
+        like the seeds' ``latents``. ``stage`` is a :class:`~unbleed.run.sampler.NoiseStage`: this method's
         maps of a latent at the first timestep (``stage.maps(z)``), a fresh draw from one seed's own generator
         (``stage.draw(i)``), the scheduler's noise scale and a ``record`` for the run's JSON. Each sample must depend
         on its own seed only. Default: the latents unchanged (InitNO optimises them)."""
@@ -176,13 +193,14 @@ class Method(Options, abc.ABC):
 
 
 class Conditioning(Options, abc.ABC):
-    """A method that changes the conditioning of the denoising passes instead of the latent."""
+    """A method that edits the attention of the denoising passes instead of moving the latent."""
 
     @abc.abstractmethod
-    def value_sets(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
-                   do_cfg: bool) -> list[torch.Tensor]:
-        """Cross-attention value inputs, each shaped like ``embeds``; the layers average their outputs
-        (:meth:`AttentionStore.values`)."""
+    def attention_edit(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
+                       do_cfg: bool) -> AttentionEdit:
+        """The run's :class:`~unbleed.guidance.attention.AttentionEdit`, asked for once per run with the prompt's
+        token groups and its encoded ``embeds`` (``[2·batch, 77, d]`` under ``do_cfg``, unconditional half first);
+        the sampler installs it for every pass."""
 
 
 def method_names(kind: type | None = None) -> list[str]:

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
-from ..guidance.schedule import Schedule, scaled_steps
+from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import group_map, smooth, token_probs
+from .maps import check_kernel, group_map, smooth, token_probs
 
 ALWAYS = -1.0  # a refinement threshold below every NT-Xent value: refine for the whole iteration cap
 
@@ -109,8 +109,7 @@ class Conform(Method):
     def check(self) -> None:
         if self.tau <= 0 or self.sigma <= 0 or self.map_scale <= 0:
             raise UnbleedError("-o tau, -o sigma and -o map_scale must be > 0", field="options")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
+        check_kernel(self.kernel_size)
 
     def map_requests(self, unet) -> tuple[MapRequest, ...]:
         level = level_of(unet, resolve_block(unet, "up-1"))  # the 16×16 level of SD at 512 px
@@ -119,7 +118,7 @@ class Conform(Method):
     def default_schedule(self, num_steps: int) -> Schedule:
         """The notebook's ``max_iter_to_alter=30`` of 50, α = 20·sqrt(linspace(1, 0.5, T)), 20 refinement updates
         at steps 0, 10 and 20 (scaled to T)."""
-        window = (0, max(1, num_steps * 30 // 50))
+        window = first_steps(num_steps, 30)
         return Schedule(window=window, refine=scaled_steps({0: ALWAYS, 10: ALWAYS, 20: ALWAYS}, num_steps, window),
                         max_refine_iters=20, step_size=20.0, step_schedule="sqrt-linear")
 

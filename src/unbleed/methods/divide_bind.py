@@ -66,9 +66,9 @@ import torch.nn.functional as F
 from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, cross_attention_layers, level_of, resolve_block
 from ..guidance.joint_attention import is_joint
-from ..guidance.schedule import Schedule, scaled_steps
+from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import subject_maps
+from .maps import check_kernel, subject_maps
 
 REFERENCE_STEPS = 50  # the official schedule's step count; step options are given at 50 steps
 OFFICIAL_THRESHOLDS = {0: 0.05, 10: 0.2, 20: 0.3}  # min-TV refinement thresholds, set on the official score
@@ -159,9 +159,10 @@ class DivideBind(Method):
     (``official`` | ``paper``); ``bind`` (the binding term; False is the official ``tv`` mode);
     ``attribute_maps`` (``finer``: official, from the finer levels | ``same``: the object maps' level);
     ``combine`` (``max`` | ``sum``); ``bind_weights`` (STEP:λ at 50 steps); ``quantile``, ``quantile_low_tv``,
-    ``low_tv``, ``eps`` (the binding shift); ``step_size``, ``step_schedule``, ``guide_steps`` (of 50),
+    ``low_tv``, ``eps`` (the binding shift); ``guide_steps`` (of 50),
     ``tv_thresholds`` (STEP:min-TV at 50 steps; ``official``: the official {0: 0.05, 10: 0.2, 20: 0.3}, for the
-    official score only; ``none``: no refinement), ``refine_iters``, ``refine_iters_first`` (at step 0).
+    official score only; ``none``: no refinement), ``refine_iters``, ``refine_iters_first`` (at step 0). The step
+    size and its schedule are the run's (``--step-size``, ``--step-schedule``; official: 20, sqrt-linear).
     """
 
     name: ClassVar[str] = "divide-bind"
@@ -182,8 +183,6 @@ class DivideBind(Method):
     quantile_low_tv: float = 0.3
     low_tv: float = 0.1
     eps: float = 1e-5
-    step_size: float = 20.0
-    step_schedule: str = "sqrt-linear"
     guide_steps: int = 25
     tv_thresholds: tuple[str, ...] = ("official",)  # OFFICIAL_THRESHOLDS, for tv=official only
     refine_iters: int = 50
@@ -192,12 +191,10 @@ class DivideBind(Method):
     def check(self) -> None:
         if not math.isfinite(self.map_scale) or self.map_scale <= 0:
             raise UnbleedError(f"-o map_scale={self.map_scale}: must be a finite number > 0", field="options")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
+        check_kernel(self.kernel_size)
         if not math.isfinite(self.sigma) or self.sigma <= 0:
             raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0", field="options")
-        choices = {"tv": ("official", "paper"), "attribute_maps": ("finer", "same"), "combine": ("max", "sum"),
-                   "step_schedule": ("sqrt-linear", "constant")}
+        choices = {"tv": ("official", "paper"), "attribute_maps": ("finer", "same"), "combine": ("max", "sum")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
                 raise UnbleedError(f"-o {option}={getattr(self, option)}: unknown; use {' or '.join(allowed)}",
@@ -209,8 +206,6 @@ class DivideBind(Method):
             raise UnbleedError(f"-o low_tv={self.low_tv}: must be a finite number ≥ 0", field="options")
         if not math.isfinite(self.eps) or self.eps <= 0:
             raise UnbleedError(f"-o eps={self.eps}: must be a finite number > 0", field="options")
-        if not math.isfinite(self.step_size) or self.step_size < 0:
-            raise UnbleedError(f"-o step_size={self.step_size}: must be a finite number ≥ 0", field="options")
         if not 1 <= self.guide_steps <= REFERENCE_STEPS:
             raise UnbleedError(f"-o guide_steps={self.guide_steps}: must be in 1..{REFERENCE_STEPS} "
                                f"(steps guided out of {REFERENCE_STEPS})", field="options")
@@ -245,11 +240,11 @@ class DivideBind(Method):
         size ``20·sqrt(linspace(1, 0.5, T))``, refine at {0, 10, 20} (scaled) while ``min TV`` is below {0.05,
         0.2, 0.3} — stored negated, since the sampler refines while ``refine_value = −min TV`` is above the
         threshold — at most 50 iterations, 100 at step 0."""
-        window = (0, min(num_steps, max(1, self.guide_steps * num_steps // REFERENCE_STEPS)))
+        window = first_steps(num_steps, self.guide_steps)
         negated = {s: -thr for s, thr in self.thresholds().items()}
         return Schedule(window=window, refine=scaled_steps(negated, num_steps, window),
-                        max_refine_iters=self.refine_iters, step_size=self.step_size,
-                        step_schedule=self.step_schedule, refine_iters_at={0: self.refine_iters_first})
+                        max_refine_iters=self.refine_iters, step_size=20.0, step_schedule="sqrt-linear",
+                        refine_iters_at={0: self.refine_iters_first})
 
     def bind_weight(self, step: int, num_steps: int = REFERENCE_STEPS) -> float:
         """``λ_t``: the weight of the last ``bind_weights`` boundary at or before ``step`` (boundaries scaled to

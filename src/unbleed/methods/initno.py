@@ -66,9 +66,9 @@ import torch.nn.functional as F
 
 from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
-from ..guidance.schedule import Schedule, scaled_steps
+from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import excite_loss, otsu_threshold, smooth, subject_maps
+from .maps import check_kernel, excite_loss, otsu_threshold, smooth, subject_maps
 
 KL_STEPS_CAP = 10_000
 
@@ -210,8 +210,7 @@ class InitNO(Method):
             raise UnbleedError("-o rounds must be ≥ 0, round_steps ≥ 1 and final_steps ≥ 0", field="options")
         if self.lr <= 0 or self.kl_threshold <= 0 or self.map_scale <= 0 or self.sigma <= 0:
             raise UnbleedError("-o lr, kl_threshold, map_scale and sigma must be > 0", field="options")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise UnbleedError(f"-o kernel_size={self.kernel_size}: must be an odd number ≥ 1", field="options")
+        check_kernel(self.kernel_size)
 
     # -- maps and scores -------------------------------------------------------------------------------------
 
@@ -318,12 +317,12 @@ class InitNO(Method):
     def default_schedule(self, num_steps: int) -> Schedule:
         """``max_iter_to_alter=25`` of 50, α = 20·sqrt(linspace(1, 0.5, T)); refinement at steps 10 and 20 (scaled
         to T) while ``max(S_CA − 0.2, S_SA − 0.3) > 0`` (:meth:`refine_value`), at most 20 iterations."""
-        window = (0, max(1, num_steps // 2))
+        window = first_steps(num_steps)
         return Schedule(window=window, refine=self._refine_steps(num_steps), max_refine_iters=20, step_size=20.0,
                         step_schedule="sqrt-linear")
 
     def _refine_steps(self, num_steps: int) -> dict[int, float]:
-        return scaled_steps({10: 0.0, 20: 0.0}, num_steps, (0, max(1, num_steps // 2)))
+        return scaled_steps({10: 0.0, 20: 0.0}, num_steps, first_steps(num_steps))
 
     def new_run(self, unet) -> InitNORun:
         return InitNORun()

@@ -12,6 +12,12 @@ from ..errors import UnbleedError
 EPS = 1e-8
 
 
+def check_kernel(size: int, name: str = "kernel_size") -> None:
+    """The smoothing kernel's size (``-o name=…``): odd and ≥ 1 (1 = no smoothing), as :func:`smooth` needs."""
+    if size < 1 or size % 2 == 0:
+        raise UnbleedError(f"-o {name}={size}: must be an odd number ≥ 1 (1 = no smoothing)", field="options")
+
+
 def group_map(maps: torch.Tensor, indices: tuple[int, ...]) -> torch.Tensor:
     """A word's map: the mean over its token pieces (the default pooling for multi-piece words)."""
     return maps[:, list(indices)].mean(dim=1)

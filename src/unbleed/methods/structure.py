@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import torch
 
+from ..guidance.attention import AttentionEdit
 from ..guidance.conditioning import encode_phrase
 from ..text.tokens import Entity
 from .base import Conditioning, register
@@ -35,11 +36,23 @@ def splice(full: torch.Tensor, phrase: torch.Tensor, start: int, length: int) ->
     return out
 
 
+class ValueSetMean(AttentionEdit):
+    """Eq. 4–5's attention: probabilities from the keys of the prompt the pass was given, the output the mean over
+    ``value_sets`` (each shaped like that prompt's embedding) of those probabilities times each set's values."""
+
+    def __init__(self, value_sets: list[torch.Tensor]):
+        self.value_sets = value_sets
+
+    def output(self, layer, probs, values, context):
+        return sum(torch.bmm(probs, values(v)) for v in self.value_sets) / len(self.value_sets)
+
+
 @register
 @dataclass
 class StructureDiffusion(Conditioning):
-    """StructureDiffusion. No options beyond the token groups (its noun phrases). It records no maps of its own:
-    under ``--save-attention`` the sampler draws plain sampling's UP-1 pictures."""
+    """StructureDiffusion. No options beyond the token groups (its noun phrases). Its attention edit
+    (:class:`ValueSetMean` over :meth:`value_sets`) changes every cross-attention layer's output. It records no maps
+    of its own: under ``--save-attention`` the sampler draws plain sampling's UP-1 pictures."""
 
     name: ClassVar[str] = "structure"
     source: ClassVar[str] = "Feng et al., ICLR 2023"
@@ -60,3 +73,7 @@ class StructureDiffusion(Conditioning):
             spliced = splice(cond, phrase.to(cond.dtype), start, min(end - start + 1, n_phrase))
             sets.append(torch.cat([uncond, spliced]) if do_cfg else spliced)
         return sets
+
+    def attention_edit(self, pipe, prompt: str, groups: list[Entity], embeds: torch.Tensor, batch: int,
+                       do_cfg: bool) -> AttentionEdit:
+        return ValueSetMean(self.value_sets(pipe, prompt, groups, embeds, batch, do_cfg))

@@ -139,8 +139,9 @@ class SynGen(Method):
 
     ``level_block`` maps from every cross-attention layer at this block's resolution (``up-1``: 16×16 in SD at
     512 px); ``map_scale`` the ×100 on the maps; ``pieces`` multi-piece pooling ``max`` | ``mean``;
-    ``positive_weight`` / ``negative_weight`` the two terms' weights (1, 1); ``step_size`` the constant α (20);
-    ``guide_steps`` guided steps out of 50 (25), scaled to the run's step count.
+    ``positive_weight`` / ``negative_weight`` the two terms' weights (1, 1); ``guide_steps`` guided steps out of 50
+    (25), scaled to the run's step count. The step size is the run's (``--step-size``; the official constant 20 by
+    default).
     """
 
     name: ClassVar[str] = "syngen"
@@ -152,7 +153,6 @@ class SynGen(Method):
     pieces: str = "max"
     positive_weight: float = 1.0
     negative_weight: float = 1.0
-    step_size: float = 20.0
     guide_steps: int = 25
 
     def check(self) -> None:
@@ -166,8 +166,6 @@ class SynGen(Method):
             value = getattr(self, key)
             if not 0.0 <= value < float("inf"):
                 raise UnbleedError(f"-o {key}={value}: must be a finite number ≥ 0", field="options")
-        if not 0.0 <= self.step_size < float("inf"):
-            raise UnbleedError(f"-o step_size={self.step_size}: must be a finite number ≥ 0", field="options")
         if not 0 <= self.guide_steps <= 50:
             raise UnbleedError(f"-o guide_steps={self.guide_steps}: must be in 0..50 (steps out of 50)",
                                field="options")
@@ -182,7 +180,7 @@ class SynGen(Method):
         end = self.guide_steps * num_steps // 50
         if self.guide_steps > 0:
             end = max(1, end)
-        return Schedule(window=(0, min(end, num_steps)), step_size=self.step_size, step_schedule="constant")
+        return Schedule(window=(0, min(end, num_steps)), step_size=20.0, step_schedule="constant")
 
     def prepare_step(self, maps: Maps, ctx: StepContext, run: Any) -> dict[str, Any]:
         """The (modifier, noun, outside) pairs; the prompt's words are the columns ``1 … ctx.prompt_length − 2``."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .. import checks
 from ..errors import UnbleedError
 from ..eval.verdicts import VERDICTS, summarise, write_plots  # the verdict tables, shared with unbleed report
 from .world import COLOURS, SHAPES, parse_caption, split_prompts
@@ -39,12 +40,12 @@ from .world import COLOURS, SHAPES, parse_caption, split_prompts
 _CONNECTORS = {"a", "an", "and", "next", "to", "with", "above", "below"}
 
 if TYPE_CHECKING:
-    from ..guidance.spec import RunSpec
+    from ..run.spec import RunSpec
 
 
 @dataclass
 class Contender:
-    """One row of the benchmark: a label and its run (:class:`~unbleed.guidance.spec.RunSpec`: the method, its
+    """One row of the benchmark: a label and its run (:class:`~unbleed.run.spec.RunSpec`: the method, its
     options and schedule fields, steps, guidance scale; the bench's seeds replace the spec's)."""
 
     label: str
@@ -86,6 +87,7 @@ def bench_prompts(split: str, n: int, prompts_file: str | Path | None = None, se
     (``train`` for tuning | ``test``: trained combinations, object sets disjoint from train's | ``unseen``: each
     names a combination never trained; :mod:`unbleed.shapes.world`), or a file's."""
     if prompts_file is not None:
+        n = checks.whole(n, "--prompts", 0, fix=" (0 = all of --prompts-file)")  # -1 must not drop the last line
         prompts = read_prompts_file(prompts_file)
         return prompts[:n] if n else prompts
     if n < 1:

@@ -50,6 +50,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import UnbleedError
+from ..eval.verdicts import judge  # the verdict rules, shared with real images (eval is the layer below shapes)
 from .render import render, template_mask
 from .world import (BACKGROUND, COLOURS, SHAPES, SIZE_RANGE, Obj, Scene, caption, noun_phrase, parse_caption,
                     place_boxes, sample_pairs, scene_from_pairs)
@@ -162,8 +163,6 @@ def find_blobs(arr: np.ndarray) -> list[Blob]:
 def detect(image: Image.Image | np.ndarray | str | Path, prompt: str) -> dict[str, Any]:
     """Verdicts for a generated image against the objects its prompt requests (JSON-able; see module doc). The
     verdict logic (steps 4 and 5) is :func:`unbleed.eval.verdicts.judge`, shared with the real-image verdicts."""
-    from ..eval.verdicts import judge
-
     blobs = find_blobs(load_image(image))
     return {"prompt": prompt, **judge(parse_caption(prompt), blobs), "blobs": [b.to_json() for b in blobs]}
 

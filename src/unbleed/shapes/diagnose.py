@@ -37,16 +37,16 @@ the first ``carry_prompts`` prompts × all seeds: the plain run (recorded above)
 at step s = 5 (the method's default schedule with window ``(s, s+1)``, no refinement). The loss is the method's
 own (``prepare_step`` on the detached maps, then ``loss``), from maps recorded on the regular pass, i.e. of the
 latent the scheduler steps, with the :class:`~unbleed.methods.StepContext` the sampler builds (step, number of
-steps, prompt length, groups). Both runs are :class:`~unbleed.guidance.spec.RunSpec` runs of the sampler.
+steps, prompt length, groups). Both runs are :class:`~unbleed.run.spec.RunSpec` runs of the sampler.
 Reported per method: the guided − unguided loss difference at s (the updated latent, with the step's own state
 from the pre-update maps — the update's immediate effect), at s+1 and at 25 (state recomputed from that step's
 maps, as the method would), each with its mean, a 95 % paired bootstrap CI over the images (2,000 resamples,
 seed 0) and the fraction of images where it went down; plus the trace's loss before the update.
 
 **(d) ELA's localisation.** The IoU of each ELA mask ``M^{e_i}`` with its object's clean blob and of ``M_bk`` with
-the background, masks computed by ELA's own ``prepare_step`` (its ``layers``, Otsu, empty-mask fallback) on the
-maps it requests, at steps 5, 10, 25. These masks are binary at map resolution (8×8), so they are upsampled
-nearest-neighbour (each cell 8×8 pixels): what ELA's loss sees.
+the background, masks computed as ELA's ``prepare_step`` computes them (:func:`ela_localise`: its ``layers``, Otsu,
+empty-mask fallback) on the maps it requests, at steps 5, 10, 25. These masks are binary at map resolution (8×8),
+so they are upsampled nearest-neighbour (each cell 8×8 pixels): what ELA's loss sees.
 
 **(e) Token knockout** — is a word's attention *causal* for what is drawn? For the first ``knockout_prompts``
 prompts × all seeds, plain sampling again with some columns of the text encoding replaced, in the conditional
@@ -71,7 +71,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -80,6 +80,9 @@ import torch.nn.functional as F
 from ..guidance.attention import MapRequest, blocks_with_cross_attention, level_of
 from ..errors import UnbleedError
 from ..stats import rate_interval
+
+if TYPE_CHECKING:
+    from ..methods import StepContext
 
 LOCALISATION_STEPS = (5, 10, 25)  # at 50 steps
 PREDICT_WINDOW = (5, 15)  # inclusive, at 50 steps
@@ -204,21 +207,6 @@ def block_requests(unet) -> dict[str, MapRequest]:
     return {n: MapRequest(blocks=(b,), out_level=level_of(unet, b)) for n, b in names.items()}
 
 
-def _maps_for(trace, recorded: list[MapRequest], requests: tuple[MapRequest, ...], step: int) -> tuple:
-    """Recorded maps of ``requests`` (a method's ``map_requests``, or one block's ``(request,)``) at ``step``."""
-    rec = trace[step].raw_maps
-    return tuple(rec[recorded.index(r)] for r in requests)
-
-
-def _method_loss(method, unet, maps, ctx, state_maps=None) -> torch.Tensor:
-    """The method's loss ``[B]`` on ``maps`` at ``ctx``, its step state from ``state_maps`` (default: the same
-    maps) and a fresh run object."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state = method.prepare_step(maps if state_maps is None else state_maps, ctx, method.new_run(unet))
-        return method.loss(maps, ctx, state).float()
-
-
 def _object_groups(pairs, groups) -> list[int | None]:
     """For each requested ``(colour, shape)``, the index of its entity group (the shape noun), or ``None``."""
     out = []
@@ -259,21 +247,312 @@ def _kept_figure(kept: list[bool]) -> dict[str, Any]:
             "n": len(kept)}
 
 
-def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50, guidance_scale: float = 7.5,
-                 carry_prompts: int | None = None, knockout_prompts: int | None = None,
-                 out: str | Path | None = None,
-                 progress: Callable[[str, str], None] | None = None) -> dict[str, Any]:
-    """The five figures (module docstring) on ``prompts`` × ``seeds``; a JSON-able dict. ``carry_prompts`` and
-    ``knockout_prompts``: how many of the prompts (the first ones) get the carry-over runs and the knockout runs
-    (``None`` = all, 0 = none). With ``out``, writes ``diagnose.json``, ``records.jsonl`` (per image) and
-    ``maps/NNNN.png`` (per prompt) there."""
-    from ..guidance.spec import RunSpec
+KNOCKOUTS = ("own_words", "other_words", "summary", "own_words_and_summary")
+CARRY_KEYS = ("at_step", "next_step", "later")
+
+
+# ----------------------------------------------------------------------------------------------- the record
+
+@dataclasses.dataclass
+class Plan:
+    """What every prompt's runs share: the plain run's spec, (c)'s one-update specs, the maps to record, each
+    figure's steps (given at 50, scaled to ``steps``) and (e)'s empty-caption encoding."""
+
+    seeds: tuple[int, ...]
+    steps: int
+    guidance_scale: float
+    blocks: dict[str, MapRequest]  # (a): one request per block with cross-attention
+    attend_excite: Any  # (b): the method whose peak attention is scored
+    ela: Any  # (d): the method whose masks are scored
+    plain: Any  # the RunSpec of plain sampling
+    plain_built: tuple  # and its build()
+    carry: dict[str, tuple[Any, tuple]]  # (c): method name → (its RunSpec with one update, that spec's build())
+    recorded: list[MapRequest]  # every request a figure reads, in the order of a trace step's raw_maps
+    loc_steps: list[int]  # (a) and (d)
+    window: list[int]  # (b)
+    update_step: int  # (c): the update, the step after it and the later step
+    next_step: int
+    later_step: int
+    clean: torch.Tensor  # (e): the empty caption's encoding, [77, dim]
+
+    def keep_needed(self, i: int, n: int, rec) -> None:
+        """The sampler's step callback: drop the recorded maps of the steps no figure reads."""
+        if i not in {*self.loc_steps, *self.window, self.update_step, self.next_step, self.later_step}:
+            rec.raw_maps = None
+
+
+def make_plan(pipe, seeds: list[int], steps: int, guidance_scale: float) -> Plan:
+    """:func:`run_diagnose`'s shared setup for ``pipe``."""
+    from ..run.spec import RunSpec
+
+    unet = pipe.unet
+    blocks = block_requests(unet)
+    plain = RunSpec(method="sd", steps=steps, guidance_scale=guidance_scale, seeds=tuple(seeds))
+    ae, ela = RunSpec(method="attend-excite").build()[0], RunSpec(method="ela").build()[0]
+    s_upd = min(scale_step(CARRY_STEP, steps), steps - 2)
+    # (c)'s runs: each method's defaults with exactly one update, at s_upd, and no refinement
+    specs = {name: plain.replace(method=name, window=(s_upd, s_upd + 1), refine={}) for name in CARRY_METHODS}
+    carry = {name: (spec, spec.build()) for name, spec in specs.items()}
+    recorded = list(dict.fromkeys([*blocks.values(), *ae.map_requests(unet), *ela.map_requests(unet),
+                                   *(r for _, built in carry.values() for r in built[0].map_requests(unet))]))
+    plain_built = plain.build()
+    with torch.no_grad():
+        clean = pipe.encode_prompt("", pipe.device, 1, False)[0][0]
+    return Plan(seeds=tuple(seeds), steps=steps, guidance_scale=guidance_scale, blocks=blocks, attend_excite=ae,
+                ela=ela, plain=plain, plain_built=plain_built, carry=carry, recorded=recorded,
+                loc_steps=sorted({scale_step(s, steps) for s in LOCALISATION_STEPS}),
+                window=list(range(scale_step(PREDICT_WINDOW[0], steps), scale_step(PREDICT_WINDOW[1], steps) + 1)),
+                update_step=s_upd, next_step=s_upd + 1, later_step=max(scale_step(CARRY_LATER, steps), s_upd + 1),
+                clean=clean)
+
+
+@dataclasses.dataclass
+class PromptRun:
+    """The per-run record every figure reads: one prompt's plain run (its trace holds the recorded maps), the
+    detector's verdicts and ground truth for its images, and their JSON records (``records.jsonl``), which the
+    figures extend."""
+
+    prompt: str
+    groups: tuple  # the prompt's token groups (entities)
+    objects: list[int | None]  # per requested object: the index of its entity group (the shape noun), or None
+    result: Any  # the plain run's result: images, seeds, trace
+    recorded: list[MapRequest]  # what each trace step's raw_maps holds, in order
+    context: StepContext  # as the sampler builds it
+    unet: Any
+    arrays: list[np.ndarray]  # the images, [H, W, 3]
+    verdicts: list[dict[str, Any]]  # per image: the detector's verdict (:func:`~unbleed.shapes.detect.detect`)
+    truth: list[list[np.ndarray | None]]  # per image, per object: its clean blob's mask, or None
+    background: list[np.ndarray]  # per image: the pixels in no blob
+    records: list[dict[str, Any]]  # per image: the detector's verdict per object
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.arrays[0].shape[:2])
+
+    def ctx(self, step: int) -> StepContext:
+        return dataclasses.replace(self.context, step=step)
+
+    def maps(self, requests: tuple[MapRequest, ...], step: int, trace=None) -> tuple:
+        """Recorded maps of ``requests`` (a method's ``map_requests``, or one block's ``(request,)``) at ``step``
+        of the plain run (or of another run's ``trace`` recording the same requests)."""
+        rec = (self.result.trace if trace is None else trace)[step].raw_maps
+        return tuple(rec[self.recorded.index(r)] for r in requests)
+
+
+def plain_run(pipe, plan: Plan, prompt: str, progress: Callable[[str, str], None] | None = None) -> PromptRun:
+    """Plain sampling of ``prompt`` recording every map a figure reads, and the detector's ground truth: the clean
+    blob of each requested object (or None) and the background."""
     from ..methods import StepContext
-    from ..methods.maps import group_map
     from ..text.prompt import token_groups
     from .detect import detect, find_blobs, load_image
     from .world import parse_caption
 
+    pairs = parse_caption(prompt)
+    groups = token_groups(pipe.tokenizer, prompt, None)
+    if progress:
+        progress(prompt, "sd")
+    result = plan.plain.run(pipe, prompt, groups=groups, record=tuple(plan.recorded), callback=plan.keep_needed)
+    # the context as the sampler builds it (its number of steps is the loop's: PNDM runs steps + 1 timesteps)
+    context = StepContext.of(pipe.tokenizer, prompt, groups, num_steps=len(result.trace))
+    arrays = [load_image(im) for im in result.images]
+    verdicts = [detect(a, prompt) for a in arrays]
+    truth, background, records = [], [], []
+    for array, verdict, seed in zip(arrays, verdicts, result.seeds):
+        blobs = find_blobs(array)
+        masks = []
+        for c, s in pairs:
+            hits = [b for b in blobs if b.clean and b.colour == c and b.shape == s]
+            masks.append(hits[0].mask.astype(bool) if len(hits) == 1 else None)
+        truth.append(masks)
+        fg = np.zeros(array.shape[:2], bool)
+        for b in blobs:
+            fg |= b.mask.astype(bool)
+        background.append(~fg)
+        records.append({"prompt": prompt, "seed": seed, "success": bool(verdict["success"]),
+                        "fused": bool(verdict["fused"]),
+                        "objects": [{"colour": o["colour"], "shape": o["shape"], "state": o["state"],
+                                     "neglected": neglect_label(o), "clean": m is not None}
+                                    for o, m in zip(verdict["objects"], masks)]})
+    return PromptRun(prompt, groups, _object_groups(pairs, groups), result, plan.recorded, context, pipe.unet,
+                     arrays, verdicts, truth, background, records)
+
+
+# ----------------------------------------------------------------------------------------------- the figures
+# Each takes a prompt's record and returns that prompt's values, in the order the bootstrap intervals resample them.
+
+def _ious(masks: torch.Tensor, truths: list[np.ndarray | None]) -> list[float]:
+    """IoU of ``masks[b]`` with ``truths[b]`` for each image with a truth mask and a non-empty union."""
+    values = (iou(m.numpy(), t) for m, t in zip(masks, truths) if t is not None)
+    return [v for v in values if v is not None]
+
+
+def localisation(run: PromptRun, blocks: dict[str, MapRequest], steps: list[int]) -> dict[str, Any]:
+    """(a): per block and step, the IoUs of each cleanly found object's entity map (bilinear to the image, then
+    Otsu) with its blob, and of the start-of-text map with the background."""
+    from ..methods.maps import group_map
+
+    out: dict[str, Any] = {name: {} for name in blocks}
+    for s in steps:
+        for name, req in blocks.items():
+            (maps,) = run.maps((req,), s)
+            entity = [v for k, gi in enumerate(run.objects) if gi is not None
+                      for v in _ious(otsu_mask(group_map(maps, run.groups[gi].indices), run.size),
+                                     [t[k] for t in run.truth])]
+            out[name][s] = {"entity": entity, "background": _ious(otsu_mask(maps[:, 0], run.size), run.background)}
+    return out
+
+
+def ela_localise(ela, maps: tuple[torch.Tensor, ...], groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """ELA's localisation (Zhang et al., ICML 2024, sec. 4.1) as its loss sees it: ``M_bk`` ``[B, h, w]`` and the
+    entity masks ``M^{e_i}`` ``[B, entities, h, w]`` from the maps of its ``map_requests``, with its own options
+    (binarisation, empty-mask fallback) — what ELA's ``prepare_step`` computes, through the public
+    :func:`unbleed.methods.ela.ela_masks`."""
+    from ..methods.ela import ela_masks
+    from ..methods.maps import group_map
+
+    if not groups:
+        raise UnbleedError("ela needs at least one entity: the prompt names no shape")
+    a = maps[0]
+    entities = torch.stack([group_map(a, e.indices) for e in groups], 1)
+    bk, masks, _ = ela_masks(a[:, 0], entities, ela.binarize, ela.empty_mask, ela.topk_frac)
+    return bk, masks
+
+
+def ela_localisation(run: PromptRun, ela, steps: list[int]) -> dict[int, dict[str, list[float]]]:
+    """(d): per step, the IoUs of ELA's masks (:func:`ela_localise`, upsampled nearest-neighbour: what its loss
+    sees) with the objects' clean blobs and with the background."""
+    req = ela.map_requests(run.unet)
+    out = {}
+    for s in steps:
+        bk, masks = ela_localise(ela, run.maps(req, s), run.groups)
+        bk, masks = nearest_mask(bk, run.size), nearest_mask(masks, run.size)
+        entity = [v for b in range(len(run.arrays)) for k, gi in enumerate(run.objects)
+                  if gi is not None for v in _ious(masks[b:b + 1, gi], [run.truth[b][k]])]
+        out[s] = {"entity": entity, "background": _ious(bk, run.background)}
+    return out
+
+
+def predictiveness(run: PromptRun, ae, window: list[int]) -> dict[str, list]:
+    """(b): each found object's negated peak attention (A&E's smoothed maximum, :meth:`AttendExcite.max_attention`,
+    on its own maps) with its labels (neglected; not cleanly present), and per image the largest pairwise overlap
+    of the objects' entity maps with its label (fused), each averaged over the ``window`` steps. Adds ``peak``
+    and ``overlap`` to the records."""
+    from ..methods.maps import group_map
+
+    req = ae.map_requests(run.unet)
+    peaks, overlaps = [], []
+    for s in window:
+        maps = run.maps(req, s)
+        peaks.append(ae.max_attention(maps[0], ae.prepare_step(maps, run.ctx(s), ae.new_run(run.unet))))
+        ents = [group_map(maps[0], run.groups[gi].indices) for gi in run.objects if gi is not None]
+        if len(ents) >= 2:
+            pair = [overlap(ents[i], ents[j]) for i in range(len(ents)) for j in range(i + 1, len(ents))]
+            overlaps.append(torch.stack(pair, 1).amax(1))
+    peak = torch.stack(peaks).mean(0)  # [B, entities]
+    over = torch.stack(overlaps).mean(0) if overlaps else None
+    out: dict[str, list] = {"peak": [], "neglected": [], "absent": [], "overlap": [], "fused": []}
+    for b, (rec, verdict) in enumerate(zip(run.records, run.verdicts)):
+        for gi, entry, obj in zip(run.objects, rec["objects"], verdict["objects"]):
+            if gi is not None:
+                out["peak"].append(-float(peak[b, gi]))
+                out["neglected"].append(entry["neglected"])
+                out["absent"].append(obj["count"] == 0)
+                entry["peak"] = round(float(peak[b, gi]), 5)
+        if over is not None:
+            out["overlap"].append(float(over[b]))
+            out["fused"].append(rec["fused"])
+            rec["overlap"] = round(float(over[b]), 5)
+    return out
+
+
+def _method_loss(method, unet, maps, ctx, state_maps=None) -> torch.Tensor:
+    """The method's loss ``[B]`` on ``maps`` at ``ctx``, its step state from ``state_maps`` (default: the same
+    maps) and a fresh run object."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = method.prepare_step(maps if state_maps is None else state_maps, ctx, method.new_run(unet))
+        return method.loss(maps, ctx, state).float()
+
+
+def carry_over(pipe, plan: Plan, run: PromptRun, name: str) -> dict[str, list[float]]:
+    """(c) for method ``name``: a run with its one update at ``plan.update_step``; per image the guided − unguided
+    loss difference at the update step (the updated latent, state from the pre-update maps), at the next step
+    and at the later step, and the guided run's loss before its update (``before``). Adds both losses to the
+    records."""
+    spec, built = plan.carry[name]
+    method, unet = built[0], pipe.unet
+    req = method.map_requests(unet)
+    guided = spec.run(pipe, run.prompt, groups=run.groups, record=tuple(plan.recorded), callback=plan.keep_needed,
+                      output_type="latent", built=built)
+
+    def loss(trace, step, state_maps=None):
+        return _method_loss(method, unet, run.maps(req, step, trace), run.ctx(step), state_maps)
+
+    plain, s = run.result.trace, plan.update_step
+    values = {"at_step": (loss(guided.trace, s, state_maps=run.maps(req, s)), loss(plain, s)),
+              "next_step": (loss(guided.trace, plan.next_step), loss(plain, plan.next_step)),
+              "later": (loss(guided.trace, plan.later_step), loss(plain, plan.later_step))}
+    out = {"before": list(guided.trace[s].loss or [])}
+    for key, (g, u) in values.items():
+        out[key] = (g - u).tolist()
+        for b, rec in enumerate(run.records):
+            rec.setdefault("carry_over", {}).setdefault(name, {})[key] = {
+                "guided": round(float(g[b]), 6), "unguided": round(float(u[b]), 6)}
+    return out
+
+
+def knockout(pipe, plan: Plan, run: PromptRun, progress: Callable[[str, str], None] | None = None
+             ) -> dict[str, list[bool]]:
+    """(e): plain sampling with an object's words, another object's words, the summary columns (end-of-text and
+    the padding after it), or an object's words and the summary replaced by the empty caption's
+    (:func:`cleaned_columns`); for each object present in the plain image, whether it is still present, per
+    kind of knockout (:data:`KNOCKOUTS`). Adds each image's object states per knockout to the records."""
+    from .detect import detect
+
+    words = [[*run.groups[g].indices, *(i for a in run.groups[g].attributes for i in a.indices)]
+             if g is not None else None for g in run.objects]
+    present = [[o["state"] == "present" for o in v["objects"]] for v in run.verdicts]
+    summary = list(range(run.context.eot, plan.clean.shape[0]))
+    conditions = [(f"words of object {i}", cols, i) for i, cols in enumerate(words) if cols]
+    conditions.append(("summary", summary, None))
+    conditions += [(f"words of object {i} and summary", cols + summary, ("and summary", i))
+                   for i, cols in enumerate(words) if cols]
+    kept: dict[str, list[bool]] = {k: [] for k in KNOCKOUTS}
+    for label, cols, hidden in conditions:
+        if progress:
+            progress(run.prompt, f"sd, {label} replaced")
+        with cleaned_columns(pipe.unet, cols, plan.clean, cfg=plan.guidance_scale > 1.0):
+            result = plan.plain.run(pipe, run.prompt, groups=run.groups, built=plan.plain_built)
+        for b, image in enumerate(result.images):
+            states = [o["state"] for o in detect(image, run.prompt)["objects"]]
+            for i, state in enumerate(states):
+                if not present[b][i]:
+                    continue
+                if isinstance(hidden, tuple):  # an object's words and the summary
+                    if hidden[1] != i:
+                        continue
+                    key = "own_words_and_summary"
+                else:
+                    key = "summary" if hidden is None else "own_words" if hidden == i else "other_words"
+                kept[key].append(state == "present")
+            run.records[b].setdefault("knockout", {})[label] = states
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def _extend(into: dict, new: dict) -> None:
+    """Append ``new``'s lists to ``into``'s at the same keys (nested dicts alike)."""
+    for key, value in new.items():
+        if isinstance(value, dict):
+            _extend(into.setdefault(key, {}), value)
+        else:
+            into.setdefault(key, []).extend(value)
+
+
+def _counts(prompts: list[str], seeds: list[int], steps: int, carry_prompts: int | None,
+            knockout_prompts: int | None) -> tuple[int, int]:
+    """Checks :func:`run_diagnose`'s arguments; the carry-over and knockout prompt counts (``None`` = all)."""
     if steps < 2:
         raise UnbleedError(f"--steps {steps}: diagnose needs at least 2 steps (an update and the step after it)")
     if not prompts:
@@ -286,256 +565,100 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
     knockout_prompts = len(prompts) if knockout_prompts is None else knockout_prompts
     if knockout_prompts < 0:
         raise UnbleedError(f"--knockout-prompts {knockout_prompts}: use 0 (none) or more")
+    return carry_prompts, knockout_prompts
+
+
+def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50, guidance_scale: float = 7.5,
+                 carry_prompts: int | None = None, knockout_prompts: int | None = None,
+                 out: str | Path | None = None,
+                 progress: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """The five figures (module docstring) on ``prompts`` × ``seeds``; a JSON-able dict. ``carry_prompts`` and
+    ``knockout_prompts``: how many of the prompts (the first ones) get the carry-over runs and the knockout runs
+    (``None`` = all, 0 = none). With ``out``, writes ``diagnose.json``, ``records.jsonl`` (per image) and
+    ``maps/NNNN.png`` (per prompt) there."""
+    carry_prompts, knockout_prompts = _counts(prompts, seeds, steps, carry_prompts, knockout_prompts)
     t_start = time.perf_counter()
-    unet = pipe.unet
-    blocks = block_requests(unet)
-    plain_spec = RunSpec(method="sd", steps=steps, guidance_scale=guidance_scale, seeds=tuple(seeds))
-    ae, ela = RunSpec(method="attend-excite").build()[0], RunSpec(method="ela").build()[0]
-    ae_req, ela_req = ae.map_requests(unet), ela.map_requests(unet)
-
-    loc_steps = sorted({scale_step(s, steps) for s in LOCALISATION_STEPS})
-    window = list(range(scale_step(PREDICT_WINDOW[0], steps), scale_step(PREDICT_WINDOW[1], steps) + 1))
-    s_upd = min(scale_step(CARRY_STEP, steps), steps - 2)
-    s_next, s_later = s_upd + 1, max(scale_step(CARRY_LATER, steps), s_upd + 1)
-    # (c)'s runs: each method's defaults with exactly one update, at s_upd, and no refinement
-    carry_specs = {name: plain_spec.replace(method=name, window=(s_upd, s_upd + 1), refine={})
-                   for name in CARRY_METHODS}
-    carry_built = {name: spec.build() for name, spec in carry_specs.items()}
-    carry = {name: built[0] for name, built in carry_built.items()}
-    recorded: list[MapRequest] = list(dict.fromkeys(
-        [*blocks.values(), *ae_req, *ela_req, *(r for m in carry.values() for r in m.map_requests(unet))]))
-    carry_steps = sorted({s_upd, s_next, s_later})
-    needed = set(loc_steps) | set(window) | set(carry_steps)
-
-    def keep_needed(i, n, rec):
-        if i not in needed:
-            rec.raw_maps = None
-
-    loc = {b: {s: {"entity": [], "background": []} for s in loc_steps} for b in blocks}
-    ela_loc = {s: {"entity": [], "background": []} for s in loc_steps}
-    peak_scores, peak_labels, absent_labels = [], [], []
-    ov_scores, ov_labels = [], []
-    carry_diffs = {m: {"at_step": [], "next_step": [], "later": []} for m in carry}
-    carry_before = {m: [] for m in carry}
-    knocked: dict[str, list[bool]] = {"own_words": [], "other_words": [], "summary": [], "own_words_and_summary": []}
-    plain_built = plain_spec.build()
-    with torch.no_grad():  # the empty caption's encoding: (e)'s clean columns
-        clean = pipe.encode_prompt("", pipe.device, 1, False)[0][0]
-    n_images = n_success = n_fused = n_objects = n_neglected = n_clean = 0
+    plan = make_plan(pipe, seeds, steps, guidance_scale)
+    values: dict[str, Any] = {"predictiveness": {}, "carry_over": {}, "knockout": {k: [] for k in KNOCKOUTS}}
     records: list[dict[str, Any]] = []
     out = Path(out) if out is not None else None
     if out is not None:
         (out / "maps").mkdir(parents=True, exist_ok=True)
-
     for p, prompt in enumerate(prompts):
-        pairs = parse_caption(prompt)
-        groups = token_groups(pipe.tokenizer, prompt, None)
-        obj_group = _object_groups(pairs, groups)
-        if progress:
-            progress(prompt, "sd")
-        plain = plain_spec.run(pipe, prompt, groups=groups, record=tuple(recorded), callback=keep_needed)
-        # the context as the sampler builds it (its number of steps is the loop's: PNDM runs steps + 1 timesteps)
-        context = StepContext.of(pipe.tokenizer, prompt, groups, num_steps=len(plain.trace))
-
-        def ctx(step: int, context: StepContext = context) -> StepContext:
-            return dataclasses.replace(context, step=step)
-
-        arrays = [load_image(im) for im in plain.images]
-        size = tuple(arrays[0].shape[:2])
-        verdicts = [detect(a, prompt) for a in arrays]
-        blob_lists = [find_blobs(a) for a in arrays]
-        # Ground truth per image: the clean blob of each object (or None), and the background.
-        truth, background = [], []
-        for blobs, verdict in zip(blob_lists, verdicts):
-            masks = []
-            for c, s in pairs:
-                hits = [b for b in blobs if b.clean and b.colour == c and b.shape == s]
-                masks.append(hits[0].mask.astype(bool) if len(hits) == 1 else None)
-            truth.append(masks)
-            fg = np.zeros(size, bool)
-            for b in blobs:
-                fg |= b.mask.astype(bool)
-            background.append(~fg)
-            n_images += 1
-            n_success += bool(verdict["success"])
-            n_fused += bool(verdict["fused"])
-
-        # (a) localisation per block and step; (d) ELA's masks
-        for s in loc_steps:
-            for name, req in blocks.items():
-                (maps,) = _maps_for(plain.trace, recorded, (req,), s)
-                sot = otsu_mask(maps[:, 0], size)
-                for k, gi in enumerate(obj_group):
-                    if gi is None:
-                        continue
-                    ent = otsu_mask(group_map(maps, groups[gi].indices), size)
-                    for b in range(len(seeds)):
-                        if truth[b][k] is not None:
-                            v = iou(ent[b].numpy(), truth[b][k])
-                            if v is not None:
-                                loc[name][s]["entity"].append(v)
-                for b in range(len(seeds)):
-                    v = iou(sot[b].numpy(), background[b])
-                    if v is not None:
-                        loc[name][s]["background"].append(v)
-            maps = _maps_for(plain.trace, recorded, ela_req, s)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state = ela.prepare_step(maps, ctx(s), ela.new_run(unet))
-            bk = nearest_mask(state["background"], size)
-            ent_masks = nearest_mask(state["masks"], size)
-            for b in range(len(seeds)):
-                v = iou(bk[b].numpy(), background[b])
-                if v is not None:
-                    ela_loc[s]["background"].append(v)
-                for k, gi in enumerate(obj_group):
-                    if gi is not None and truth[b][k] is not None:
-                        v = iou(ent_masks[b, gi].numpy(), truth[b][k])
-                        if v is not None:
-                            ela_loc[s]["entity"].append(v)
-
-        # (b) predictiveness: A&E's peak attention and the entities' overlap, averaged over the window
-        peaks, overlaps = [], []
-        for s in window:
-            maps = _maps_for(plain.trace, recorded, ae_req, s)
-            state = ae.prepare_step(maps, ctx(s), ae.new_run(unet))
-            peaks.append(ae.max_attention(maps[0], state))  # [B, entities]
-            ents = [group_map(maps[0], groups[gi].indices) for gi in obj_group if gi is not None]
-            if len(ents) >= 2:
-                pair = [overlap(ents[i], ents[j]) for i in range(len(ents)) for j in range(i + 1, len(ents))]
-                overlaps.append(torch.stack(pair, 1).amax(1))
-        peak = torch.stack(peaks).mean(0)
-        over = torch.stack(overlaps).mean(0) if overlaps else None
-        for b, verdict in enumerate(verdicts):
-            rec: dict[str, Any] = {"prompt": prompt, "seed": seeds[b], "success": bool(verdict["success"]),
-                                   "fused": bool(verdict["fused"]), "objects": []}
-            for k, gi in enumerate(obj_group):
-                o = verdict["objects"][k]
-                neglected = neglect_label(o)
-                n_objects += 1
-                n_neglected += neglected
-                n_clean += truth[b][k] is not None
-                entry = {"colour": o["colour"], "shape": o["shape"], "state": o["state"], "neglected": neglected,
-                         "clean": truth[b][k] is not None}
-                if gi is not None:
-                    pk = float(peak[b, gi])
-                    peak_scores.append(-pk)
-                    peak_labels.append(neglected)
-                    absent_labels.append(o["count"] == 0)
-                    entry["peak"] = round(pk, 5)
-                rec["objects"].append(entry)
-            if over is not None:
-                ov_scores.append(float(over[b]))
-                ov_labels.append(bool(verdict["fused"]))
-                rec["overlap"] = round(float(over[b]), 5)
-            records.append(rec)
-
-        # (c) carry-over: one update at s_upd against none
+        run = plain_run(pipe, plan, prompt, progress)
+        _extend(values, {"localisation": localisation(run, plan.blocks, plan.loc_steps),
+                         "ela_localisation": ela_localisation(run, plan.ela, plan.loc_steps),
+                         "predictiveness": predictiveness(run, plan.attend_excite, plan.window)})
         if p < carry_prompts:
-            for name, method in carry.items():
+            for name in CARRY_METHODS:
                 if progress:
-                    progress(prompt, f"{name} (one update at step {s_upd})")
-                req = method.map_requests(unet)
-                guided = carry_specs[name].run(pipe, prompt, groups=groups, record=tuple(recorded),
-                                               callback=keep_needed, output_type="latent", built=carry_built[name])
-
-                def loss(trace, step, state_maps=None, method=method, req=req):
-                    return _method_loss(method, unet, _maps_for(trace, recorded, req, step), ctx(step), state_maps)
-
-                pre = _maps_for(plain.trace, recorded, req, s_upd)
-                values = {
-                    "at_step": (loss(guided.trace, s_upd, state_maps=pre), loss(plain.trace, s_upd)),
-                    "next_step": (loss(guided.trace, s_next), loss(plain.trace, s_next)),
-                    "later": (loss(guided.trace, s_later), loss(plain.trace, s_later)),
-                }
-                carry_before[name] += list(guided.trace[s_upd].loss or [])
-                for key, (g, u) in values.items():
-                    diffs = (g - u).tolist()
-                    carry_diffs[name][key] += diffs
-                    for b, d in enumerate(diffs):
-                        records[-len(seeds) + b].setdefault("carry_over", {}).setdefault(name, {})[key] = {
-                            "guided": round(float(g[b]), 6), "unguided": round(float(u[b]), 6)}
-        # (e) token knockout: replace an object's words, another's, the summary, or words and summary
+                    progress(prompt, f"{name} (one update at step {plan.update_step})")
+                _extend(values["carry_over"], {name: carry_over(pipe, plan, run, name)})
         if p < knockout_prompts:
-            words = [[*groups[g].indices, *(i for a in groups[g].attributes for i in a.indices)]
-                     if g is not None else None for g in obj_group]
-            present = [[o["state"] == "present" for o in v["objects"]] for v in verdicts]
-            summary = list(range(context.eot, clean.shape[0]))
-            conditions = [(f"words of object {i}", cols, i) for i, cols in enumerate(words) if cols]
-            conditions.append(("summary", summary, None))
-            conditions += [(f"words of object {i} and summary", cols + summary, ("and summary", i))
-                           for i, cols in enumerate(words) if cols]
-            for label, cols, hidden in conditions:
-                if progress:
-                    progress(prompt, f"sd, {label} replaced")
-                with cleaned_columns(unet, cols, clean, cfg=guidance_scale > 1.0):
-                    result = plain_spec.run(pipe, prompt, groups=groups, built=plain_built)
-                for b, image in enumerate(result.images):
-                    states = [o["state"] for o in detect(image, prompt)["objects"]]
-                    for i, state in enumerate(states):
-                        if not present[b][i]:
-                            continue
-                        if isinstance(hidden, tuple):  # an object's words and the summary
-                            if hidden[1] != i:
-                                continue
-                            key = "own_words_and_summary"
-                        else:
-                            key = "summary" if hidden is None else "own_words" if hidden == i else "other_words"
-                        knocked[key].append(state == "present")
-                    records[-len(seeds) + b].setdefault("knockout", {})[label] = states
+            _extend(values["knockout"], knockout(pipe, plan, run, progress))
+        records += run.records
         if out is not None:
-            _picture(plain, arrays, truth, background, groups, obj_group, blocks, recorded, ela, ela_req,
-                     ctx, loc_steps, prompt, unet).save(out / "maps" / f"{p:04d}.png")
-        del plain
-
-    figures: dict[str, Any] = {
-        "prompts": len(prompts), "seeds": list(seeds), "images": n_images, "steps": steps,
-        "guidance_scale": guidance_scale,
-        "detector": {"success": _r(n_success / n_images), "fused": _r(n_fused / n_images),
-                     "objects": n_objects, "neglected_objects": n_neglected, "clean_objects": n_clean,
-                     "label": "state == neglected"},
-        "localisation": {
-            "steps": loc_steps, "upsampling": "bilinear to the image, then Otsu",
-            "blocks": {name: {"resolution": list(_map_size(blocks[name], unet)),
-                              "by_step": {str(s): {"entity": _mean_n(v["entity"]),
-                                                   "background": _mean_n(v["background"])}
-                                          for s, v in loc[name].items()}}
-                       for name in blocks},
-        },
-        "predictiveness": {
-            "steps": [window[0], window[-1]],
-            "peak_attention_neglect": {**_auc_figure(peak_scores, peak_labels, [-x for x in peak_scores]),
-                                       "label": "state == neglected",
-                                       "orientation": "score = -peak: 1.0 = lower peak always marks neglect"},
-            "peak_attention_not_present": {**_auc_figure(peak_scores, absent_labels, [-x for x in peak_scores]),
-                                           "label": "count == 0 (no clean blob of its colour and shape)"},
-            "overlap_fused": {**_auc_figure(ov_scores, ov_labels),
-                              "orientation": "score = overlap: 1.0 = higher overlap always marks fusion"},
-        },
-        "carry_over": {
-            "update_step": s_upd, "next_step": s_next, "later_step": s_later,
-            "prompts": min(carry_prompts, len(prompts)),
-            "methods": {name: {"loss_before_update": _r(float(np.mean(carry_before[name])))
-                               if carry_before[name] else None,
-                               **{k: _diff_figure(v) for k, v in carry_diffs[name].items()}}
-                        for name in carry} if carry_prompts else {},
-        },
-        "knockout": {"prompts": min(knockout_prompts, len(prompts)),
-                     "intervention": "columns replaced by the empty caption's encoding, conditional half",
-                     **{k: _kept_figure(v) for k, v in knocked.items()}},
-        "ela_localisation": {
-            "steps": loc_steps, "layers": list(ela.layers), "upsampling": "nearest (binary masks at map size)",
-            "by_step": {str(s): {"entity": _mean_n(v["entity"]), "background": _mean_n(v["background"])}
-                        for s, v in ela_loc.items()},
-        },
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
+            _picture(run, plan).save(out / "maps" / f"{p:04d}.png")
+        del run
+    figures = {**summarise(plan, values, records, pipe.unet, len(prompts), carry_prompts, knockout_prompts),
+               "seconds": round(time.perf_counter() - t_start, 1)}
     if out is not None:
         (out / "diagnose.json").write_text(json.dumps({**figures, "prompt_list": prompts}, indent=1))
         with open(out / "records.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return figures
+
+
+def summarise(plan: Plan, values: dict[str, Any], records: list[dict[str, Any]], unet, prompts: int,
+              carry_prompts: int, knockout_prompts: int) -> dict[str, Any]:
+    """The figures' JSON from the values the figure functions returned over all prompts and the image records."""
+    objects = [o for r in records for o in r["objects"]]
+    images = len(records)
+    pred, carry = values["predictiveness"], values["carry_over"]
+    negated = [-x for x in pred["peak"]]
+
+    def by_step(v):
+        return {str(s): {"entity": _mean_n(d["entity"]), "background": _mean_n(d["background"])} for s, d in v.items()}
+
+    return {
+        "prompts": prompts, "seeds": list(plan.seeds), "images": images, "steps": plan.steps,
+        "guidance_scale": plan.guidance_scale,
+        "detector": {"success": _r(sum(r["success"] for r in records) / images),
+                     "fused": _r(sum(r["fused"] for r in records) / images),
+                     "objects": len(objects), "neglected_objects": sum(o["neglected"] for o in objects),
+                     "clean_objects": sum(o["clean"] for o in objects), "label": "state == neglected"},
+        "localisation": {
+            "steps": plan.loc_steps, "upsampling": "bilinear to the image, then Otsu",
+            "blocks": {name: {"resolution": list(_map_size(plan.blocks[name], unet)),
+                              "by_step": by_step(values["localisation"][name])} for name in plan.blocks},
+        },
+        "predictiveness": {
+            "steps": [plan.window[0], plan.window[-1]],
+            "peak_attention_neglect": {**_auc_figure(pred["peak"], pred["neglected"], negated),
+                                       "label": "state == neglected",
+                                       "orientation": "score = -peak: 1.0 = lower peak always marks neglect"},
+            "peak_attention_not_present": {**_auc_figure(pred["peak"], pred["absent"], negated),
+                                           "label": "count == 0 (no clean blob of its colour and shape)"},
+            "overlap_fused": {**_auc_figure(pred["overlap"], pred["fused"]),
+                              "orientation": "score = overlap: 1.0 = higher overlap always marks fusion"},
+        },
+        "carry_over": {
+            "update_step": plan.update_step, "next_step": plan.next_step, "later_step": plan.later_step,
+            "prompts": min(carry_prompts, prompts),
+            "methods": {name: {"loss_before_update": _r(float(np.mean(v["before"]))) if v["before"] else None,
+                               **{k: _diff_figure(v[k]) for k in CARRY_KEYS}}
+                        for name, v in carry.items()},
+        },
+        "knockout": {"prompts": min(knockout_prompts, prompts),
+                     "intervention": "columns replaced by the empty caption's encoding, conditional half",
+                     **{k: _kept_figure(v) for k, v in values["knockout"].items()}},
+        "ela_localisation": {
+            "steps": plan.loc_steps, "layers": list(plan.ela.layers),
+            "upsampling": "nearest (binary masks at map size)",
+            "by_step": by_step(values["ela_localisation"]),
+        },
+    }
 
 
 def _map_size(request: MapRequest, unet) -> tuple[int, int]:
@@ -545,8 +668,7 @@ def _map_size(request: MapRequest, unet) -> tuple[int, int]:
     return size_at_level((latent, latent), request.out_level)
 
 
-def _picture(plain, arrays, truth, background, groups, obj_group, blocks, recorded, ela, ela_req, ctx,
-             loc_steps, prompt, unet):
+def _picture(run: PromptRun, plan: Plan):
     """Per seed a row: the image, the detector's masks, then at the middle localisation step the up-1 (or first
     block's) entity and start-of-text maps and ELA's masks."""
     from PIL import Image
@@ -555,12 +677,10 @@ def _picture(plain, arrays, truth, background, groups, obj_group, blocks, record
     from ..io.viz import colorize
     from ..methods.maps import group_map
 
-    s = loc_steps[len(loc_steps) // 2]
-    name = "up-1" if "up-1" in blocks else next(iter(blocks))
-    (maps,) = _maps_for(plain.trace, recorded, (blocks[name],), s)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state = ela.prepare_step(_maps_for(plain.trace, recorded, ela_req, s), ctx(s), ela.new_run(unet))
+    s = plan.loc_steps[len(plan.loc_steps) // 2]
+    name = "up-1" if "up-1" in plan.blocks else next(iter(plan.blocks))
+    (maps,) = run.maps((plan.blocks[name],), s)
+    bk, ela_masks = ela_localise(plan.ela, run.maps(plan.ela.map_requests(run.unet), s), run.groups)
 
     def heat(m):
         up = F.interpolate(m[None, None].float(), size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
@@ -571,23 +691,26 @@ def _picture(plain, arrays, truth, background, groups, obj_group, blocks, record
         return Image.fromarray((np.asarray(m, bool) * 255).astype(np.uint8), "L").convert("RGB").resize(
             (64, 64), Image.NEAREST)
 
-    ents = [gi for gi in obj_group if gi is not None]
+    groups, arrays = run.groups, run.arrays
+    ents = [gi for gi in run.objects if gi is not None]
     cols = (["image"] + [f"blob: {groups[gi].text}" for gi in ents] + ["background"]
             + [f"{name} {groups[gi].text}" for gi in ents] + [f"{name} SOT"]
             + [f"ELA M: {groups[gi].text}" for gi in ents] + ["ELA M_bk"])
     rows = []
-    for b, seed in enumerate(plain.seeds):
+    for b, seed in enumerate(run.result.seeds):
         cells = [Image.fromarray(arrays[b].astype(np.uint8))]
-        cells += [mask(truth[b][k] if truth[b][k] is not None else np.zeros(arrays[b].shape[:2]))
-                  for k, gi in enumerate(obj_group) if gi is not None]
-        cells.append(mask(background[b]))
+        cells += [mask(run.truth[b][k] if run.truth[b][k] is not None else np.zeros(arrays[b].shape[:2]))
+                  for k, gi in enumerate(run.objects) if gi is not None]
+        cells.append(mask(run.background[b]))
         cells += [heat(group_map(maps, groups[gi].indices)[b]) for gi in ents]
         cells.append(heat(maps[b, 0]))
-        cells += [mask(state["masks"][b, gi].numpy() > 0.5) for gi in ents]
-        cells.append(mask(state["background"][b].numpy() > 0.5))
+        cells += [mask(ela_masks[b, gi].numpy() > 0.5) for gi in ents]
+        cells.append(mask(bk[b].numpy() > 0.5))
         rows.append((f"seed {seed}", [c.resize((96, 96), Image.NEAREST) for c in cells]))
-    return image_grid(rows, col_labels=cols, title=f"{prompt} (maps at step {s})")
+    return image_grid(rows, col_labels=cols, title=f"{run.prompt} (maps at step {s})")
 
 
 __all__ = ["auc", "auc_ci", "iou", "otsu_mask", "nearest_mask", "overlap", "mean_ci", "block_requests",
-           "scale_step", "neglect_label", "run_diagnose"]
+           "scale_step", "neglect_label", "Plan", "PromptRun", "make_plan", "plain_run", "localisation",
+           "ela_localise", "ela_localisation", "predictiveness", "carry_over", "knockout", "summarise",
+           "run_diagnose"]

@@ -15,8 +15,6 @@ The trained weights ship in the package (``unbleed/data/shapes_model``, fp16 saf
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from importlib import resources
-from pathlib import Path
 
 import torch
 
@@ -110,10 +108,4 @@ def make_pipeline(components: dict):
                                    requires_safety_checker=False)
 
 
-def shipped_model_path() -> Path:
-    """Where the trained shapes model lives inside the package."""
-    return Path(str(resources.files("unbleed") / "data" / "shapes_model"))
-
-
-__all__ = ["ARCHS", "Arch", "IMAGE_SIZE", "LATENT_SIZE", "build_components", "make_pipeline", "noise_schedule",
-           "shipped_model_path"]
+__all__ = ["ARCHS", "Arch", "IMAGE_SIZE", "LATENT_SIZE", "build_components", "make_pipeline", "noise_schedule"]

@@ -67,6 +67,7 @@ class TrainConfig:
     p_uncond: float = 0.1
     p_words_only: float = 0.0  # captioned samples whose cross-attention sees only start-of-text and the words
     clean_pads: bool = False  # end-of-text + padding: the empty caption's, and the text encoder learns to produce it
+    keep_eot: bool = False  # with clean_pads: the end-of-text column stays the caption's; only the padding is cleaned
     min_snr: float = 5.0
     seed: int = 0
     arch: str = "default"
@@ -98,6 +99,9 @@ class TrainConfig:
             raise UnbleedError(f"--lr-decay {self.lr_decay!r}: use one of {', '.join(LR_DECAYS)}")
         self.p_uncond = checks.real(self.p_uncond, "--p-uncond", 0, 1, high_open=True, fix=" (a probability)")
         self.p_words_only = checks.real(self.p_words_only, "--p-words-only", 0, 1, fix=" (a probability)")
+        if self.keep_eot and not self.clean_pads:
+            raise UnbleedError("--keep-eot keeps the end-of-text column when --clean-pads cleans the padding: add "
+                               "--clean-pads, or drop --keep-eot")
         return self
 
     def to_dict(self) -> dict:
@@ -135,9 +139,10 @@ def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor([_token_ids(tokenizer, t) for t in texts])
 
 
-def summary_columns(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """``[B, L]`` bool: True at each row's end-of-text (its first ``eos_token_id``) and at the padding after it."""
-    first = (ids == eos_token_id).int().argmax(1)
+def summary_columns(ids: torch.Tensor, eos_token_id: int, keep_eot: bool = False) -> torch.Tensor:
+    """``[B, L]`` bool: True at each row's end-of-text (its first ``eos_token_id``) and at the padding after it;
+    with ``keep_eot``, at the padding after the end-of-text only."""
+    first = (ids == eos_token_id).int().argmax(1) + int(keep_eot)
     return torch.arange(ids.shape[1], device=ids.device)[None, :] >= first[:, None]
 
 
@@ -361,10 +366,12 @@ class Trainer:
         into them, and the UNet draws an object from its words *or* from them (docs/shapes.md, "Why the control
         fails"); a frozen CLIP's padding, by contrast, carries nothing SD uses (Toker et al.). So, in an ordinary
         SD pipeline at inference, the caption reaches the UNet only through its words. The training log's loss is
-        the diffusion loss alone."""
+        the diffusion loss alone. With ``keep_eot`` the end-of-text column is left as the encoder writes it (as a
+        frozen CLIP's end-of-text, which does carry the caption) and only the padding after it is cleaned: one
+        summary column, from which the UNet can read how many objects the caption names."""
         empty = token_ids(self.tokenizer, [""]).to(ids.device)
         clean = self.text_encoder(empty)[0].detach()[0]
-        pad = summary_columns(ids, self.tokenizer.eos_token_id)
+        pad = summary_columns(ids, self.tokenizer.eos_token_id, keep_eot=self.cfg.keep_eot)
         loss = ((cond - clean).pow(2).mean(-1) * pad).sum() / pad.sum().clamp(min=1)
         return torch.where(pad[..., None], clean.expand_as(cond), cond), loss
 

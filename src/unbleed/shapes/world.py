@@ -320,8 +320,8 @@ def _prompts(n: int, seed: int, split: str, objects: int = 2) -> list[str]:
             phrases = [noun_phrase(*p) for p in pairs]
             out[frozenset(pairs)] = phrases[0] if objects == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if len(out) < n:
-        raise UnbleedError(f"--prompts {n}: the {split} split has only {len(out)} distinct {objects}-object "
-                           f"prompts (--objects {objects}); ask for at most {len(out)}")
+        raise UnbleedError(f"--prompts {n}: drew only {len(out)} distinct {objects}-object prompts of the {split} "
+                           f"split in {200 * n:,} tries (it holds {split_size(split, objects)}); ask for fewer")
     return list(out.values())
 
 

@@ -53,10 +53,22 @@ def load_tokenizer(spec: str = "clip"):
     except Exception as err:  # hub and file errors come as many types
         raise UnbleedError(f"--model {spec}: cannot load its tokenizer ({type(err).__name__}: {_first_line(err)}); "
                            f"{offline_fix}") from None
-    if not len(tokenizer.get_vocab()):  # transformers may hand back a tokenizer without a vocabulary
+    if not _usable(tokenizer):  # transformers may hand back a tokenizer without a vocabulary (issue #25)
         raise UnbleedError(f"--model {spec}: its tokenizer came without a vocabulary (no tokenizer/vocab.json): "
                            f"pass a diffusers folder or hub id that has one, or {offline_fix}")
     return tokenizer
+
+
+def _usable(tokenizer) -> bool:
+    """Whether ``tokenizer`` has words beyond its special tokens and can encode a caption (an empty
+    ``vocab.json`` loads, keeps ``<|endoftext|>`` as an added token, and fails only when it first encodes)."""
+    if not set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens):
+        return False
+    try:
+        tokenizer("a photo of a cat")
+    except Exception:
+        return False
+    return True
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,7 +1,9 @@
 """One run, specified: the method and its options, the schedule, the token groups, the seeds and the size.
 
 A :class:`RunSpec` is what every front end builds — ``unbleed generate``, ``sweep``, ``shapes bench``,
-``bench speed``, the demo and the scripts — and it is validated in one place (:meth:`RunSpec.build`). Errors
+``bench speed``, the demo and the scripts — and it is validated in one place: :meth:`RunSpec.build` (no model
+needed: the method, its options and the schedule) and :meth:`RunSpec.prepare` (against the model: the token
+groups, the size, the method's layers), whose :class:`~unbleed.run.sampler.Plan` :meth:`RunSpec.run` samples. Errors
 name the spec's fields (``window 30:10: …``); the command lines turn those names into their flags.
 
 Schedule fields left ``None`` keep the method's defaults; ``window`` and ``refine`` also take their textual
@@ -13,16 +15,29 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import checks
 from ..errors import UnbleedError
-from .schedule import Schedule, parse_refine, parse_window
+from ..guidance.schedule import Schedule, parse_refine, parse_window
 
 if TYPE_CHECKING:
     from ..methods import Options
+    from .sampler import Plan
 
 SCHEDULE_FIELDS = ("window", "refine", "refine_iters", "step_size", "step_schedule")
+
+
+class Built(NamedTuple):
+    """:meth:`RunSpec.build`'s result: the method object (``None`` for plain sampling) and, for a guidance method,
+    its schedule, validated."""
+
+    method: Options | None
+    schedule: Schedule | None
+
+    @property
+    def guiding(self) -> bool:
+        return self.schedule is not None
 
 
 @dataclass
@@ -70,7 +85,7 @@ class RunSpec:
                                field="weights")
         for name in ("height", "width"):
             if getattr(self, name) is not None:
-                setattr(self, name, checks.whole(getattr(self, name), name, 1, fix=" (pixels)"))
+                setattr(self, name, checks.whole(getattr(self, name), name, 1, checks.MAX_SIDE, fix=" (pixels)"))
         if self.refine_iters is not None:
             self.refine_iters = checks.whole(self.refine_iters, "refine_iters", 0)
         if self.step_size is not None:
@@ -79,21 +94,23 @@ class RunSpec:
             parse_window(self.window, self.steps)
         return self
 
-    def build(self) -> tuple[Options | None, Schedule | None]:
-        """The method object and its schedule (``None, None`` for plain sampling), every field checked."""
+    def build(self) -> Built:
+        """The method object and its schedule (:class:`Built`; no schedule for plain sampling and conditioning
+        methods), every field checked: the method's default schedule with this spec's fields over it, validated —
+        the one validation of the spec's schedule. Needs no model, so front ends call it before one loads."""
         from ..methods import Method, make_method
 
         self.check()
         method = make_method(self.method, self.options, self.weights)
         if not isinstance(method, Method):
-            return method, None
+            return Built(method, None)
         schedule = method.default_schedule(self.steps)
+        default_refine = schedule.refine
         window = parse_window(self.window, self.steps) if isinstance(self.window, str) else self.window
         if window is not None:
             schedule.window = tuple(window)
             schedule.refine = {k: v for k, v in schedule.refine.items() if window[0] <= k < window[1]}
-        refine = (parse_refine(self.refine, method.default_schedule(self.steps).refine)
-                  if isinstance(self.refine, str) else self.refine)
+        refine = parse_refine(self.refine, default_refine) if isinstance(self.refine, str) else self.refine
         if refine is not None:
             schedule.refine = dict(refine)
         if self.refine_iters is not None:
@@ -102,7 +119,24 @@ class RunSpec:
             schedule.step_size = self.step_size
         if self.step_schedule is not None:
             schedule.step_schedule = self.step_schedule
-        return method, schedule.validate(self.steps)
+        return Built(method, schedule.validate(self.steps))
+
+    def prepare(self, pipe, prompt: str, *, pictures: bool = False, groups: list | None = None,
+                built: Built | None = None) -> Plan:
+        """This spec checked against ``pipe`` for ``prompt``: the :class:`~unbleed.run.sampler.Plan` that
+        :meth:`run` samples — the method and schedule (:meth:`build`, or ``built`` when a front end built them
+        before the model loaded), the token groups (:meth:`groups`, unless given; ``pictures``: also for plain
+        sampling's attention pictures), the size, and the method on this model (:func:`~unbleed.run.sampler.plan`).
+        """
+        from .sampler import plan
+
+        made = built if built is not None else self.build()
+        if groups is None:
+            groups = self.groups(pipe.tokenizer, prompt, pictures=pictures)
+        return plan(pipe, prompt, method=made.method, groups=groups, steps=self.steps,
+                    guidance_scale=self.guidance_scale, height=self.height, width=self.width,
+                    negative_prompt=self.negative_prompt, eta=self.eta, schedule=made.schedule,
+                    truncate=self.truncate)
 
     @property
     def sets_schedule(self) -> bool:
@@ -124,21 +158,17 @@ class RunSpec:
         return []
 
     # --- running ----------------------------------------------------------------------------------------------
-    def run(self, pipe, prompt: str, *, groups: list | None = None, seeds=None, save_attention: bool = False,
-            record=None, callback=None, output_type: str = "pil", built=None):
-        """:func:`unbleed.guidance.sampler.generate` with this spec (``seeds`` overrides the spec's; ``groups``
-        defaults to :meth:`groups`; ``built`` reuses a :meth:`build` result)."""
-        from .sampler import generate
+    def run(self, pipe, prompt: str, prepared: Plan | None = None, *, groups: list | None = None, seeds=None,
+            save_attention: bool = False, record=None, callback=None, output_type: str = "pil",
+            built: Built | None = None):
+        """Sample this spec: :func:`unbleed.run.sampler.sample` of ``prepared`` (by default :meth:`prepare` with
+        ``groups`` and ``built``), for ``seeds`` (default the spec's)."""
+        from .sampler import sample
 
-        method, schedule = built if built is not None else self.build()
-        if groups is None:
-            groups = self.groups(pipe.tokenizer, prompt, pictures=save_attention)
-        return generate(pipe, prompt, method=method, groups=groups,
-                        seeds=list(self.seeds if seeds is None else seeds), num_inference_steps=self.steps,
-                        guidance_scale=self.guidance_scale, height=self.height, width=self.width,
-                        negative_prompt=self.negative_prompt, eta=self.eta, schedule=schedule,
-                        save_attention=save_attention, record=record, output_type=output_type, callback=callback,
-                        truncate=self.truncate)
+        if prepared is None:
+            prepared = self.prepare(pipe, prompt, pictures=save_attention, groups=groups, built=built)
+        return sample(pipe, prompt, prepared, checks.seeds(self.seeds if seeds is None else seeds),
+                      save_attention=save_attention, record=record, output_type=output_type, callback=callback)
 
     # --- records ----------------------------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:

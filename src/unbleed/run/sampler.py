@@ -40,12 +40,12 @@ import torch
 from .. import checks
 from ..checks import SEED_MAX  # noqa: F401  (re-exported: the seed rule's top)
 from ..errors import UnbleedError
+from ..guidance import conditioning, mmdit
+from ..guidance.attention import AttentionEdit, AttentionStore, MapRequest, attention_store, level_of, resolve_block
+from ..guidance.schedule import Schedule
 from ..methods import Conditioning, Maps, Method, StepContext
 from ..methods.maps import group_map
 from ..text.tokens import Entity, check_groups
-from . import conditioning, mmdit
-from .attention import AttentionStore, MapRequest, attention_store, level_of, resolve_block
-from .schedule import Schedule
 
 
 @dataclass
@@ -109,7 +109,7 @@ def picture_groups(groups: list[Entity]) -> tuple[list[str], list[tuple[int, ...
 
 class Guide:
     """One run's guidance: the method, its map requests and schedule, the prompt's context and the method's
-    per-run state. Built by :func:`generate`; tests build one to call :func:`guided_step` directly."""
+    per-run state. Built by :func:`begin`; tests build one to call :func:`guided_step` directly."""
 
     def __init__(self, pipe, method: Method, schedule: Schedule, groups: list[Entity], prompt_length: int,
                  cond: torch.Tensor, latent_hw: tuple[int, int], num_steps: int, truncate: bool = True,
@@ -250,6 +250,50 @@ class _Pictures:
                         {k: v.detach().cpu() for k, v in self.method.visuals(state, ctx).items()})
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One run checked against its pipeline (:func:`plan`): what :func:`sample` runs, with no check of its own.
+    :func:`generate` makes one for a direct caller; :meth:`unbleed.run.spec.RunSpec.prepare` for every front end."""
+
+    method: Method | Conditioning | None
+    schedule: Schedule | None  # a guidance method's, validated; None without guidance
+    groups: list[Entity]
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompt: str | None = None
+    eta: float = 0.0
+    truncate: bool = True
+
+    @property
+    def guiding(self) -> bool:
+        return self.schedule is not None
+
+
+def plan(pipe, prompt: str, *, method: Method | Conditioning | None = None, groups: list[Entity] | None = None,
+         steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+         negative_prompt: str | None = None, eta: float = 0.0, schedule: Schedule | None = None,
+         truncate: bool = True) -> Plan:
+    """Check a run against ``pipe``, once: the steps (at most the scheduler's training timesteps), the token groups
+    on the prompt, the size, the method on this model family and its layers (a bad ``-o layers=…`` is one line
+    before any work). ``schedule``: a guidance method's, validated by its maker (:meth:`RunSpec.build
+    <unbleed.run.spec.RunSpec.build>`, :func:`generate`); without one, the method's default."""
+    steps = checks.whole(steps, "steps", 1, getattr(pipe.scheduler.config, "num_train_timesteps", checks.MAX_STEPS))
+    groups = check_groups(pipe.tokenizer, prompt, groups or [])
+    if method is not None and method.needs_groups and not groups:
+        raise UnbleedError(f"{method.name} needs token groups: pass --tokens, e.g. --tokens cat,frog", field="groups")
+    height, width = height or default_size(pipe), width or default_size(pipe)
+    check_size(pipe, height, width)
+    mmdit.check_method(pipe, method)
+    guiding = isinstance(method, Method)
+    if guiding:
+        method.map_requests(conditioning.denoiser(pipe))  # names a bad -o layers=… before any work starts
+        schedule = schedule or method.default_schedule(steps).validate(steps)
+    return Plan(method, schedule if guiding else None, groups, steps, guidance_scale, height, width,
+                negative_prompt, eta, truncate)
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -274,7 +318,7 @@ def generate(
     """Generate one image per seed, guided by ``method`` (``None`` = plain SD, identical to diffusers).
 
     ``method`` is a guidance :class:`Method` (updates the latent in ``schedule``'s window, default the method's
-    own) or a :class:`Conditioning` (changes the cross-attention values of every pass). ``truncate``: the guided
+    own) or a :class:`Conditioning` (edits the cross-attention of every pass). ``truncate``: the guided
     passes stop after the last cross-attention layer the method reads (the loss needs nothing after it; the
     result is the same as with full passes).
 
@@ -282,103 +326,146 @@ def generate(
     tensor per request, all token columns, conditional half of CFG), captured on the step's regular UNet pass —
     so at a guided step they are the maps of the updated latent, the one the scheduler steps. The recorded layers
     run the explicit-softmax processor (as ``save_attention``), equal to the fused one up to float rounding.
+
+    The inputs are checked once (:func:`plan`; a given ``schedule`` here), then :func:`sample` runs the loop.
     """
-    t0 = time.perf_counter()
-    # 1. Check inputs.
     seeds = check_seeds(seeds)
-    num_inference_steps = checks.whole(num_inference_steps, "steps", 1,
-                                       getattr(pipe.scheduler.config, "num_train_timesteps", checks.MAX_STEPS))
-    groups = check_groups(pipe.tokenizer, prompt, groups or [])
-    if method is not None and method.needs_groups and not groups:
-        raise UnbleedError(f"{method.name} needs token groups: pass --tokens, e.g. --tokens cat,frog", field="groups")
-    height = height or default_size(pipe)
-    width = width or default_size(pipe)
-    check_size(pipe, height, width)
-    guiding = isinstance(method, Method)
-    if guiding:
-        schedule = (schedule or method.default_schedule(num_inference_steps)).validate(num_inference_steps)
-    mmdit.check_method(pipe, method)
-    # 2. Encode the prompt.
-    device = pipe._execution_device
-    batch = len(seeds)
-    do_cfg = conditioning.uses_cfg(pipe, guidance_scale)
-    text = conditioning.encode(pipe, prompt, device, batch, do_cfg, negative_prompt, height, width,
-                               guidance_scale=guidance_scale)
-    embeds, cond = text.embeds, text.cond
-    value_sets = (method.value_sets(pipe, prompt, groups, embeds, batch, do_cfg)
-                  if isinstance(method, Conditioning) else None)
-    # 3. Timesteps, 4. initial latents (one CPU generator per seed), 5. extra step kwargs.
+    if schedule is not None and isinstance(method, Method):  # the caller's own: validated here (a spec's: by build)
+        schedule.validate(checks.whole(num_inference_steps, "steps", 1, checks.MAX_STEPS))
+    checked = plan(pipe, prompt, method=method, groups=groups, steps=num_inference_steps,
+                   guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt,
+                   eta=eta, schedule=schedule, truncate=truncate)
+    return sample(pipe, prompt, checked, seeds, save_attention=save_attention, record=record,
+                  output_type=output_type, callback=callback)
+
+
+@dataclass
+class Loop:
+    """Steps 2–5 of :func:`sample`, done: the encoded prompt, the timesteps, each seed's generator, the initial
+    latents and the scheduler's step arguments, and the guidance of a guided run."""
+
+    text: Any  # conditioning.encode's result: embeds, cond, added, added_cond
+    do_cfg: bool
+    timesteps: Any
+    steps: int  # the scheduler's count of steps (PNDM makes 51 passes of 50 steps)
+    generators: list[torch.Generator]
+    latents: torch.Tensor
+    latent_hw: tuple[int, int]
+    extra: dict[str, Any]
+    columns: torch.Tensor | None  # MMDiT: the joint text columns → the 77 CLIP columns
+    guide: Guide | None
+    edit: AttentionEdit | None  # a Conditioning method's edit of cross-attention (StructureDiffusion)
+
+    @property
+    def batch(self) -> int:
+        return len(self.generators)
+
+
+def begin(pipe, prompt: str, plan: Plan, seeds: list[int]) -> Loop:
+    """2. Encode the prompt, 3. the timesteps, 4. the initial latents (one CPU generator per seed), 5. the
+    scheduler's extra step arguments, and the run's :class:`Guide` when it guides."""
+    device, batch = pipe._execution_device, len(seeds)
+    do_cfg = conditioning.uses_cfg(pipe, plan.guidance_scale)
+    text = conditioning.encode(pipe, prompt, device, batch, do_cfg, plan.negative_prompt, plan.height, plan.width,
+                               guidance_scale=plan.guidance_scale)
     f = pipe.vae_scale_factor
-    timesteps, num_inference_steps = conditioning.timesteps(pipe, num_inference_steps, device,
-                                                            (height // f, width // f))
+    timesteps, steps = conditioning.timesteps(pipe, plan.steps, device, (plan.height // f, plan.width // f))
     conditioning.begin(pipe)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    latents = conditioning.prepare_latents(pipe, batch, height, width, embeds.dtype, device, generators)
+    latents = conditioning.prepare_latents(pipe, batch, plan.height, plan.width, text.embeds.dtype, device,
+                                           generators)
     latent_hw = tuple(latents.shape[-2:])
-    extra = conditioning.extra_step_kwargs(pipe, generators, eta)
-    prompt_length = min(len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length)
+    extra = conditioning.extra_step_kwargs(pipe, generators, plan.eta)
     columns = mmdit.token_columns(pipe, prompt) if mmdit.family(pipe) else None
-    guide = (Guide(pipe, method, schedule, groups, prompt_length, cond, latent_hw, len(timesteps), truncate,
-                   added_cond=text.added_cond, columns=columns) if guiding else None)
-    # 4b. Initial-noise stage: the method may replace the initial latents, evaluating candidates at the first
-    # timestep (InitNO); every other method keeps them as drawn. Not a denoising loop: step 6 starts from them.
-    noise_record: dict[str, Any] = {}
-    if guide is not None and type(method).initial_noise is not Method.initial_noise:  # only methods with a stage
-        with attention_store(conditioning.denoiser(pipe)) as store:
-            stage = NoiseStage(guide, store, timesteps[0], generators, embeds.dtype)
-            latents = method.initial_noise(stage, latents)
-        noise_record = stage.record
-    pictures = _Pictures(pipe, method, groups) if save_attention and groups else None
+    guide = edit = None
+    if plan.guiding:
+        prompt_length = min(len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length)
+        guide = Guide(pipe, plan.method, plan.schedule, plan.groups, prompt_length, text.cond, latent_hw,
+                      len(timesteps), plan.truncate, added_cond=text.added_cond, columns=columns)
+    elif isinstance(plan.method, Conditioning):
+        edit = plan.method.attention_edit(pipe, prompt, plan.groups, text.embeds, batch, do_cfg)
+    return Loop(text, do_cfg, timesteps, steps, generators, latents, latent_hw, extra, columns, guide, edit)
+
+
+def initial_noise(loop: Loop) -> dict[str, Any]:
+    """4b. The initial-noise stage: the method may replace ``loop.latents``, evaluating candidates at the first
+    timestep (InitNO); every other method keeps them as drawn. Not a denoising loop: step 6 starts from them.
+    Returns the stage's record (empty without a stage)."""
+    guide = loop.guide
+    if guide is None or type(guide.method).initial_noise is Method.initial_noise:  # only methods with a stage
+        return {}
+    with attention_store(conditioning.denoiser(guide.pipe)) as store:
+        stage = NoiseStage(guide, store, loop.timesteps[0], loop.generators, loop.text.embeds.dtype)
+        loop.latents = guide.method.initial_noise(stage, loop.latents)
+    return stage.record
+
+
+def denoise(pipe, plan: Plan, loop: Loop, store: AttentionStore, i: int, t, pictures: _Pictures | None,
+            recorded: tuple[MapRequest, ...]) -> StepTrace:
+    """6. One step of the loop on ``loop.latents``: a. the guided update (in the window), b. the regular
+    classifier-free-guided pass (capturing pictures and recorded maps when asked), c. the scheduler step."""
+    latents = loop.latents
+    if loop.guide is not None and plan.schedule.guided(i):
+        latents, rec = guided_step(loop.guide, store, latents, i, t,
+                                   pictures.on_guided if pictures is not None else None)
+        if pictures is not None:
+            rec.maps, rec.visuals = pictures.pending
+    else:
+        rec = StepTrace(step=i, timestep=int(t), guided=False)
+    inp = conditioning.model_input(pipe, torch.cat([latents] * 2) if loop.do_cfg else latents, t)
+    keep = pictures is not None and not rec.guided
+    wanted = ((pictures.request,) if keep else ()) + recorded
+    ctx = (store.capture(wanted, loop.latent_hw, slice(loop.batch, None) if loop.do_cfg else slice(None))
+           if wanted else contextlib.nullcontext())
+    with ctx:
+        noise = conditioning.predict(pipe, inp, t, loop.text.embeds, loop.text.added)
+    if keep:
+        rec.maps = pictures.pool(store.maps(pictures.request))
+    if recorded:
+        rec.raw_maps = tuple(store.maps(r).detach().cpu() for r in recorded)
+    if loop.do_cfg:
+        noise_uncond, noise_text = noise.chunk(2)
+        noise = noise_uncond + plan.guidance_scale * (noise_text - noise_uncond)
+    loop.latents = pipe.scheduler.step(noise, t, latents, **loop.extra, return_dict=False)[0]
+    return rec
+
+
+@torch.no_grad()
+def sample(pipe, prompt: str, plan: Plan, seeds: list[int], *, save_attention: bool = False,
+           record: MapRequest | tuple[MapRequest, ...] | None = None, output_type: str = "pil",
+           callback: Callable[[int, int, StepTrace], None] | None = None) -> Result:
+    """Run a checked :class:`Plan` for ``seeds`` (checked by the caller, :func:`check_seeds`): steps 2–7 of
+    :func:`generate`, which documents ``save_attention``, ``record``, ``output_type`` and ``callback``."""
+    t0 = time.perf_counter()
+    loop = begin(pipe, prompt, plan, seeds)
+    noise_record = initial_noise(loop)
+    pictures = _Pictures(pipe, plan.method, plan.groups) if save_attention and plan.groups else None
     recorded = () if record is None else record if isinstance(record, tuple) else (record,)
     trace: list[StepTrace] = []
-
-    # 6. The denoising loop.
-    with attention_store(conditioning.denoiser(pipe)) as store:
-        store.columns = columns
-        for i, t in enumerate(timesteps):
-            if guide is not None and schedule.guided(i):
-                # 6a. The guided update of the latent.
-                latents, rec = guided_step(guide, store, latents, i, t,
-                                           pictures.on_guided if pictures is not None else None)
-                if pictures is not None:
-                    rec.maps, rec.visuals = pictures.pending
-            else:
-                rec = StepTrace(step=i, timestep=int(t), guided=False)
-            # 6b. The regular classifier-free-guided pass (capturing pictures and recorded maps when asked).
-            inp = torch.cat([latents] * 2) if do_cfg else latents
-            inp = conditioning.model_input(pipe, inp, t)
-            keep = pictures is not None and not rec.guided
-            wanted = ((pictures.request,) if keep else ()) + recorded
-            ctx = (store.capture(wanted, latent_hw, slice(batch, None) if do_cfg else slice(None))
-                   if wanted else contextlib.nullcontext())
-            with ctx, store.values(value_sets):
-                noise = conditioning.predict(pipe, inp, t, text.embeds, text.added)
-            if keep:
-                rec.maps = pictures.pool(store.maps(pictures.request))
-            if recorded:
-                rec.raw_maps = tuple(store.maps(r).detach().cpu() for r in recorded)
-            if do_cfg:
-                noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-            # 6c. The scheduler step.
-            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            trace.append(rec)
+    with attention_store(conditioning.denoiser(pipe)) as store, store.editing(loop.edit):
+        store.columns = loop.columns
+        for i, t in enumerate(loop.timesteps):  # 6. The denoising loop.
+            trace.append(denoise(pipe, plan, loop, store, i, t, pictures, recorded))
             if callback is not None:
-                callback(i, len(timesteps), rec)
-
-    # 7. Decode.
-    if output_type == "latent":
-        images = latents
+                callback(i, len(loop.timesteps), trace[-1])
+    if output_type == "latent":  # 7. Decode.
+        images = loop.latents
     else:
-        image = conditioning.decode(pipe, latents, generators)
-        images = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * batch)
-    params = {
-        "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height, "width": width,
-        "negative_prompt": negative_prompt, "eta": eta, "scheduler": type(pipe.scheduler).__name__,
-        "dtype": str(conditioning.denoiser(pipe).dtype).replace("torch.", ""),
-        "method_options": method.options() if method else {},
-        "schedule": schedule.as_dict() if guiding else None,
-    }
+        image = conditioning.decode(pipe, loop.latents, loop.generators)
+        images = pipe.image_processor.postprocess(image, output_type=output_type,
+                                                  do_denormalize=[True] * loop.batch)
+    params = run_params(pipe, plan, loop.steps)
     if noise_record:  # the initial-noise stage's record, one entry per seed in the order of "seeds"
         params["initial_noise"] = {"seeds": list(seeds), **noise_record}
-    return Result(images, latents, seeds, groups, params, trace, time.perf_counter() - t0)
+    return Result(images, loop.latents, list(seeds), plan.groups, params, trace, time.perf_counter() - t0)
+
+
+def run_params(pipe, plan: Plan, steps: int) -> dict[str, Any]:
+    """The run's parameters as the record keeps them (``steps``: the scheduler's count)."""
+    return {
+        "steps": steps, "guidance_scale": plan.guidance_scale, "height": plan.height, "width": plan.width,
+        "negative_prompt": plan.negative_prompt, "eta": plan.eta, "scheduler": type(pipe.scheduler).__name__,
+        "dtype": str(conditioning.denoiser(pipe).dtype).replace("torch.", ""),
+        "method_options": plan.method.options() if plan.method else {},
+        "schedule": plan.schedule.as_dict() if plan.guiding else None,
+    }

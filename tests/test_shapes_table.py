@@ -1,0 +1,59 @@
+"""scripts/shapes_table.py: the same tuning budget for every method, the choice rule, and the step variants."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unbleed.methods import method_names
+from unbleed.run.spec import RunSpec
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "shapes_table.py"
+
+
+@pytest.fixture(scope="module")
+def table():
+    spec = importlib.util.spec_from_file_location("shapes_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_registered_method_is_planned_with_the_same_budget(table):
+    assert set(table.PLAN) == set(table.METHODS)
+    assert set(table.METHODS) | {"sd"} >= {n for n in method_names() if "+" not in n}
+    budgets = {m: len(v) for m, v in table.PLAN.items() if m != "structure"}  # structure: no knob to vary
+    assert set(budgets.values()) == {2} and table.PLAN["structure"] == ()
+
+
+def test_step_variants_scale_the_methods_own_default_step(table):
+    for method in ("attend-excite", "ela", "syngen"):
+        default = RunSpec(method=method).build().schedule.step_size
+        for factor in (0.5, 2.0):
+            built = table.make_spec(method, {"step": factor}, 50).build()
+            assert built.schedule.step_size == pytest.approx(default * factor)
+            assert built.schedule.window == RunSpec(method=method).build().schedule.window  # only the step moves
+    assert table.make_spec("ela", {"start": "0"}, 50).build().method.start == 0
+
+
+def test_choice_is_the_best_train_success_and_a_tie_keeps_the_default(table):
+    def f(success):
+        return {"success": success}
+
+    figures = {"sd": f(0.5), "ela": f(0.6), "ela [start=0]": f(0.6), "ela [step×2]": f(0.55),
+               "attend-excite": f(0.5), "attend-excite [step×0.5]": f(0.4), "attend-excite [step×2]": f(0.7)}
+    chosen = table.choose(figures, ["ela", "attend-excite"])
+    assert chosen == {"ela": {}, "attend-excite": {"step": 2.0}}
+
+
+def test_measure_refuses_the_train_split_and_unknown_methods(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(SCRIPT), *a, "--out", str(tmp_path)], capture_output=True,
+                                    text=True, timeout=120)
+    res = run("measure", "--chosen", str(tmp_path / "c.json"), "--split", "train")
+    assert res.returncode != 0 and "--split train" in res.stderr and "Traceback" not in res.stderr
+    res = run("tune", "--methods", "nope")
+    assert res.returncode != 0 and "--methods nope" in res.stderr and "Traceback" not in res.stderr
