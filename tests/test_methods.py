@@ -63,7 +63,7 @@ def test_one_name_for_the_map_scale_and_old_names_refused_in_one_line():
     assert not any({"temperature", "softmax_scale", "scale"} & set(METHODS[n].option_names()) for n in GUIDED)
     assert "tau" in METHODS["conform"].option_names()
     renamed = {n: METHODS[n].renamed for n in GUIDED if METHODS[n].renamed}
-    assert renamed == {"attend-excite": {"temperature": "map_scale"}, "astar": {"softmax_scale": "map_scale"},
+    assert renamed == {"attend-excite": {"temperature": "map_scale"}, "astar": {"softmax_scale": "map_scale", "kernel": "kernel_size"},
                        "conform": {"temperature": "tau"}, "divide-bind": {"temperature": "map_scale"},
                        "initno": {"temperature": "map_scale"}, "syngen": {"scale": "map_scale"}}
     for name, old_new in renamed.items():
@@ -76,6 +76,38 @@ def test_one_name_for_the_map_scale_and_old_names_refused_in_one_line():
                                            r"tau in conform: use -o map_scale=2$"):
         make_method("attend-excite+conform", {"temperature": "2"})
     assert make_method("conform", {"tau": "0.25"}).tau == 0.25
+
+
+def test_the_map_preprocessing_options_are_declared_once():
+    """A&E's preprocessing options are one mixin (``methods.maps.MapOptions``): the same names, defaults and
+    validation in every method that smooths maps; ``smooth=false`` equals ``kernel_size=1``."""
+    import dataclasses
+    import math
+
+    import torch
+
+    from unbleed.errors import UnbleedError
+    from unbleed.methods.maps import MapOptions, subject_maps
+
+    shared = {f.name: f.default for f in dataclasses.fields(MapOptions)}
+    assert shared == {"map_scale": 100.0, "smooth": True, "kernel_size": 3, "sigma": 0.5}
+    users = {n for n in GUIDED if issubclass(METHODS[n], MapOptions)}
+    assert users == {"attend-excite", "astar", "conform", "divide-bind", "initno"}
+    for name in users:
+        own = {f.name: f.default for f in dataclasses.fields(METHODS[name]) if f.name in shared}
+        assert own == shared, name
+        for option, value in (("map_scale", "nan"), ("map_scale", "0"), ("sigma", "-1"), ("sigma", "inf"),
+                              ("kernel_size", "4"), ("kernel_size", "0")):
+            with pytest.raises(UnbleedError, match=rf"^-o {option}=") as err:
+                make_method(name, {option: value})
+            assert err.value.field == "options" and "\n" not in str(err.value)
+    maps = torch.rand(2, 77, 8, 8, generator=torch.Generator().manual_seed(0))
+    off, one = make_method("initno", {"smooth": "false"}), make_method("initno", {"kernel_size": "1"})
+    torch.testing.assert_close(off.preprocess(maps, [(2,), (5,)], 7), one.preprocess(maps, [(2,), (5,)], 7))
+    torch.testing.assert_close(off.preprocess(maps, [(2,), (5,)], 7), subject_maps(maps, [(2,), (5,)], 7, 100.0, 1))
+    assert not torch.allclose(off.preprocess(maps, [(2,), (5,)], 7),
+                              make_method("initno", {}).preprocess(maps, [(2,), (5,)], 7))
+    assert math.isclose(make_method("astar", {"kernel_size": "5", "smooth": "false"}).smoothing_kernel, 1)
 
 
 def test_the_step_size_has_one_road_and_an_old_method_knob_is_refused_in_one_line():

@@ -75,7 +75,7 @@ from ..guidance.attention import MapRequest, level_of, resolve_block
 from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from ..text.tokens import Entity
 from .base import Maps, Method, StepContext, register
-from .maps import EPS, binarize, check_kernel, subject_maps
+from .maps import EPS, MapOptions, binarize, subject_maps
 
 Box = tuple[float, float, float, float]
 
@@ -221,28 +221,26 @@ class AStarRun:
 
 @register
 @dataclass
-class AStar(Method):
+class AStar(MapOptions, Method):
     """A-STAR (Agarwal et al., ICCV 2023). Options (``-o key=value``):
 
     ``binarize`` B: ``otsu`` | ``mean`` | ``norm:τ``; ``first_step`` retention at the first guided step: ``none`` |
     ``self``; ``layout`` user boxes ``cat=x0,y0,x1,y1;frog=…`` (fractions, y down) replacing B; ``refine_on``
     ``normalized`` | ``loss``; ``layers`` blocks whose maps are averaged (empty: every layer at UP-1's level, A&E);
-    ``map_scale`` the ×100; ``kernel``/``sigma`` A&E's smoothing (``kernel=1`` off); ``normalize_eot``
+    :class:`~unbleed.methods.maps.MapOptions` (``map_scale`` the ×100; ``smooth``, ``kernel_size``, ``sigma``
+    A&E's smoothing; ``kernel_size=1`` or ``smooth=false`` off); ``normalize_eot``
     softmax over the prompt's words only (else columns 1…75).
     """
 
     name: ClassVar[str] = "astar"
     source: ClassVar[str] = "Agarwal et al., ICCV 2023"
-    renamed: ClassVar[dict[str, str]] = {"softmax_scale": "map_scale"}
+    renamed: ClassVar[dict[str, str]] = {"softmax_scale": "map_scale", "kernel": "kernel_size"}
 
     binarize: str = "otsu"
     first_step: str = "none"
     layout: str = ""
     refine_on: str = "normalized"
     layers: tuple[str, ...] = ()
-    map_scale: float = 100.0
-    kernel: int = 3
-    sigma: float = 0.5
     normalize_eot: bool = True
 
     def check(self) -> None:
@@ -251,11 +249,7 @@ class AStar(Method):
             raise UnbleedError(f"-o first_step={self.first_step}: unknown; use none or self", field="options")
         if self.refine_on not in ("normalized", "loss"):
             raise UnbleedError(f"-o refine_on={self.refine_on}: unknown; use normalized or loss", field="options")
-        if not (math.isfinite(self.map_scale) and self.map_scale > 0):
-            raise UnbleedError(f"-o map_scale={self.map_scale}: must be a finite number > 0", field="options")
-        check_kernel(self.kernel, "kernel")
-        if not (math.isfinite(self.sigma) and self.sigma > 0):
-            raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0", field="options")
+        self.check_maps()
         parse_layout(self.layout)
 
     def map_requests(self, unet) -> tuple[MapRequest, ...]:
@@ -283,7 +277,7 @@ class AStar(Method):
     def entity_maps(self, maps: torch.Tensor, groups: tuple[Entity, ...] | list[Entity],
                     prompt_length: int) -> torch.Tensor:
         """``A_m`` ``[B, n, h, w]`` of one ``[B, 77, h, w]`` tensor of raw maps."""
-        return entity_maps(maps, groups, prompt_length, self.map_scale, self.kernel, self.sigma,
+        return entity_maps(maps, groups, prompt_length, self.map_scale, self.smoothing_kernel, self.sigma,
                            self.normalize_eot)
 
     def prepare_step(self, maps: Maps, ctx: StepContext, run: AStarRun | None) -> dict[str, Any]:

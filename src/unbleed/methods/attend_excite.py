@@ -43,7 +43,7 @@ from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
 from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import check_kernel, excite_loss, subject_maps
+from .maps import MapOptions, excite_loss
 
 __all__ = ["AttendExcite", "excite_loss"]  # excite_loss (Eq. 1) lives in maps.py, shared with InitNO
 
@@ -57,26 +57,20 @@ def padding_in_softmax(unet) -> bool:
 
 @register
 @dataclass
-class AttendExcite(Method):
-    """Attend-and-Excite. Options: ``map_scale`` (the ×100 before the token softmax), ``smooth``, ``kernel_size``,
-    ``sigma``, ``exclude_padding`` (``auto``: per model family as the official code; ``true``: the prompt's words
+class AttendExcite(MapOptions, Method):
+    """Attend-and-Excite. Options: :class:`~unbleed.methods.maps.MapOptions` (``map_scale``, the ×100 before the
+    token softmax; ``smooth``, ``kernel_size``, ``sigma``), ``exclude_padding`` (``auto``: per model family as the official code; ``true``: the prompt's words
     only; ``false``: columns 1:-1), ``attributes``."""
 
     name: ClassVar[str] = "attend-excite"
     source: ClassVar[str] = "Chefer et al., SIGGRAPH 2023"
     renamed: ClassVar[dict[str, str]] = {"temperature": "map_scale"}
 
-    map_scale: float = 100.0
-    smooth: bool = True
-    kernel_size: int = 3
-    sigma: float = 0.5
     exclude_padding: str = "auto"
     attributes: bool = False
 
     def check(self) -> None:
-        check_kernel(self.kernel_size)
-        if self.sigma <= 0 or self.map_scale <= 0:
-            raise UnbleedError("-o sigma and -o map_scale must be > 0", field="options")
+        self.check_maps()
         self.exclude_padding = padding_rule(self.exclude_padding)
 
     def map_requests(self, unet) -> tuple[MapRequest, ...]:
@@ -105,8 +99,7 @@ class AttendExcite(Method):
     def max_attention(self, maps: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """``[B, subjects]``: each subject's maximum (smoothed, token-softmaxed) attention; ``maps`` is one
         ``[B, 77, h, w]`` tensor (the first of the step's maps)."""
-        subject = subject_maps(maps, state["subjects"], state["last"], self.map_scale,
-                               self.kernel_size if self.smooth else 1, self.sigma)
+        subject = self.preprocess(maps, state["subjects"], state["last"])
         return subject.flatten(-2).amax(-1)
 
     def loss(self, maps: Maps, ctx: StepContext, state: dict[str, Any]) -> torch.Tensor:

@@ -40,6 +40,7 @@ the notebook's, used here, are ``False`` and ``30``; both use τ = 0.5 (the stat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -50,7 +51,7 @@ from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
 from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import check_kernel, group_map, smooth, token_probs
+from .maps import MapOptions, group_map, token_probs
 
 ALWAYS = -1.0  # a refinement threshold below every NT-Xent value: refine for the whole iteration cap
 
@@ -88,9 +89,10 @@ class ConformRun:
 
 @register
 @dataclass
-class Conform(Method):
+class Conform(MapOptions, Method):
     """CONFORM: contrastive (NT-Xent) loss on the cross-attention maps. Options (official notebook defaults):
-    ``tau`` τ (0.5), ``smooth`` (true), ``kernel_size`` (3), ``sigma`` (0.5), ``softmax`` (false: raw
+    ``tau`` τ (0.5); :class:`~unbleed.methods.maps.MapOptions`: ``smooth`` (true), ``kernel_size`` (3),
+    ``sigma`` (0.5), ``map_scale`` (100, with ``softmax``); ``softmax`` (false: raw
     probabilities; true: columns 1:-1 ×``map_scale`` (100), softmax), ``previous`` (true: add the previous step's
     maps as positives)."""
 
@@ -99,17 +101,13 @@ class Conform(Method):
     renamed: ClassVar[dict[str, str]] = {"temperature": "tau"}
 
     tau: float = 0.5
-    smooth: bool = True
-    kernel_size: int = 3
-    sigma: float = 0.5
     softmax: bool = False
     previous: bool = True
-    map_scale: float = 100.0
 
     def check(self) -> None:
-        if self.tau <= 0 or self.sigma <= 0 or self.map_scale <= 0:
-            raise UnbleedError("-o tau, -o sigma and -o map_scale must be > 0", field="options")
-        check_kernel(self.kernel_size)
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise UnbleedError(f"-o tau={self.tau}: must be a finite number > 0", field="options")
+        self.check_maps()
 
     def map_requests(self, unet) -> tuple[MapRequest, ...]:
         level = level_of(unet, resolve_block(unet, "up-1"))  # the 16×16 level of SD at 512 px
@@ -141,7 +139,7 @@ class Conform(Method):
         if self.softmax:  # columns 1:-1, ×map_scale, softmax; token i is column i − 1
             maps = F.pad(token_probs(maps, maps.shape[1] - 1, self.map_scale), (0, 0, 0, 0, 1, 0))
         out = torch.stack([group_map(maps, w) for w in words], 1)
-        return smooth(out, self.kernel_size, self.sigma) if self.smooth else out
+        return self.smoothed(out)
 
     def prepare_step(self, maps: Maps, ctx: StepContext, run: Any) -> dict[str, Any]:
         """The previous guided step's last token maps (none at the first), and ``run`` to record this step's."""

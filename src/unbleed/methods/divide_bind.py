@@ -68,7 +68,7 @@ from ..guidance.attention import MapRequest, cross_attention_layers, level_of, r
 from ..guidance.joint_attention import is_joint
 from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import check_kernel, subject_maps
+from .maps import MapOptions
 
 REFERENCE_STEPS = 50  # the official schedule's step count; step options are given at 50 steps
 OFFICIAL_THRESHOLDS = {0: 0.05, 10: 0.2, 20: 0.3}  # min-TV refinement thresholds, set on the official score
@@ -151,11 +151,12 @@ def parse_step_values(items: tuple, option: str) -> dict[int, float]:
 
 @register
 @dataclass
-class DivideBind(Method):
+class DivideBind(MapOptions, Method):
     """Divide & Bind (Li et al., BMVC 2023). Options (``-o key=value``; defaults are the official code's):
 
-    ``map_scale`` (×100 before the token softmax); ``exclude_padding`` (False: official columns ``1:-1``;
-    True: ``1…prompt_length−2``, Attend-and-Excite's); ``smooth``, ``kernel_size``, ``sigma``; ``tv``
+    :class:`~unbleed.methods.maps.MapOptions` (``map_scale``, ×100 before the token softmax; ``smooth``,
+    ``kernel_size``, ``sigma``); ``exclude_padding`` (False: official columns ``1:-1``;
+    True: ``1…prompt_length−2``, Attend-and-Excite's); ``tv``
     (``official`` | ``paper``); ``bind`` (the binding term; False is the official ``tv`` mode);
     ``attribute_maps`` (``finer``: official, from the finer levels | ``same``: the object maps' level);
     ``combine`` (``max`` | ``sum``); ``bind_weights`` (STEP:λ at 50 steps); ``quantile``, ``quantile_low_tv``,
@@ -169,11 +170,7 @@ class DivideBind(Method):
     source: ClassVar[str] = "Li et al., BMVC 2023"
     renamed: ClassVar[dict[str, str]] = {"temperature": "map_scale"}
 
-    map_scale: float = 100.0
     exclude_padding: bool = False
-    smooth: bool = True
-    kernel_size: int = 3
-    sigma: float = 0.5
     tv: str = "official"
     bind: bool = True
     attribute_maps: str = "finer"
@@ -189,11 +186,7 @@ class DivideBind(Method):
     refine_iters_first: int = 100
 
     def check(self) -> None:
-        if not math.isfinite(self.map_scale) or self.map_scale <= 0:
-            raise UnbleedError(f"-o map_scale={self.map_scale}: must be a finite number > 0", field="options")
-        check_kernel(self.kernel_size)
-        if not math.isfinite(self.sigma) or self.sigma <= 0:
-            raise UnbleedError(f"-o sigma={self.sigma}: must be a finite number > 0", field="options")
+        self.check_maps()
         choices = {"tv": ("official", "paper"), "attribute_maps": ("finer", "same"), "combine": ("max", "sum")}
         for option, allowed in choices.items():
             if getattr(self, option) not in allowed:
@@ -274,7 +267,7 @@ class DivideBind(Method):
 
     def _processed(self, maps: torch.Tensor, words: list[tuple[int, ...]], last: int) -> torch.Tensor:
         """``[B, len(words), h, w]``: each word's token-softmaxed map (mean over its pieces), smoothed."""
-        return subject_maps(maps, words, last, self.map_scale, self.kernel_size if self.smooth else 1, self.sigma)
+        return self.preprocess(maps, words, last)
 
     def _attribute_source(self, maps: Maps) -> torch.Tensor:
         """Raw maps for the attribute tokens: the finer levels nearest-resized to the object size and averaged

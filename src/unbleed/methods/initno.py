@@ -58,6 +58,7 @@ Departures (each a choice where the official code cannot be followed as written,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -68,7 +69,7 @@ from ..errors import UnbleedError
 from ..guidance.attention import MapRequest, level_of, resolve_block
 from ..guidance.schedule import Schedule, first_steps, scaled_steps
 from .base import Maps, Method, StepContext, register
-from .maps import check_kernel, excite_loss, otsu_threshold, smooth, subject_maps
+from .maps import MapOptions, excite_loss, otsu_threshold, smooth
 
 KL_STEPS_CAP = 10_000
 
@@ -179,13 +180,14 @@ class InitNORun:
 
 @register
 @dataclass
-class InitNO(Method):
+class InitNO(MapOptions, Method):
     """InitNO: initial-noise optimisation, then A&E-style guidance. Options (official defaults):
 
     noise stage ``rounds`` (5), ``round_steps`` (10), ``final_steps`` (50), ``lr`` (1e-2), ``tau_cross`` (0.2) and
-    ``tau_self`` (0.3) — also the refinement thresholds —, ``kl_threshold`` (1e-3); maps ``map_scale`` (100),
-    ``kernel_size`` (3), ``sigma`` (0.5), ``exclude_padding`` (false: columns 1:-1), ``attributes`` (false: the
-    entities only are subjects).
+    ``tau_self`` (0.3) — also the refinement thresholds —, ``kl_threshold`` (1e-3); maps:
+    :class:`~unbleed.methods.maps.MapOptions` (``map_scale`` 100, ``smooth`` true, ``kernel_size`` 3, ``sigma`` 0.5;
+    the smoothing also applies to the self-attention conflict score), ``exclude_padding`` (false: columns 1:-1),
+    ``attributes`` (false: the entities only are subjects).
     """
 
     name: ClassVar[str] = "initno"
@@ -199,18 +201,16 @@ class InitNO(Method):
     tau_cross: float = 0.2
     tau_self: float = 0.3
     kl_threshold: float = 1e-3
-    map_scale: float = 100.0
-    kernel_size: int = 3
-    sigma: float = 0.5
     exclude_padding: bool = False
     attributes: bool = False
 
     def check(self) -> None:
         if self.rounds < 0 or self.round_steps < 1 or self.final_steps < 0:
             raise UnbleedError("-o rounds must be ≥ 0, round_steps ≥ 1 and final_steps ≥ 0", field="options")
-        if self.lr <= 0 or self.kl_threshold <= 0 or self.map_scale <= 0 or self.sigma <= 0:
-            raise UnbleedError("-o lr, kl_threshold, map_scale and sigma must be > 0", field="options")
-        check_kernel(self.kernel_size)
+        if not all(math.isfinite(v) and v > 0 for v in (self.lr, self.kl_threshold)):
+            raise UnbleedError(f"-o lr={self.lr}, kl_threshold={self.kl_threshold}: both must be finite numbers > 0",
+                               field="options")
+        self.check_maps()
 
     # -- maps and scores -------------------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ class InitNO(Method):
     def subject_maps(self, maps: Maps, ctx: StepContext) -> torch.Tensor:
         """``[B, subjects, h, w]``: the token-softmaxed, smoothed maps the scores read."""
         last = ctx.eot if self.exclude_padding else maps[0].shape[1] - 1
-        return subject_maps(maps[0], self.subjects(ctx), last, self.map_scale, self.kernel_size, self.sigma)
+        return self.preprocess(maps[0], self.subjects(ctx), last)
 
     def scores(self, maps: Maps, ctx: StepContext) -> dict[str, torch.Tensor]:
         """``subject`` maps, ``index`` of their peaks, and per sample ``cross`` (S_CA), ``self`` (S_SA, not zeroed)
@@ -236,7 +236,7 @@ class InitNO(Method):
         subject = self.subject_maps(maps, ctx)
         peak, index = peaks(subject)
         return {"subject": subject, "index": index, "cross": excite_loss(peak),
-                "self": conflict_score(maps[1], index, self.kernel_size, self.sigma),
+                "self": conflict_score(maps[1], index, self.smoothing_kernel, self.sigma),
                 "clean": clean_loss(subject, index)}
 
     def noise_loss(self, s: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,12 @@
 """Map preprocessing shared by several methods: a word's map from its pieces, Attend-and-Excite's token softmax
 and Gaussian smoothing (also used by Divide & Bind, A-STAR, InitNO and CONFORM), Attend-and-Excite's loss (also
-InitNO's cross-attention response score), Otsu's threshold (ELA, A-STAR, InitNO)."""
+InitNO's cross-attention response score), Otsu's threshold (ELA, A-STAR, InitNO), and :class:`MapOptions`, the
+preprocessing's options as one mixin for every method that uses it."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +16,10 @@ from ..errors import UnbleedError
 EPS = 1e-8
 
 
-def check_kernel(size: int, name: str = "kernel_size") -> None:
-    """The smoothing kernel's size (``-o name=…``): odd and ≥ 1 (1 = no smoothing), as :func:`smooth` needs."""
+def check_kernel(size: int) -> None:
+    """The smoothing kernel's size (``-o kernel_size=…``): odd and ≥ 1 (1 = no smoothing), as :func:`smooth` needs."""
     if size < 1 or size % 2 == 0:
-        raise UnbleedError(f"-o {name}={size}: must be an odd number ≥ 1 (1 = no smoothing)", field="options")
+        raise UnbleedError(f"-o kernel_size={size}: must be an odd number ≥ 1 (1 = no smoothing)", field="options")
 
 
 def group_map(maps: torch.Tensor, indices: tuple[int, ...]) -> torch.Tensor:
@@ -57,6 +61,44 @@ def subject_maps(maps: torch.Tensor, subjects: list[tuple[int, ...]], last: int,
     probs = token_probs(maps, last, temperature)
     out = torch.stack([probs[:, [i - 1 for i in idx]].mean(1) for idx in subjects], 1)
     return smooth(out, kernel_size, sigma)
+
+
+@dataclass
+class MapOptions:
+    """Attend-and-Excite's map preprocessing as options (``-o key=value``), declared once for every method that
+    uses it (Attend-and-Excite, Divide & Bind, A-STAR, InitNO, CONFORM): ``map_scale`` (the ×100 before the token
+    softmax), ``smooth``, ``kernel_size`` and ``sigma`` (the Gaussian smoothing; ``smooth=false`` or
+    ``kernel_size=1``: none). Defaults are the official codes' (the same in all five).
+
+    A method lists it first among its bases, calls :meth:`check_maps` from its ``check`` and preprocesses with
+    :meth:`preprocess` / :meth:`smoothed`. Which softmax columns enter (``exclude_padding``) stays each method's
+    own option: the official codes' defaults differ (A&E per model family, Divide & Bind and InitNO ``1:-1``)."""
+
+    map_scale: float = 100.0
+    smooth: bool = True
+    kernel_size: int = 3
+    sigma: float = 0.5
+
+    def check_maps(self) -> None:
+        """One line naming the bad option: ``map_scale`` and ``sigma`` finite and > 0, ``kernel_size`` odd ≥ 1."""
+        for name in ("map_scale", "sigma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UnbleedError(f"-o {name}={value}: must be a finite number > 0", field="options")
+        check_kernel(self.kernel_size)
+
+    @property
+    def smoothing_kernel(self) -> int:
+        """The kernel size :func:`smooth` gets: ``kernel_size``, or 1 (no smoothing) with ``smooth=false``."""
+        return self.kernel_size if self.smooth else 1
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., h, w]`` smoothed as these options say."""
+        return smooth(x, self.smoothing_kernel, self.sigma)
+
+    def preprocess(self, maps: torch.Tensor, subjects: list[tuple[int, ...]], last: int) -> torch.Tensor:
+        """:func:`subject_maps` with these options: ``[B, 77, h, w]`` → ``[B, len(subjects), h, w]``."""
+        return subject_maps(maps, subjects, last, self.map_scale, self.smoothing_kernel, self.sigma)
 
 
 def excite_loss(max_attention: torch.Tensor) -> torch.Tensor:
