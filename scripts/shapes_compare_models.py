@@ -1,0 +1,72 @@
+"""Compare two shapes models on the same prompts and seeds: paired differences with 95 % intervals.
+
+    .venv/bin/python scripts/shapes_compare_models.py --a runs/cp7-s16-a runs/cp7-s16-b \
+        --b runs/shipped-s16-a runs/shipped-s16-b --method sd
+
+Each side is one or more ``unbleed shapes bench --out`` folders of one model (parts of one benchmark, e.g. the two
+``--prompts-file`` halves). Images are paired by (prompt, seed); every pair must exist on both sides (else one line
+names what is missing). For each verdict it prints both rates and ``a − b`` with the bench's interval (a bootstrap
+over prompts, :func:`unbleed.stats.paired_bootstrap`) and the exact McNemar p-value, as JSON. This is how a
+retrained model is held against the shipped one (calibration), since ``shapes bench`` compares methods on one model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from unbleed.shapes.bench import VERDICTS
+from unbleed.stats import mcnemar_exact, paired_bootstrap
+
+
+def load(folders: list[Path], method: str) -> dict[tuple[str, int], dict]:
+    """``(prompt, seed) → record`` of ``method`` over the folders' ``records.jsonl``."""
+    out: dict[tuple[str, int], dict] = {}
+    for folder in folders:
+        path = folder / "records.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"{folder}: no records.jsonl; pass `unbleed shapes bench --out` folders")
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["method"] == method:
+                out[(record["prompt"], int(record["seed"]))] = record
+    if not out:
+        raise SystemExit(f"{', '.join(map(str, folders))}: no image of method {method!r}")
+    return out
+
+
+def compare(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict]) -> dict:
+    """Per verdict: ``a``'s and ``b``'s rates and the paired difference ``a − b`` over the shared prompts × seeds."""
+    if set(a) != set(b):
+        missing = sorted(set(a) ^ set(b))[:3]
+        raise SystemExit(f"the two sides differ in prompts or seeds (e.g. {missing}); run both on the same ones")
+    prompts = list(dict.fromkeys(p for p, _ in sorted(a, key=lambda k: (k[0], k[1]))))
+    seeds = sorted({s for _, s in a})
+    if len(a) != len(prompts) * len(seeds):
+        raise SystemExit("every prompt needs every seed on both sides")
+    figures = {"prompts": len(prompts), "seeds": len(seeds)}
+    for verdict in VERDICTS:
+        ma = np.array([[float(a[p, s][verdict]) for s in seeds] for p in prompts])
+        mb = np.array([[float(b[p, s][verdict]) for s in seeds] for p in prompts])
+        diff = paired_bootstrap(ma, mb)
+        figures[verdict] = {"a": float(ma.mean()), "b": float(mb.mean()), "diff": diff["diff"], "ci": diff["ci"],
+                            "mcnemar_p": mcnemar_exact(ma, mb)["p"]}
+    return figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", nargs="+", type=Path, required=True, help="bench folders of model A")
+    ap.add_argument("--b", nargs="+", type=Path, required=True, help="bench folders of model B")
+    ap.add_argument("--method", default="sd")
+    args = ap.parse_args()
+    json.dump(compare(load(args.a, args.method), load(args.b, args.method)), sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
