@@ -8,6 +8,16 @@ from unbleed.models import load_model
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the default, ``-n auto``) the workers share the cores: each torch gets its share of the
+    threads, so 2 workers on 2 cores do not run 4 threads."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The in-process tiny SD pipeline (seeded random weights, real CLIP tokenizer). Tests must not modify it."""
