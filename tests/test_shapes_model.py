@@ -449,3 +449,34 @@ def test_keep_eot_cleans_only_the_padding_after_the_end_of_text():
     assert np.isfinite(trainer.diffusion_update())
     with pytest.raises(UnbleedError, match="--keep-eot .*--clean-pads"):
         small(keep_eot=True).validate()
+
+
+def test_count_eot_puts_the_templates_end_of_text_in_that_column():
+    """``count_eot``: the end-of-text column is the encoder's end-of-text for the caption's template (colours and
+    shapes replaced by one word, "an" by "a"), the padding after it the empty caption's; two captions with the same
+    template get the same column; the option needs ``clean_pads`` and excludes ``keep_eot``."""
+    from unbleed.shapes.train import template, token_ids
+
+    assert template("an orange circle next to a Red star") == "a thing thing next to a thing thing"
+    assert template("a red circle") == template("a blue heart") == "a thing thing"
+    trainer = Trainer("/nonexistent-not-written", small(clean_pads=True, count_eot=True), torch.device("cpu"))
+    texts = ["a red circle and a blue square", "an orange star and a white heart", "a red circle"]
+    ids = token_ids(trainer.tokenizer, texts)
+    cond = trainer.text_encoder(ids)[0]
+    new, loss = trainer.with_clean_pads(ids, cond, texts)
+    clean = trainer.text_encoder(token_ids(trainer.tokenizer, [""]))[0][0]
+    two = trainer.text_encoder(token_ids(trainer.tokenizer, ["a thing thing and a thing thing"]))[0][0]
+    one = trainer.text_encoder(token_ids(trainer.tokenizer, ["a thing thing"]))[0][0]
+    torch.testing.assert_close(new[0, :8], cond[0, :8])  # the words: the caption's own
+    torch.testing.assert_close(new[0, 8], two[8])  # the end-of-text (at 8): the template's
+    torch.testing.assert_close(new[1, 8], two[8])  # same template, same column: no identity in it
+    torch.testing.assert_close(new[2, 4], one[4])  # one object: the one-object template's
+    torch.testing.assert_close(new[0, 9:], clean[9:])  # the padding after it: the empty caption's
+    torch.testing.assert_close(new[2, 5:], clean[5:])
+    assert not torch.allclose(two[8], one[4])  # the column does tell two objects from one
+    assert float(loss.detach()) > 0
+    assert np.isfinite(trainer.diffusion_update())
+    with pytest.raises(UnbleedError, match="--count-eot .*--clean-pads"):
+        small(count_eot=True).validate()
+    with pytest.raises(UnbleedError, match="--count-eot .*without --keep-eot"):
+        small(clean_pads=True, keep_eot=True, count_eot=True).validate()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -46,7 +47,7 @@ from .. import checks
 from ..errors import UnbleedError
 from .model import ARCHS, Arch, IMAGE_SIZE, build_components, make_pipeline, noise_schedule
 from .render import render
-from .world import BACKGROUND, caption, sample_scene
+from .world import BACKGROUND, COLOURS, SHAPES, caption, sample_scene
 
 
 LR_DECAYS = ("constant", "cosine")
@@ -68,6 +69,7 @@ class TrainConfig:
     p_words_only: float = 0.0  # captioned samples whose cross-attention sees only start-of-text and the words
     clean_pads: bool = False  # end-of-text + padding: the empty caption's, and the text encoder learns to produce it
     keep_eot: bool = False  # with clean_pads: the end-of-text column stays the caption's; only the padding is cleaned
+    count_eot: bool = False  # with clean_pads: the end-of-text column is the caption's template's (count, no identities)
     min_snr: float = 5.0
     seed: int = 0
     arch: str = "default"
@@ -102,6 +104,9 @@ class TrainConfig:
         if self.keep_eot and not self.clean_pads:
             raise UnbleedError("--keep-eot keeps the end-of-text column when --clean-pads cleans the padding: add "
                                "--clean-pads, or drop --keep-eot")
+        if self.count_eot and (self.keep_eot or not self.clean_pads):
+            raise UnbleedError("--count-eot sets the end-of-text column when --clean-pads cleans it: use it with "
+                               "--clean-pads and without --keep-eot")
         return self
 
     def to_dict(self) -> dict:
@@ -137,6 +142,18 @@ def _token_ids(tokenizer, text: str) -> tuple[int, ...]:
 
 def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor([_token_ids(tokenizer, t) for t in texts])
+
+
+PLACEHOLDER = "thing"
+_IDENTITY_RE = re.compile(r"\b(" + "|".join([*COLOURS, *SHAPES]) + r")\b", re.IGNORECASE)
+_AN_RE = re.compile(r"\ban\b", re.IGNORECASE)
+
+
+def template(text: str) -> str:
+    """A caption with every colour and shape word replaced by one placeholder (and "an" by "a", which would tell a
+    vowel-initial colour): what it says of how many objects and where, without which. ``count_eot`` teaches the
+    end-of-text column to carry the template's encoding."""
+    return _AN_RE.sub("a", _IDENTITY_RE.sub(PLACEHOLDER, text))
 
 
 def summary_columns(ids: torch.Tensor, eos_token_id: int, keep_eot: bool = False) -> torch.Tensor:
@@ -328,7 +345,7 @@ class Trainer:
         cond = self.text_encoder(ids)[0]
         pad_loss = None
         if cfg.clean_pads:
-            cond, pad_loss = self.with_clean_pads(ids, cond)
+            cond, pad_loss = self.with_clean_pads(ids, cond, texts)
         pred = self.unet(noisy, t, cond, encoder_attention_mask=self.words_only_mask(ids, texts)).sample
         snr = a.view(-1) / (1 - a.view(-1))
         weight = torch.clamp(snr, max=cfg.min_snr) / snr  # Min-SNR-γ for ε-prediction
@@ -357,7 +374,8 @@ class Trainer:
         hide &= torch.tensor([bool(t) for t in texts])
         return (~(summary_columns(ids, self.tokenizer.eos_token_id) & hide[:, None].to(ids.device))).float()
 
-    def with_clean_pads(self, ids: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_clean_pads(self, ids: torch.Tensor, cond: torch.Tensor,
+                        texts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``clean_pads``: the text encoder's outputs with the end-of-text column and every padding column after it
         replaced by the empty caption's output at that position ("clean pads", Toker et al., *Padding Tone*,
         NAACL 2025), and the mean squared distance of the encoder's own outputs there from those (detached) clean
@@ -368,12 +386,26 @@ class Trainer:
         SD pipeline at inference, the caption reaches the UNet only through its words. The training log's loss is
         the diffusion loss alone. With ``keep_eot`` the end-of-text column is left as the encoder writes it (as a
         frozen CLIP's end-of-text, which does carry the caption) and only the padding after it is cleaned: one
-        summary column, from which the UNet can read how many objects the caption names."""
+        summary column, from which the UNet can read how many objects the caption names. With ``count_eot`` (which
+        needs ``texts``, the captions of ``ids``) the end-of-text column's clean value is the encoder's (detached)
+        end-of-text output for the caption's :func:`template` instead: a summary of how many objects, never which
+        (an untested proposal of session 9, docs/shapes.md)."""
         empty = token_ids(self.tokenizer, [""]).to(ids.device)
-        clean = self.text_encoder(empty)[0].detach()[0]
+        clean = self.text_encoder(empty)[0].detach()[0].expand_as(cond)
         pad = summary_columns(ids, self.tokenizer.eos_token_id, keep_eot=self.cfg.keep_eot)
+        if self.cfg.count_eot:
+            if texts is None or len(texts) != len(ids):
+                raise UnbleedError("count_eot needs the captions of the token ids (texts)")
+            t_ids = token_ids(self.tokenizer, [template(t) for t in texts]).to(ids.device)
+            t_eot = (t_ids == self.tokenizer.eos_token_id).int().argmax(1)
+            rows = torch.arange(len(ids), device=ids.device)
+            with torch.no_grad():
+                summary = self.text_encoder(t_ids)[0][rows, t_eot]
+            eot = (ids == self.tokenizer.eos_token_id).int().argmax(1)
+            clean = clean.clone()
+            clean[rows, eot] = summary
         loss = ((cond - clean).pow(2).mean(-1) * pad).sum() / pad.sum().clamp(min=1)
-        return torch.where(pad[..., None], clean.expand_as(cond), cond), loss
+        return torch.where(pad[..., None], clean, cond), loss
 
     def run(self, progress=None, log=None) -> dict:
         """Train both phases up to the configured step counts, checkpointing as it goes.
