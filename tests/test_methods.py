@@ -63,7 +63,8 @@ def test_one_name_for_the_map_scale_and_old_names_refused_in_one_line():
     assert not any({"temperature", "softmax_scale", "scale"} & set(METHODS[n].option_names()) for n in GUIDED)
     assert "tau" in METHODS["conform"].option_names()
     renamed = {n: METHODS[n].renamed for n in GUIDED if METHODS[n].renamed}
-    assert renamed == {"attend-excite": {"temperature": "map_scale"}, "astar": {"softmax_scale": "map_scale", "kernel": "kernel_size"},
+    assert renamed == {"attend-excite": {"temperature": "map_scale"},
+                       "astar": {"softmax_scale": "map_scale", "kernel": "kernel_size"},
                        "conform": {"temperature": "tau"}, "divide-bind": {"temperature": "map_scale"},
                        "initno": {"temperature": "map_scale"}, "syngen": {"scale": "map_scale"}}
     for name, old_new in renamed.items():

@@ -59,8 +59,8 @@ def padding_in_softmax(unet) -> bool:
 @dataclass
 class AttendExcite(MapOptions, Method):
     """Attend-and-Excite. Options: :class:`~unbleed.methods.maps.MapOptions` (``map_scale``, the ×100 before the
-    token softmax; ``smooth``, ``kernel_size``, ``sigma``), ``exclude_padding`` (``auto``: per model family as the official code; ``true``: the prompt's words
-    only; ``false``: columns 1:-1), ``attributes``."""
+    token softmax; ``smooth``, ``kernel_size``, ``sigma``), ``exclude_padding`` (``auto``: per model family as the
+    official code; ``true``: the prompt's words only; ``false``: columns 1:-1), ``attributes``."""
 
     name: ClassVar[str] = "attend-excite"
     source: ClassVar[str] = "Chefer et al., SIGGRAPH 2023"

@@ -69,7 +69,7 @@ class TrainConfig:
     p_words_only: float = 0.0  # captioned samples whose cross-attention sees only start-of-text and the words
     clean_pads: bool = False  # end-of-text + padding: the empty caption's, and the text encoder learns to produce it
     keep_eot: bool = False  # with clean_pads: the end-of-text column stays the caption's; only the padding is cleaned
-    count_eot: bool = False  # with clean_pads: the end-of-text column is the caption's template's (count, no identities)
+    count_eot: bool = False  # with clean_pads: end-of-text = the caption template's (the count, no identities)
     min_snr: float = 5.0
     seed: int = 0
     arch: str = "default"
