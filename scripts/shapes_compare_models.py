@@ -44,7 +44,7 @@ def compare(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict]) -> d
     if set(a) != set(b):
         missing = sorted(set(a) ^ set(b))[:3]
         raise SystemExit(f"the two sides differ in prompts or seeds (e.g. {missing}); run both on the same ones")
-    prompts = list(dict.fromkeys(p for p, _ in sorted(a, key=lambda k: (k[0], k[1]))))
+    prompts = sorted({p for p, _ in a})
     seeds = sorted({s for _, s in a})
     if len(a) != len(prompts) * len(seeds):
         raise SystemExit("every prompt needs every seed on both sides")

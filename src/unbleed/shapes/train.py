@@ -156,10 +156,15 @@ def template(text: str) -> str:
     return _AN_RE.sub("a", _IDENTITY_RE.sub(PLACEHOLDER, text))
 
 
+def eot_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``[B]``: each row's end-of-text column (its first ``eos_token_id``)."""
+    return (ids == eos_token_id).int().argmax(1)
+
+
 def summary_columns(ids: torch.Tensor, eos_token_id: int, keep_eot: bool = False) -> torch.Tensor:
     """``[B, L]`` bool: True at each row's end-of-text (its first ``eos_token_id``) and at the padding after it;
     with ``keep_eot``, at the padding after the end-of-text only."""
-    first = (ids == eos_token_id).int().argmax(1) + int(keep_eot)
+    first = eot_positions(ids, eos_token_id) + int(keep_eot)
     return torch.arange(ids.shape[1], device=ids.device)[None, :] >= first[:, None]
 
 
@@ -389,7 +394,7 @@ class Trainer:
         summary column, from which the UNet can read how many objects the caption names. With ``count_eot`` (which
         needs ``texts``, the captions of ``ids``) the end-of-text column's clean value is the encoder's (detached)
         end-of-text output for the caption's :func:`template` instead: a summary of how many objects, never which
-        (an untested proposal of session 9, docs/shapes.md)."""
+        (tried in session 9: more duplicates, and the control failed; docs/shapes.md)."""
         empty = token_ids(self.tokenizer, [""]).to(ids.device)
         clean = self.text_encoder(empty)[0].detach()[0].expand_as(cond)
         pad = summary_columns(ids, self.tokenizer.eos_token_id, keep_eot=self.cfg.keep_eot)
@@ -397,13 +402,11 @@ class Trainer:
             if texts is None or len(texts) != len(ids):
                 raise UnbleedError("count_eot needs the captions of the token ids (texts)")
             t_ids = token_ids(self.tokenizer, [template(t) for t in texts]).to(ids.device)
-            t_eot = (t_ids == self.tokenizer.eos_token_id).int().argmax(1)
             rows = torch.arange(len(ids), device=ids.device)
             with torch.no_grad():
-                summary = self.text_encoder(t_ids)[0][rows, t_eot]
-            eot = (ids == self.tokenizer.eos_token_id).int().argmax(1)
+                summary = self.text_encoder(t_ids)[0][rows, eot_positions(t_ids, self.tokenizer.eos_token_id)]
             clean = clean.clone()
-            clean[rows, eot] = summary
+            clean[rows, eot_positions(ids, self.tokenizer.eos_token_id)] = summary
         loss = ((cond - clean).pow(2).mean(-1) * pad).sum() / pad.sum().clamp(min=1)
         return torch.where(pad[..., None], clean, cond), loss
 
