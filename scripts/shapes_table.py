@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from unbleed import checks
 from unbleed.errors import UnbleedError
 from unbleed.eval.sweep import parse_seeds
 from unbleed.run.spec import RunSpec
@@ -121,11 +122,7 @@ def main() -> None:
         print(table(figures, "tune (merged)"))
         return
     try:
-        part, parts = (int(x) for x in args.part.split("/"))
-        assert 1 <= part <= parts
-    except (ValueError, AssertionError):
-        sys.exit(f"error: --part {args.part}: write I/N with 1 ≤ I ≤ N, e.g. 1/2")
-    try:
+        part, parts = checks.part(args.part)
         contenders = [Contender("sd", RunSpec(method="sd", steps=args.steps))]
         if args.mode == "tune":
             split = "train"

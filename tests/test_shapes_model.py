@@ -230,6 +230,48 @@ def test_bench_prompts_file_and_errors(trained, tmp_path):
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
 
 
+def test_bench_parts_and_the_organism_check(trained, tmp_path):
+    """``shapes bench --part I/N`` runs every N-th prompt from the I-th; scripts/shapes_check_organism.py runs each
+    benchmark as parts in parallel processes, merges them and pairs the singles with a reference model: held
+    against itself, the difference is exactly 0; a second run reuses the finished parts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from unbleed.shapes.bench import bench_prompts
+
+    out, _ = trained
+    model = str(out / "pipeline")
+    res = runner.invoke(app, ["bench", "--model", model, "--methods", "sd", "--prompts", "3", "--part", "2/2",
+                              "--seeds", "1", "--steps", "2", "--split", "train", "--json", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    ran = json.loads((tmp_path / "p" / "results.json").read_text())["prompts"]
+    assert ran == bench_prompts("train", 3)[1::2] and len(ran) == 1
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "shapes_check_organism.py"
+    cmd = [sys.executable, str(script), model, "--out", str(tmp_path / "check"), "--reference", model, "--jobs", "2",
+           "--singles-prompts", "3", "--singles-seeds", "2", "--control-prompts", "2", "--control-seeds", "1",
+           "--steps", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "check" / "summary.json").read_text())
+    singles, control = summary["singles"], summary["control"]
+    assert singles["images"] == 6 and singles["meets_floor"] == (singles["success"] >= 0.9)
+    assert singles["vs_reference"]["diff"] == 0 and singles["vs_reference"]["ci"] == [0, 0]
+    parts = [json.loads((tmp_path / "check" / f"control-{i}of2" / "results.json").read_text())["prompts"]
+             for i in (1, 2)]
+    assert parts == [bench_prompts("test", 2)[:1], bench_prompts("test", 2)[1:]]
+    merged = json.loads((tmp_path / "check" / "control" / "results.json").read_text())["figures"]
+    vs = merged["attend-excite"]["vs_baseline"]
+    assert control["neglected"]["diff"] == vs["neglected"]["diff"] and control["sd_success"] == merged["sd"]["success"]
+    assert control["passes"] == (vs["neglected"]["ci"][1] < 0 and not vs["success"]["ci"][1] < 0)
+    first = (tmp_path / "check" / "singles-1of2" / "results.json").stat().st_mtime_ns
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    assert (tmp_path / "check" / "singles-1of2" / "results.json").stat().st_mtime_ns == first  # reused
+    bad = subprocess.run([*cmd[:3], "--out", str(tmp_path / "x"), "--jobs", "0"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: --jobs 0 must be ≥ 1", bad.stderr
+
+
 def test_bench_prompts_by_split_and_object_count():
     from unbleed.shapes.bench import bench_prompts
     from unbleed.shapes.world import train_prompts

@@ -13,7 +13,8 @@ says the fix. They return the value, converted (``whole(3.0)`` is ``3``).
 * :func:`scheduler` — one of :data:`SCHEDULERS` (or ``default``);
 * :func:`given` — a text flag that is not empty (``--model ''`` is not the current folder);
 * :func:`device`, :func:`dtype` — the spelling of ``--device`` and ``--dtype`` (whether the device exists is
-  torch's to say, when the model loads).
+  torch's to say, when the model loads);
+* :func:`part` — ``I/N``, one part of a benchmark split across processes or machines.
 """
 
 from __future__ import annotations
@@ -146,6 +147,15 @@ def given(text: str, name: str, example: str) -> str:
     if not text.strip():
         raise UnbleedError(f"{name} is empty: {example}", field=name)
     return text
+
+
+def part(text: str, name: str = "--part") -> tuple[int, int]:
+    """``I/N`` → ``(I, N)`` with ``1 ≤ I ≤ N``: the I-th of N parts of a prompt list (every N-th prompt starting at
+    the I-th, so that each part gets easy and hard prompts alike)."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text or "")
+    if not match or not 1 <= int(match[1]) <= int(match[2]) <= 4096:
+        raise UnbleedError(f"{name} {text!r}: write I/N with 1 ≤ I ≤ N ≤ 4096, e.g. {name} 1/2", field=name)
+    return int(match[1]), int(match[2])
 
 
 DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")

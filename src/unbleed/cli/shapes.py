@@ -143,6 +143,8 @@ def bench(
                               "here), unseen (each prompt has a never-trained pair) or train (tune here)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Captions, one per line (world vocabulary)."),
     objects: int = typer.Option(2, "--objects", help="Objects per generated prompt (1-3; 1 measures single objects)."),
+    part: str = typer.Option("1/1", "--part", help="I/N: only every N-th prompt, from the I-th — one of N "
+                             "processes or GPUs; merge their --out folders with scripts/shapes_merge.py."),
     model: str = typer.Option("shapes", "--model", help="shapes (shipped), or a pipeline folder from shapes train."),
     steps: Steps = 50,
     guidance_scale: GuidanceScale = 7.5,
@@ -168,6 +170,7 @@ def bench(
         prompts = 0 if prompts_file else 50  # a file: all of it; a split: 50
     checks.whole(prompts, "--prompts", 0, fix=" (0 = all of --prompts-file)" if prompts_file else "")
     checks.whole(objects, "--objects", 1, 3)
+    index, parts = checks.part(part)
     seed_list = parse_seeds(seeds)
     per = bench_options(option, names)
     contenders = [(n, RunSpec(method=n, options=per[n], seeds=tuple(seed_list), steps=steps,
@@ -188,6 +191,10 @@ def bench(
     if prompts_file is not None and prompts > len(texts):
         raise UnbleedError(f"--prompts {prompts}: --prompts-file has only {len(texts)} caption(s); ask for at most "
                            f"{len(texts)}, or 0 for all")
+    if parts > len(texts):
+        raise UnbleedError(f"--part {part}: {parts} parts of {len(texts)} prompt(s) leave some part empty; split into "
+                           f"at most {len(texts)}")
+    texts = texts[index - 1::parts]
     with err.status(f"loading model {model}…"):
         pipe = models.load_model(model, device=device)
     with progress() as display:
@@ -200,7 +207,8 @@ def bench(
         sys.stdout.write(json.dumps(figures) + "\n")
     else:
         _bench_tables(figures, f"{len(texts)} prompts × {len(seed_list)} seeds"
-                               f"{'' if prompts_file else f' ({split}, {objects} object(s))'}")
+                               f"{'' if prompts_file else f' ({split}, {objects} object(s))'}"
+                               f"{f', part {index}/{parts}' if parts > 1 else ''}")
     if out is not None:
         err.print(f"wrote {out}/grids/*.png, {out}/bench.png, {out}/bench-diff.png, {out}/results.json, "
                   f"{out}/records.jsonl", highlight=False)

@@ -1,0 +1,127 @@
+"""Is a retrained shapes model fit to ship? Its calibration floors and the positive control, in parallel processes.
+
+    .venv/bin/python scripts/shapes_check_organism.py runs/cp10/pipeline --out runs/check-cp10 --jobs 2
+
+The checks of issue 22 (docs/shapes.md), each one ``unbleed shapes bench`` split into ``--jobs`` processes with
+``--part I/N`` (each with ``OMP_NUM_THREADS`` = cores / jobs; ``--device cuda:0,cuda:1`` gives part I the I-th
+device) and merged with ``scripts/shapes_merge.py``:
+
+* ``singles`` — plain sampling (``sd``) on the 21 ``train`` single objects × 16 seeds, for the model and for
+  ``--reference`` (default the shipped model) on the same prompts and seeds, held against each other paired
+  (``scripts/shapes_compare_models.py``). Floor: success ≥ 0.90.
+* ``control`` — ``sd,attend-excite`` on 100 ``test`` prompts × 4 seeds. Floor: plain success in 0.3–0.7; the
+  positive control passes when Attend-and-Excite's ``neglected`` difference has a 95 % interval entirely below 0 and
+  its ``success`` difference's interval is not entirely below 0.
+* ``unseen`` (with ``--unseen``) — the same on 50 ``unseen`` prompts × 4 seeds, reported whatever it shows.
+
+Prints and writes ``OUT/summary.json``. Every part's ``--out`` folder is kept under ``OUT``; a part whose
+``results.json`` exists is not run again, so a stopped check resumes (an ``OUT`` folder belongs to one model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes_compare_models import compare, load  # noqa: E402  (a sibling script)
+
+from unbleed import checks  # noqa: E402
+from unbleed.errors import UnbleedError  # noqa: E402
+
+MERGE = Path(__file__).resolve().parent / "shapes_merge.py"
+SINGLES_FLOOR = 0.90
+PAIRS_BAND = (0.3, 0.7)
+
+
+def bench(model: str, name: str, flags: list[str], out: Path, jobs: int, devices: list[str]) -> tuple[list[Path], dict]:
+    """Run one benchmark as ``jobs`` parts in parallel (those not already done), merge them; (part folders, figures)."""
+    parts = [out / f"{name}-{i}of{jobs}" for i in range(1, jobs + 1)]
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    running = []
+    for i, folder in enumerate(parts, 1):
+        if (folder / "results.json").is_file():
+            continue
+        log = open(out / f"{name}-{i}of{jobs}.log", "w")
+        cmd = [sys.executable, "-m", "unbleed", "shapes", "bench", "--model", model, *flags, "--part", f"{i}/{jobs}",
+               "--device", devices[(i - 1) % len(devices)], "--json", "--out", str(folder)]
+        running.append((folder, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                      env={**os.environ, "OMP_NUM_THREADS": threads})))
+    failed = []
+    for folder, log, proc in running:
+        if proc.wait() != 0:
+            failed.append(f"{folder.name} (exit {proc.returncode}; see {log.name})")
+        log.close()
+    if failed:
+        sys.exit(f"error: {name}: {', '.join(failed)}")
+    merged = subprocess.run([sys.executable, str(MERGE), *map(str, parts), "--out", str(out / name)],
+                            capture_output=True, text=True)
+    if merged.returncode != 0:
+        sys.exit(f"error: merging {name}: {merged.stderr.strip()}")
+    return parts, json.loads(merged.stdout.strip().splitlines()[-1])
+
+
+def control_verdict(figures: dict) -> dict:
+    """Issue 22's two conditions on a ``sd,attend-excite`` benchmark, and the pairs' calibration band."""
+    sd, vs = figures["sd"], figures["attend-excite"]["vs_baseline"]
+    return {"sd_success": sd["success"], "sd_success_ci": sd["ci"]["success"],
+            "in_band": PAIRS_BAND[0] <= sd["success"] <= PAIRS_BAND[1],
+            "neglected": {"sd": sd["neglected"], "diff": vs["neglected"]["diff"], "ci": vs["neglected"]["ci"]},
+            "success": {"diff": vs["success"]["diff"], "ci": vs["success"]["ci"]},
+            "passes": vs["neglected"]["ci"][1] < 0 and not vs["success"]["ci"][1] < 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a pipeline folder from unbleed shapes train (or shapes)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reference", default="shapes", help="the model the singles are held against (paired)")
+    ap.add_argument("--jobs", type=int, default=2, help="processes per benchmark")
+    ap.add_argument("--device", default="cpu", help="a device, or a comma-separated list cycled over the parts")
+    ap.add_argument("--singles-prompts", type=int, default=21)
+    ap.add_argument("--singles-seeds", type=int, default=16)
+    ap.add_argument("--control-prompts", type=int, default=100)
+    ap.add_argument("--control-seeds", type=int, default=4)
+    ap.add_argument("--unseen", action="store_true", help="also the control on 50 unseen prompts × 4 seeds")
+    ap.add_argument("--steps", type=int, default=50)
+    args = ap.parse_args()
+    try:
+        for name in ("--jobs", "--singles-prompts", "--singles-seeds", "--control-prompts", "--control-seeds",
+                     "--steps"):
+            checks.whole(getattr(args, name[2:].replace("-", "_")), name, 1)
+        devices = [checks.device(d.strip()) for d in args.device.split(",")]
+        checks.out_folder(args.out)
+    except UnbleedError as err:
+        sys.exit(f"error: {err}")
+    steps = ["--steps", str(args.steps)]
+    singles = ["--methods", "sd", "--split", "train", "--objects", "1", "--prompts", str(args.singles_prompts),
+               "--seeds", str(args.singles_seeds), *steps]
+    mine, figures = bench(args.model, "singles", singles, args.out, args.jobs, devices)
+    theirs, _ = bench(args.reference, "reference-singles", singles, args.out, args.jobs, devices)
+    paired = compare(load(mine, "sd"), load(theirs, "sd"))
+    sd = figures["sd"]
+    summary = {"model": args.model, "reference": args.reference,
+               "singles": {"success": sd["success"], "ci": sd["ci"]["success"], "duplicated": sd["duplicated"],
+                           "floor": SINGLES_FLOOR, "meets_floor": sd["success"] >= SINGLES_FLOOR,
+                           "images": sd["images"], "vs_reference": paired["success"],
+                           "duplicated_vs_reference": paired["duplicated"]}}
+    control = ["--methods", "sd,attend-excite", "--seeds", str(args.control_seeds), *steps]
+    _, figures = bench(args.model, "control", [*control, "--split", "test", "--prompts", str(args.control_prompts)],
+                       args.out, args.jobs, devices)
+    summary["control"] = control_verdict(figures)
+    if args.unseen:
+        _, figures = bench(args.model, "unseen", [*control, "--split", "unseen", "--prompts", "50"], args.out,
+                           args.jobs, devices)
+        summary["unseen"] = control_verdict(figures)
+    summary["ships"] = (summary["singles"]["meets_floor"] and summary["control"]["in_band"]
+                        and summary["control"]["passes"])
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
