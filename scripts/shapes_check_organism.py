@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reference", default="shapes", help="the model the singles are held against (paired)")
     ap.add_argument("--jobs", type=int, default=2, help="processes per benchmark")
-    ap.add_argument("--device", default="cpu", help="a device, or a comma-separated list cycled over the parts")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda:N, or a comma-separated list cycled over "
+                    "the parts (cuda:0,cuda:1: part I on the I-th GPU)")
     ap.add_argument("--singles-prompts", type=int, default=21)
     ap.add_argument("--singles-seeds", type=int, default=16)
     ap.add_argument("--control-prompts", type=int, default=100)
