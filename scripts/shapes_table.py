@@ -141,7 +141,11 @@ def main() -> None:
                 sys.exit(f"error: --chosen {args.chosen}: no tuned setting for {','.join(missing)}; tune them first")
             for method in methods:
                 contenders.append(Contender(method, make_spec(method, chosen[method], args.steps)))
-        prompts = bench_prompts(split, args.prompts, objects=args.objects)[part - 1::parts]
+        prompts = bench_prompts(split, args.prompts, objects=args.objects)
+        if parts > len(prompts):
+            sys.exit(f"error: --part {args.part}: {parts} parts of {len(prompts)} prompt(s) leave some part empty; "
+                     f"split into at most {len(prompts)}")
+        prompts = prompts[part - 1::parts]
         seeds = parse_seeds(args.seeds)
     except UnbleedError as err:
         sys.exit(f"error: {err}")

@@ -57,3 +57,8 @@ def test_measure_refuses_the_train_split_and_unknown_methods(tmp_path):
     assert res.returncode != 0 and "--split train" in res.stderr and "Traceback" not in res.stderr
     res = run("tune", "--methods", "nope")
     assert res.returncode != 0 and "--methods nope" in res.stderr and "Traceback" not in res.stderr
+    res = run("tune", "--methods", "ela", "--prompts", "2", "--part", "1/3")
+    assert res.returncode != 0 and res.stderr.strip() == ("error: --part 1/3: 3 parts of 2 prompt(s) leave some "
+                                                          "part empty; split into at most 2"), res.stderr
+    res = run("tune", "--methods", "ela", "--part", "2/1")
+    assert res.returncode != 0 and "--part '2/1': write I/N" in res.stderr and "Traceback" not in res.stderr
