@@ -12,7 +12,13 @@ device) and merged with ``scripts/shapes_merge.py``:
 * ``control`` — ``sd,attend-excite`` on 100 ``test`` prompts × 4 seeds. Floor: plain success in 0.3–0.7; the
   positive control passes when Attend-and-Excite's ``neglected`` difference has a 95 % interval entirely below 0 and
   its ``success`` difference's interval is not entirely below 0.
+  ``--control-prompts`` may be larger (the 100 are a floor; every ``test`` pair is 261): the verdict is then the
+  larger run's, decided before it runs, and the first ``--nested`` (100) of its prompts — exactly the 100-prompt
+  benchmark, whose prompts are the first 100 of the larger list — are reported beside it as ``control_nested``.
 * ``unseen`` (with ``--unseen``) — the same on 50 ``unseen`` prompts × 4 seeds, reported whatever it shows.
+
+Parts are merged in the bench's prompt order (``shapes_merge.py --only-prompts``), so every figure equals a one-run
+bench's.
 
 Prints and writes ``OUT/summary.json``. Every part's ``--out`` folder is kept under ``OUT``; a part whose
 ``results.json`` exists is not run again, so a stopped check resumes (an ``OUT`` folder belongs to one model).
@@ -32,14 +38,29 @@ from shapes_compare_models import compare, load  # noqa: E402  (a sibling script
 
 from unbleed import checks  # noqa: E402
 from unbleed.errors import UnbleedError  # noqa: E402
+from unbleed.shapes.bench import bench_prompts  # noqa: E402
 
 MERGE = Path(__file__).resolve().parent / "shapes_merge.py"
 SINGLES_FLOOR = 0.90
 PAIRS_BAND = (0.3, 0.7)
 
 
-def bench(model: str, name: str, flags: list[str], out: Path, jobs: int, devices: list[str]) -> tuple[list[Path], dict]:
-    """Run one benchmark as ``jobs`` parts in parallel (those not already done), merge them; (part folders, figures)."""
+def merge(parts: list[Path], out: Path, prompts: list[str]) -> dict:
+    """``scripts/shapes_merge.py`` of ``parts`` into ``out``, keeping ``prompts`` in their order (so the merged figures
+    equal a one-run bench of them: the bootstrap draws prompts by position); the figures."""
+    listing = out.with_name(out.name + "-prompts.txt")
+    listing.write_text("\n".join(prompts) + "\n")
+    merged = subprocess.run([sys.executable, str(MERGE), *map(str, parts), "--out", str(out),
+                             "--only-prompts", str(listing)], capture_output=True, text=True)
+    if merged.returncode != 0:
+        sys.exit(f"error: merging {out.name}: {merged.stderr.strip()}")
+    return json.loads(merged.stdout.strip().splitlines()[-1])
+
+
+def bench(model: str, name: str, flags: list[str], out: Path, jobs: int, devices: list[str],
+          prompts: list[str]) -> tuple[list[Path], dict]:
+    """Run one benchmark (whose prompts, in the bench's order, are ``prompts``) as ``jobs`` parts in parallel (those
+    not already done), merge them; (part folders, figures)."""
     parts = [out / f"{name}-{i}of{jobs}" for i in range(1, jobs + 1)]
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
     running = []
@@ -58,11 +79,7 @@ def bench(model: str, name: str, flags: list[str], out: Path, jobs: int, devices
         log.close()
     if failed:
         sys.exit(f"error: {name}: {', '.join(failed)}")
-    merged = subprocess.run([sys.executable, str(MERGE), *map(str, parts), "--out", str(out / name)],
-                            capture_output=True, text=True)
-    if merged.returncode != 0:
-        sys.exit(f"error: merging {name}: {merged.stderr.strip()}")
-    return parts, json.loads(merged.stdout.strip().splitlines()[-1])
+    return parts, merge(parts, out / name, prompts)
 
 
 def control_verdict(figures: dict) -> dict:
@@ -87,13 +104,19 @@ def main() -> None:
     ap.add_argument("--singles-seeds", type=int, default=16)
     ap.add_argument("--control-prompts", type=int, default=100)
     ap.add_argument("--control-seeds", type=int, default=4)
+    ap.add_argument("--nested", type=int, default=100, help="with --control-prompts above it, also report the control "
+                    "on the first N of those prompts (the issue's 100 x 4, nested in the larger run; the verdict stays "
+                    "the full run's)")
     ap.add_argument("--unseen", action="store_true", help="also the control on 50 unseen prompts × 4 seeds")
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
     try:
         for name in ("--jobs", "--singles-prompts", "--singles-seeds", "--control-prompts", "--control-seeds",
-                     "--steps"):
+                     "--steps", "--nested"):
             checks.whole(getattr(args, name[2:].replace("-", "_")), name, 1)
+        order = {"singles": bench_prompts("train", args.singles_prompts, objects=1),
+                 "control": bench_prompts("test", args.control_prompts),
+                 "unseen": bench_prompts("unseen", 50) if args.unseen else []}
         devices = [checks.device(d.strip()) for d in args.device.split(",")]
         checks.out_folder(args.out)
     except UnbleedError as err:
@@ -101,8 +124,8 @@ def main() -> None:
     steps = ["--steps", str(args.steps)]
     singles = ["--methods", "sd", "--split", "train", "--objects", "1", "--prompts", str(args.singles_prompts),
                "--seeds", str(args.singles_seeds), *steps]
-    mine, figures = bench(args.model, "singles", singles, args.out, args.jobs, devices)
-    theirs, _ = bench(args.reference, "reference-singles", singles, args.out, args.jobs, devices)
+    mine, figures = bench(args.model, "singles", singles, args.out, args.jobs, devices, order["singles"])
+    theirs, _ = bench(args.reference, "reference-singles", singles, args.out, args.jobs, devices, order["singles"])
     paired = compare(load(mine, "sd"), load(theirs, "sd"))
     sd = figures["sd"]
     summary = {"model": args.model, "reference": args.reference,
@@ -111,12 +134,16 @@ def main() -> None:
                            "images": sd["images"], "vs_reference": paired["success"],
                            "duplicated_vs_reference": paired["duplicated"]}}
     control = ["--methods", "sd,attend-excite", "--seeds", str(args.control_seeds), *steps]
-    _, figures = bench(args.model, "control", [*control, "--split", "test", "--prompts", str(args.control_prompts)],
-                       args.out, args.jobs, devices)
-    summary["control"] = control_verdict(figures)
+    parts, figures = bench(args.model, "control", [*control, "--split", "test", "--prompts",
+                                                   str(args.control_prompts)], args.out, args.jobs, devices,
+                           order["control"])
+    summary["control"] = {"prompts": args.control_prompts, "seeds": args.control_seeds, **control_verdict(figures)}
+    if args.nested < args.control_prompts:
+        nested = merge(parts, args.out / f"control-first{args.nested}", order["control"][:args.nested])
+        summary["control_nested"] = {"prompts": args.nested, "seeds": args.control_seeds, **control_verdict(nested)}
     if args.unseen:
         _, figures = bench(args.model, "unseen", [*control, "--split", "unseen", "--prompts", "50"], args.out,
-                           args.jobs, devices)
+                           args.jobs, devices, order["unseen"])
         summary["unseen"] = control_verdict(figures)
     summary["ships"] = (summary["singles"]["meets_floor"] and summary["control"]["in_band"]
                         and summary["control"]["passes"])

@@ -9,6 +9,12 @@ are the runs' prompts in order of first appearance; every method must then have 
 seed. Sampling is deterministic, so a method that two runs share must agree image for image across them: this is
 checked, and a mismatch stops the merge. A method's seconds are summed over the runs that added its images. The merged figures (the same statistics as the bench: intervals over prompts, paired differences from the
 baseline) are printed as JSON and written with the bench's plots to ``--out``.
+
+``--only-prompts FILE`` (one prompt per line; blank lines and ``#`` comments skipped) keeps only those prompts, in the
+file's order: a nested sub-benchmark of the merged one, whose figures equal a one-run bench of exactly those prompts
+(the bootstrap draws prompts by position, so the order is the file's, as a bench of them would have it). E.g. the
+first 100 of a 261-prompt ``test`` run are ``bench_prompts("test", 100)``. Each method's seconds are then its
+merged seconds × the share of its images kept (an estimate, flagged ``seconds_scaled``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--baseline", default="sd")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only-prompts", type=Path, help="keep only the prompts in this file (one per line), in its order")
     args = ap.parse_args()
 
     prompts = seeds = None
@@ -59,14 +66,31 @@ def main() -> None:
                 seconds[method] = seconds.get(method, 0.0) + f["seconds"]
     if args.baseline not in records:
         sys.exit(f"error: --baseline {args.baseline!r} is in none of the runs")
+    total = len(prompts)
+    if args.only_prompts is not None:
+        try:
+            lines = args.only_prompts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            sys.exit(f"error: --only-prompts {args.only_prompts}: cannot read it ({type(e).__name__}); give a text "
+                     f"file with one prompt per line")
+        wanted = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+        missing = [p for p in wanted if p not in prompts]
+        if not wanted or missing or len(set(wanted)) != len(wanted):
+            why = (f"{len(missing)} of its prompts are in none of the runs, e.g. {missing[0]!r}" if missing else
+                   "it names a prompt twice" if wanted else "it names no prompt")
+            sys.exit(f"error: --only-prompts {args.only_prompts}: {why}; give distinct prompts of the merged runs")
+        prompts = wanted
     outcomes = {}
     for method, seen in records.items():
+        seen = {key: v for key, v in seen.items() if key[0] in prompts} if args.only_prompts else seen
         if len(seen) != len(prompts) * len(seeds):
             sys.exit(f"error: {method} has {len(seen)} of {len(prompts) * len(seeds)} images; finish its run first")
         outcomes[method] = {v: np.array([[seen[(p, s)][v] for s in seeds] for p in prompts]) for v in VERDICTS}
     figures = summarise(outcomes, args.baseline)
     for method in figures:
-        figures[method]["seconds"] = seconds[method]
+        figures[method]["seconds"] = seconds[method] * len(prompts) / total
+        if len(prompts) < total:
+            figures[method]["seconds_scaled"] = True
     args.out.mkdir(parents=True, exist_ok=True)
     write_plots(figures, args.baseline, args.out, f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds")
     (args.out / "results.json").write_text(json.dumps({"figures": figures, "baseline": args.baseline,

@@ -77,3 +77,26 @@ def test_merge_refuses_disagreeing_or_incomplete_runs(tmp_path):
     partial = _merge(tmp_path / "b", _run(tmp_path / "r3", ["sd", "attend-excite"], PROMPTS[:3]),
                      _run(tmp_path / "r4", ["sd"], PROMPTS[3:]))
     assert partial.returncode != 0 and "attend-excite has 9 of 18 images" in partial.stderr
+
+
+def test_only_prompts_is_a_nested_benchmark_in_the_files_order(tmp_path):
+    subset = [PROMPTS[4], PROMPTS[0], PROMPTS[2]]  # an order of its own: the figures follow the file's
+    (tmp_path / "only.txt").write_text("# the nested benchmark\n" + "\n".join(subset) + "\n\n")
+    runs = (_run(tmp_path / "p1", ["sd", "attend-excite"], PROMPTS[::2], seconds=3.0),
+            _run(tmp_path / "p2", ["sd", "attend-excite"], PROMPTS[1::2], seconds=3.0))
+    res = subprocess.run([sys.executable, str(SCRIPT), *map(str, runs), "--out", str(tmp_path / "m"),
+                          "--only-prompts", str(tmp_path / "only.txt")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    outcomes = {m: {v: np.array([[_verdicts(m, p, s)[v] for s in SEEDS] for p in subset]) for v in VERDICTS}
+                for m in ("sd", "attend-excite")}
+    expected = json.loads(json.dumps(summarise(outcomes, "sd")))
+    figures = json.loads(res.stdout)
+    assert figures["attend-excite"]["vs_baseline"] == expected["attend-excite"]["vs_baseline"]
+    assert figures["sd"]["ci"] == expected["sd"]["ci"] and figures["sd"]["success"] == expected["sd"]["success"]
+    assert figures["sd"]["seconds"] == 3.0 and figures["sd"]["seconds_scaled"]  # 6 s for 6 prompts, 3 kept
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["prompts"] == subset
+    (tmp_path / "bad.txt").write_text(PROMPTS[0] + "\na blue square and a red circle\n")
+    bad = subprocess.run([sys.executable, str(SCRIPT), *map(str, runs), "--out", str(tmp_path / "m2"),
+                          "--only-prompts", str(tmp_path / "bad.txt")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "1 of its prompts are in none of the runs" in bad.stderr
+    assert "Traceback" not in bad.stderr

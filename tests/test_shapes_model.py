@@ -233,7 +233,8 @@ def test_bench_prompts_file_and_errors(trained, tmp_path):
 def test_bench_parts_and_the_organism_check(trained, tmp_path):
     """``shapes bench --part I/N`` runs every N-th prompt from the I-th; scripts/shapes_check_organism.py runs each
     benchmark as parts in parallel processes, merges them and pairs the singles with a reference model: held
-    against itself, the difference is exactly 0; a second run reuses the finished parts."""
+    against itself, the difference is exactly 0; the merged prompts are in the bench's order; a larger control reports
+    the nested first ``--nested`` prompts beside it; a second run reuses the finished parts."""
     import subprocess
     import sys
     from pathlib import Path
@@ -250,8 +251,8 @@ def test_bench_parts_and_the_organism_check(trained, tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "shapes_check_organism.py"
     cmd = [sys.executable, str(script), model, "--out", str(tmp_path / "check"), "--reference", model, "--jobs", "2",
-           "--singles-prompts", "3", "--singles-seeds", "2", "--control-prompts", "2", "--control-seeds", "1",
-           "--steps", "2"]
+           "--singles-prompts", "3", "--singles-seeds", "2", "--control-prompts", "3", "--control-seeds", "1",
+           "--steps", "2", "--nested", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "check" / "summary.json").read_text())
@@ -260,11 +261,18 @@ def test_bench_parts_and_the_organism_check(trained, tmp_path):
     assert singles["vs_reference"]["diff"] == 0 and singles["vs_reference"]["ci"] == [0, 0]
     parts = [json.loads((tmp_path / "check" / f"control-{i}of2" / "results.json").read_text())["prompts"]
              for i in (1, 2)]
-    assert parts == [bench_prompts("test", 2)[:1], bench_prompts("test", 2)[1:]]
-    merged = json.loads((tmp_path / "check" / "control" / "results.json").read_text())["figures"]
+    assert parts == [bench_prompts("test", 3)[::2], bench_prompts("test", 3)[1::2]]
+    merged_run = json.loads((tmp_path / "check" / "control" / "results.json").read_text())
+    assert merged_run["prompts"] == bench_prompts("test", 3)  # the bench's order, not the parts'
+    merged = merged_run["figures"]
     vs = merged["attend-excite"]["vs_baseline"]
     assert control["neglected"]["diff"] == vs["neglected"]["diff"] and control["sd_success"] == merged["sd"]["success"]
     assert control["passes"] == (vs["neglected"]["ci"][1] < 0 and not vs["success"]["ci"][1] < 0)
+    assert control["prompts"] == 3 and summary["control_nested"]["prompts"] == 2
+    records = [json.loads(line) for i in (1, 2) for line in
+               (tmp_path / "check" / f"control-{i}of2" / "records.jsonl").read_text().splitlines()]
+    first_two = [r["success"] for r in records if r["method"] == "sd" and r["prompt"] in bench_prompts("test", 2)]
+    assert len(first_two) == 2 and summary["control_nested"]["sd_success"] == sum(first_two) / 2
     first = (tmp_path / "check" / "singles-1of2" / "results.json").stat().st_mtime_ns
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     assert (tmp_path / "check" / "singles-1of2" / "results.json").stat().st_mtime_ns == first  # reused
@@ -286,6 +294,8 @@ def test_bench_prompts_by_split_and_object_count():
     triples = bench_prompts("train", 10, objects=3)
     assert all(len(parse_caption(p)) == 3 and not set(parse_caption(p)) & HELDOUT for p in triples)
     assert bench_prompts("train", 5) == train_prompts(5)
+    assert len(set(bench_prompts("test", 261))) == 261  # every test pair (session 11's control)
+    assert bench_prompts("test", 100) == bench_prompts("test", 261)[:100]  # the 100 are nested in the 261
     with pytest.raises(UnbleedError, match="--objects 4"):
         bench_prompts("train", 5, objects=4)
 
@@ -491,6 +501,44 @@ def test_keep_eot_cleans_only_the_padding_after_the_end_of_text():
     assert np.isfinite(trainer.diffusion_update())
     with pytest.raises(UnbleedError, match="--keep-eot .*--clean-pads"):
         small(keep_eot=True).validate()
+
+
+def test_pad_caption_gives_captioned_samples_their_own_clean_columns(tmp_path):
+    """``pad_caption``: a captioned sample's end-of-text and padding are the pad caption's outputs at those positions
+    (the same for every caption: no identity in them), an empty caption keeps its own (the unconditional sample's);
+    the option needs ``clean_pads``, names no colour or shape, and may change when a run is resumed."""
+    from unbleed.shapes.train import token_ids, train
+
+    trainer = Trainer("/nonexistent-not-written", small(clean_pads=True, pad_caption="  a "), torch.device("cpu"))
+    assert trainer.cfg.pad_caption == "a"
+    texts = ["a red circle and a blue square", "", "an orange star"]
+    ids = token_ids(trainer.tokenizer, texts)
+    cond = trainer.text_encoder(ids)[0]
+    new, loss = trainer.with_clean_pads(ids, cond, texts)
+    neutral = trainer.text_encoder(token_ids(trainer.tokenizer, ["a"]))[0][0]
+    empty = trainer.text_encoder(token_ids(trainer.tokenizer, [""]))[0][0]
+    torch.testing.assert_close(new[0, :8], cond[0, :8])  # the words: the caption's own
+    torch.testing.assert_close(new[0, 8:], neutral[8:])  # end-of-text (8) and padding: the pad caption's
+    torch.testing.assert_close(new[2, 4:], neutral[4:])
+    torch.testing.assert_close(new[1], empty)  # the unconditional sample: untouched
+    assert not torch.allclose(neutral[8:], empty[8:])  # the columns do tell captioned from not
+    plain, _ = Trainer("/nonexistent-not-written", small(clean_pads=True), torch.device("cpu")).with_clean_pads(
+        ids, cond, texts)
+    torch.testing.assert_close(plain[0, 8:], empty[8:])  # without it: the empty caption's, as before
+    assert float(loss.detach()) > 0 and np.isfinite(trainer.diffusion_update())
+    for bad, match in (({"pad_caption": "a"}, "--pad-caption .*--clean-pads"),
+                       ({"pad_caption": "a red", "clean_pads": True}, "no colour or shape"),
+                       ({"pad_caption": "a b c", "clean_pads": True}, "at most two words"),
+                       ({"pad_caption": "a", "clean_pads": True, "count_eot": True}, "without --count-eot")):
+        with pytest.raises(UnbleedError, match=match):
+            small(**bad).validate()
+    long = Trainer("/nonexistent-not-written", small(clean_pads=True, pad_caption="xylophonic zygomorphy"),
+                   torch.device("cpu"))
+    with pytest.raises(UnbleedError, match="--pad-caption .*as long as a caption"):
+        long.with_clean_pads(ids, cond, texts)
+    run = tmp_path / "run"
+    train(run, small(steps=2, clean_pads=True), device="cpu")
+    assert train(run, small(steps=3, clean_pads=True, pad_caption="a"), device="cpu")["step"] == 3  # resumed
 
 
 def test_count_eot_puts_the_templates_end_of_text_in_that_column():

@@ -387,6 +387,9 @@ def train(
     count_eot: bool = typer.Option(False, "--count-eot", help="With --clean-pads: the end-of-text column is the "
                                    "encoding of the caption's template (colours and shapes replaced by one word): "
                                    "how many objects, never which."),
+    pad_caption: str = typer.Option("", "--pad-caption", help="With --clean-pads: a captioned sample's end-of-text and "
+                                    "padding are this caption's (e.g. 'a'), not the empty caption's, so they say "
+                                    "'captioned' and nothing of which caption; empty captions keep their own."),
     min_snr: float = typer.Option(5.0, "--min-snr", help="Min-SNR-γ loss weighting (γ)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, the data and the noise."),
     arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model), sd32 (32×32 latents, "
@@ -429,6 +432,7 @@ def train(
     cfg = TrainConfig(steps=steps, vae_steps=vae_steps, batch=batch, vae_batch=vae_batch, lr=lr, vae_lr=vae_lr,
                       warmup=warmup, lr_decay=lr_decay, ema=ema, p_objects=probs, p_uncond=p_uncond,
                       p_words_only=p_words_only, clean_pads=clean_pads, keep_eot=keep_eot, count_eot=count_eot,
+                      pad_caption=pad_caption,
                       min_snr=min_snr, seed=seed, arch=arch, checkpoint_every=checkpoint_every).validate()
     with progress(TextColumn("loss {task.fields[loss]:.4f}")) as display:
         tasks: dict[str, int] = {}

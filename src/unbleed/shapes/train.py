@@ -70,15 +70,17 @@ class TrainConfig:
     clean_pads: bool = False  # end-of-text + padding: the empty caption's, and the text encoder learns to produce it
     keep_eot: bool = False  # with clean_pads: the end-of-text column stays the caption's; only the padding is cleaned
     count_eot: bool = False  # with clean_pads: end-of-text = the caption template's (the count, no identities)
+    pad_caption: str = ""  # with clean_pads: a captioned sample's clean columns are this caption's, not the empty one's
     min_snr: float = 5.0
     seed: int = 0
     arch: str = "default"
     checkpoint_every: int = 250
 
     # settings that may change when a run is resumed (the rest must match the checkpoint; a changed ``lr_decay``
-    # applies from the resumed step on, on the same curve as if it had been set from the start); ``vae_steps`` only
-    # while the VAE phase is running and not below the steps it has done
-    RESUMABLE = ("steps", "checkpoint_every", "vae_steps", "lr_decay")
+    # applies from the resumed step on, on the same curve as if it had been set from the start; so does a changed
+    # ``pad_caption``, a new target for the clean columns); ``vae_steps`` only while the VAE phase is running and not
+    # below the steps it has done
+    RESUMABLE = ("steps", "checkpoint_every", "vae_steps", "lr_decay", "pad_caption")
 
     def validate(self) -> "TrainConfig":
         if self.arch not in ARCHS:
@@ -107,6 +109,16 @@ class TrainConfig:
         if self.count_eot and (self.keep_eot or not self.clean_pads):
             raise UnbleedError("--count-eot sets the end-of-text column when --clean-pads cleans it: use it with "
                                "--clean-pads and without --keep-eot")
+        if not isinstance(self.pad_caption, str):
+            raise UnbleedError(f"--pad-caption {self.pad_caption!r}: give a short text, e.g. 'a'")
+        self.pad_caption = " ".join(self.pad_caption.split())
+        if self.pad_caption and (not self.clean_pads or self.count_eot):
+            raise UnbleedError("--pad-caption sets what --clean-pads puts in the end-of-text and padding columns: "
+                               "use it with --clean-pads and without --count-eot")
+        if len(self.pad_caption.split()) > 2 or set(self.pad_caption.lower().split()) & (set(COLOURS) | set(SHAPES)):
+            raise UnbleedError(f"--pad-caption {self.pad_caption!r}: use at most two words and no colour or shape "
+                               f"(e.g. 'a'): its end-of-text must come before every caption's, and it must name "
+                               f"nothing the captions name")
         return self
 
     def to_dict(self) -> dict:
@@ -394,10 +406,24 @@ class Trainer:
         summary column, from which the UNet can read how many objects the caption names. With ``count_eot`` (which
         needs ``texts``, the captions of ``ids``) the end-of-text column's clean value is the encoder's (detached)
         end-of-text output for the caption's :func:`template` instead: a summary of how many objects, never which
-        (tried in session 9: more duplicates, and the control failed; docs/shapes.md)."""
+        (tried in session 9: more duplicates, and the control failed; docs/shapes.md). With ``pad_caption`` (e.g.
+        "a": no colour, no shape) a *captioned* sample's clean columns are the encoder's (detached) outputs for that
+        caption at the same positions, its padding, while an empty caption keeps its own: the columns then carry one
+        bit, captioned or not, and nothing of which caption. Without it a captioned sample's padding equals the
+        unconditional sample's column for column, so a pixel that attends to the padding reads "any scene" —
+        session 11's reading of the duplicates that clean pads add to single objects (docs/shapes.md)."""
         empty = token_ids(self.tokenizer, [""]).to(ids.device)
         clean = self.text_encoder(empty)[0].detach()[0].expand_as(cond)
         pad = summary_columns(ids, self.tokenizer.eos_token_id, keep_eot=self.cfg.keep_eot)
+        if self.cfg.pad_caption:
+            neutral = self.text_encoder(token_ids(self.tokenizer, [self.cfg.pad_caption]).to(ids.device))[0].detach()
+            eot = eot_positions(ids, self.tokenizer.eos_token_id)
+            uncond = (eot == 1)[:, None, None]  # the empty caption: its end-of-text right after start-of-text
+            own = int(eot_positions(token_ids(self.tokenizer, [self.cfg.pad_caption]), self.tokenizer.eos_token_id))
+            if bool((eot[~uncond.view(-1)] <= own).any()):
+                raise UnbleedError(f"--pad-caption {self.cfg.pad_caption!r} is as long as a caption it would clean "
+                                   f"({own - 1} tokens): use a shorter one, e.g. 'a'")
+            clean = torch.where(uncond, clean, neutral[0].expand_as(cond))
         if self.cfg.count_eot:
             if texts is None or len(texts) != len(ids):
                 raise UnbleedError("count_eot needs the captions of the token ids (texts)")
