@@ -389,9 +389,9 @@ def train(
                                    "how many objects, never which."),
     pad_caption: str = typer.Option("", "--pad-caption", help="With --clean-pads: a captioned sample's end-of-text and "
                                     "padding are this caption's (e.g. 'a'), not the empty caption's, so they say "
-                                    "'captioned' and nothing of which caption; empty captions keep their own. Tried in session 11: "
-                                    "the encoder's padding for 'a' ends up nearly equal to the empty caption's "
-                                    "(docs/shapes.md)."),
+                                    "'captioned' and nothing of which caption; empty captions keep their own. "
+                                    "Tried in session 11: the encoder's padding for 'a' ends up nearly equal to the "
+                                    "empty caption's (docs/shapes.md)."),
     min_snr: float = typer.Option(5.0, "--min-snr", help="Min-SNR-γ loss weighting (γ)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, the data and the noise."),
     arch: str = typer.Option("default", "--arch", help="Network sizes: default (the shipped model), sd32 (32×32 latents, "
