@@ -503,20 +503,33 @@ def test_keep_eot_cleans_only_the_padding_after_the_end_of_text():
         small(keep_eot=True).validate()
 
 
+def _clean_pads(trainer, texts):
+    """``(ids, the encoder's outputs, with_clean_pads's columns, its loss)`` for ``texts``."""
+    from unbleed.shapes.train import token_ids
+
+    ids = token_ids(trainer.tokenizer, texts)
+    cond = trainer.text_encoder(ids)[0]
+    return (ids, cond, *trainer.with_clean_pads(ids, cond, texts))
+
+
+def _encoded(trainer, text):
+    """The encoder's ``[77, width]`` outputs for one caption."""
+    from unbleed.shapes.train import token_ids
+
+    return trainer.text_encoder(token_ids(trainer.tokenizer, [text]))[0][0]
+
+
 def test_pad_caption_gives_captioned_samples_their_own_clean_columns(tmp_path):
     """``pad_caption``: a captioned sample's end-of-text and padding are the pad caption's outputs at those positions
     (the same for every caption: no identity in them), an empty caption keeps its own (the unconditional sample's);
     the option needs ``clean_pads``, names no colour or shape, and may change when a run is resumed."""
-    from unbleed.shapes.train import token_ids, train
+    from unbleed.shapes.train import train
 
     trainer = Trainer("/nonexistent-not-written", small(clean_pads=True, pad_caption="  a "), torch.device("cpu"))
     assert trainer.cfg.pad_caption == "a"
     texts = ["a red circle and a blue square", "", "an orange star"]
-    ids = token_ids(trainer.tokenizer, texts)
-    cond = trainer.text_encoder(ids)[0]
-    new, loss = trainer.with_clean_pads(ids, cond, texts)
-    neutral = trainer.text_encoder(token_ids(trainer.tokenizer, ["a"]))[0][0]
-    empty = trainer.text_encoder(token_ids(trainer.tokenizer, [""]))[0][0]
+    ids, cond, new, loss = _clean_pads(trainer, texts)
+    neutral, empty = _encoded(trainer, "a"), _encoded(trainer, "")
     torch.testing.assert_close(new[0, :8], cond[0, :8])  # the words: the caption's own
     torch.testing.assert_close(new[0, 8:], neutral[8:])  # end-of-text (8) and padding: the pad caption's
     torch.testing.assert_close(new[2, 4:], neutral[4:])
@@ -545,18 +558,15 @@ def test_count_eot_puts_the_templates_end_of_text_in_that_column():
     """``count_eot``: the end-of-text column is the encoder's end-of-text for the caption's template (colours and
     shapes replaced by one word, "an" by "a"), the padding after it the empty caption's; two captions with the same
     template get the same column; the option needs ``clean_pads`` and excludes ``keep_eot``."""
-    from unbleed.shapes.train import template, token_ids
+    from unbleed.shapes.train import template
 
     assert template("an orange circle next to a Red star") == "a thing thing next to a thing thing"
     assert template("a red circle") == template("a blue heart") == "a thing thing"
     trainer = Trainer("/nonexistent-not-written", small(clean_pads=True, count_eot=True), torch.device("cpu"))
     texts = ["a red circle and a blue square", "an orange star and a white heart", "a red circle"]
-    ids = token_ids(trainer.tokenizer, texts)
-    cond = trainer.text_encoder(ids)[0]
-    new, loss = trainer.with_clean_pads(ids, cond, texts)
-    clean = trainer.text_encoder(token_ids(trainer.tokenizer, [""]))[0][0]
-    two = trainer.text_encoder(token_ids(trainer.tokenizer, ["a thing thing and a thing thing"]))[0][0]
-    one = trainer.text_encoder(token_ids(trainer.tokenizer, ["a thing thing"]))[0][0]
+    _, cond, new, loss = _clean_pads(trainer, texts)
+    clean = _encoded(trainer, "")
+    two, one = _encoded(trainer, "a thing thing and a thing thing"), _encoded(trainer, "a thing thing")
     torch.testing.assert_close(new[0, :8], cond[0, :8])  # the words: the caption's own
     torch.testing.assert_close(new[0, 8], two[8])  # the end-of-text (at 8): the template's
     torch.testing.assert_close(new[1, 8], two[8])  # same template, same column: no identity in it

@@ -414,17 +414,19 @@ class Trainer:
         session 11's reading of the duplicates that clean pads add to single objects (docs/shapes.md). Measured
         there, it does not do what it says: the target comes from the encoder being trained, whose post-end-of-text
         outputs the clean-pads loss makes nearly caption-independent, so after 3,400 steps the encoder's padding
-        for "a" and for "" differed by a mean squared 7e-05 (its word states' mean square: 0.88); even the
-        shipped encoder separates them by only 6e-4 (against 0.22 for "a red circle"). The bit is not there; a
+        for "a" and for "" were a squared distance 0.004 apart (its words: 22 from the empty caption's); even the
+        shipped encoder puts them only 0.03 apart (a caption's padding: 16.7;
+        ``scripts/shapes_pad_distance.py --versus a``). The bit is not there; a
         fixed target that is not the encoder's output would be the real test."""
         empty = token_ids(self.tokenizer, [""]).to(ids.device)
         clean = self.text_encoder(empty)[0].detach()[0].expand_as(cond)
         pad = summary_columns(ids, self.tokenizer.eos_token_id, keep_eot=self.cfg.keep_eot)
         if self.cfg.pad_caption:
-            neutral = self.text_encoder(token_ids(self.tokenizer, [self.cfg.pad_caption]).to(ids.device))[0].detach()
+            pad_ids = token_ids(self.tokenizer, [self.cfg.pad_caption]).to(ids.device)
+            neutral = self.text_encoder(pad_ids)[0].detach()
             eot = eot_positions(ids, self.tokenizer.eos_token_id)
             uncond = (eot == 1)[:, None, None]  # the empty caption: its end-of-text right after start-of-text
-            own = int(eot_positions(token_ids(self.tokenizer, [self.cfg.pad_caption]), self.tokenizer.eos_token_id))
+            own = int(eot_positions(pad_ids, self.tokenizer.eos_token_id))
             if bool((eot[~uncond.view(-1)] <= own).any()):
                 raise UnbleedError(f"--pad-caption {self.cfg.pad_caption!r} is as long as a caption it would clean "
                                    f"({own - 1} tokens): use a shorter one, e.g. 'a'")
