@@ -15,6 +15,11 @@ device) and merged with ``scripts/shapes_merge.py``:
   ``--control-prompts`` may be larger (the 100 are a floor; every ``test`` pair is 261): the verdict is then the
   larger run's, decided before it runs, and the first ``--nested`` (100) of its prompts — exactly the 100-prompt
   benchmark, whose prompts are the first 100 of the larger list — are reported beside it as ``control_nested``.
+* ``--ae-option KEY=VALUE`` (repeatable) runs the control's Attend-and-Excite at that setting (``shapes bench -o
+  attend-excite.KEY=VALUE``: a method option or ``step_size``, ``refine_steps``, …), e.g. one chosen on the
+  ``train`` split; the verdict is then that setting's. Attend-and-Excite at its defaults also runs on the same
+  prompts and seeds (``control-defaults``), paired against the control's plain images, and is reported beside it
+  as ``control_defaults``.
 * ``unseen`` (with ``--unseen``) — the same on 50 ``unseen`` prompts × 4 seeds, reported whatever it shows.
 
 Parts are merged in the bench's prompt order (``shapes_merge.py --only-prompts``), so every figure equals a one-run
@@ -82,14 +87,19 @@ def bench(model: str, name: str, flags: list[str], out: Path, jobs: int, devices
     return parts, merge(parts, out / name, prompts)
 
 
+def conditions(neglected: dict, success: dict) -> dict:
+    """The control's two conditions from the paired ``neglected`` and ``success`` differences (``diff``, ``ci``)."""
+    return {"neglected": neglected, "success": {"diff": success["diff"], "ci": success["ci"]},
+            "passes": neglected["ci"][1] < 0 and not success["ci"][1] < 0}
+
+
 def control_verdict(figures: dict) -> dict:
     """Issue 22's two conditions on a ``sd,attend-excite`` benchmark, and the pairs' calibration band."""
     sd, vs = figures["sd"], figures["attend-excite"]["vs_baseline"]
     return {"sd_success": sd["success"], "sd_success_ci": sd["ci"]["success"],
             "in_band": PAIRS_BAND[0] <= sd["success"] <= PAIRS_BAND[1],
-            "neglected": {"sd": sd["neglected"], "diff": vs["neglected"]["diff"], "ci": vs["neglected"]["ci"]},
-            "success": {"diff": vs["success"]["diff"], "ci": vs["success"]["ci"]},
-            "passes": vs["neglected"]["ci"][1] < 0 and not vs["success"]["ci"][1] < 0}
+            **conditions({"sd": sd["neglected"], "diff": vs["neglected"]["diff"], "ci": vs["neglected"]["ci"]},
+                         vs["success"])}
 
 
 def main() -> None:
@@ -107,6 +117,9 @@ def main() -> None:
     ap.add_argument("--nested", type=int, default=100, help="with --control-prompts above it, also report the control "
                     "on the first N of those prompts (the issue's 100 x 4, nested in the larger run; the verdict stays "
                     "the full run's)")
+    ap.add_argument("--ae-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="Attend-and-Excite's setting in the control (repeatable; its defaults are then reported "
+                         "beside it)")
     ap.add_argument("--unseen", action="store_true", help="also the control on 50 unseen prompts × 4 seeds")
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
@@ -133,11 +146,21 @@ def main() -> None:
                            "floor": SINGLES_FLOOR, "meets_floor": sd["success"] >= SINGLES_FLOOR,
                            "images": sd["images"], "vs_reference": paired["success"],
                            "duplicated_vs_reference": paired["duplicated"]}}
-    control = ["--methods", "sd,attend-excite", "--seeds", str(args.control_seeds), *steps]
+    tuned = [f for item in args.ae_option for f in ("-o", f"attend-excite.{item}")]
+    control = ["--methods", "sd,attend-excite", *tuned, "--seeds", str(args.control_seeds), *steps]
     parts, figures = bench(args.model, "control", [*control, "--split", "test", "--prompts",
                                                    str(args.control_prompts)], args.out, args.jobs, devices,
                            order["control"])
-    summary["control"] = {"prompts": args.control_prompts, "seeds": args.control_seeds, **control_verdict(figures)}
+    summary["control"] = {"prompts": args.control_prompts, "seeds": args.control_seeds,
+                          "ae_options": args.ae_option, **control_verdict(figures)}
+    if args.ae_option:
+        defaults, _ = bench(args.model, "control-defaults", ["--methods", "attend-excite", "--seeds",
+                                                             str(args.control_seeds), *steps, "--split", "test",
+                                                             "--prompts", str(args.control_prompts)],
+                            args.out, args.jobs, devices, order["control"])
+        paired = compare(load(defaults, "attend-excite"), load(parts, "sd"))
+        summary["control_defaults"] = conditions({"sd": paired["neglected"]["b"], **{k: paired["neglected"][k] for k
+                                                  in ("diff", "ci")}}, paired["success"])
     if args.nested < args.control_prompts:
         nested = merge(parts, args.out / f"control-first{args.nested}", order["control"][:args.nested])
         summary["control_nested"] = {"prompts": args.nested, "seeds": args.control_seeds, **control_verdict(nested)}

@@ -24,13 +24,10 @@ from pathlib import Path
 
 from unbleed.errors import UnbleedError
 from unbleed.eval.sweep import parse_seeds
-from unbleed.run.spec import RunSpec
+from unbleed.run.spec import RunSpec, split_settings
 from unbleed.models import load_model
 from unbleed.shapes.bench import Contender, bench_prompts, run_bench
 
-# schedule settings → (RunSpec field, type); every other key is a method option (-o KEY=VALUE)
-SCHEDULE_FLAGS = {"step_size": ("step_size", float), "step_schedule": ("step_schedule", str),
-                  "window": ("window", str), "refine_steps": ("refine", str), "refine_iters": ("refine_iters", int)}
 SHOWN = ("success", "neglected", "malformed", "wrong_shape", "duplicated", "leak", "fused")
 
 
@@ -44,15 +41,10 @@ def split_setting(item: str) -> tuple[str, str]:
 def contender(method: str, label: str, settings: dict[str, str], steps: int) -> Contender:
     """One row: ``method`` with ``settings`` (method options and schedule fields), checked now (before any model
     loads)."""
-    options = {k: v for k, v in settings.items() if k not in SCHEDULE_FLAGS}
-    fields = {}
-    for key, value in settings.items():
-        if key in SCHEDULE_FLAGS:
-            name, kind = SCHEDULE_FLAGS[key]
-            try:
-                fields[name] = kind(value)
-            except ValueError:
-                raise SystemExit(f"error: {key}={value}: expected a {'whole ' if kind is int else ''}number") from None
+    try:
+        options, fields = split_settings(settings)
+    except UnbleedError as err:
+        raise SystemExit(f"error: {err}") from None
     if str(fields.get("window", "")).startswith("fraction:"):
         fields["window"] = f"0:{max(1, round(float(fields['window'][9:]) * steps))}"
     spec = RunSpec(method=method, options=options, steps=steps, **fields)

@@ -48,3 +48,28 @@ def test_full_size_sd1_architecture_loads_and_runs(sd1):
                    save_attention=True, output_type="np")
     assert res.images.shape == (1, 128, 128, 3) and np.isfinite(res.images).all()
     assert res.trace[0].maps.shape == (1, 2, 4, 4)
+
+
+def test_a_shapes_export_without_its_tokenizer_loads_with_the_package_one(tmp_path):
+    """The shipped shapes folder (and a wip/ base copied from it) has no tokenizer/: loading it by path gets the
+    package's CLIP tokenizer (77 positions), as --model shapes does, not a tokenizer without a length."""
+    import shutil
+
+    from unbleed.models import shipped_model_path
+
+    shutil.copytree(shipped_model_path(), tmp_path / "m")
+    assert not (tmp_path / "m" / "tokenizer").exists()
+    by_path, by_name = load_model(str(tmp_path / "m")), load_model("shapes")
+    assert by_path.tokenizer.model_max_length == 77
+    kw = dict(seeds=[0], num_inference_steps=2, output_type="np")
+    np.testing.assert_array_equal(generate(by_path, "a red circle", **kw).images,
+                                  generate(by_name, "a red circle", **kw).images)
+
+
+def test_a_folder_missing_the_tokenizer_its_index_names_gets_one_line(tiny, tmp_path):
+    import shutil
+
+    tiny.save_pretrained(tmp_path / "m", safe_serialization=True)
+    shutil.rmtree(tmp_path / "m" / "tokenizer")
+    with pytest.raises(UnbleedError, match="no tokenizer/"):
+        load_model(str(tmp_path / "m"))

@@ -171,6 +171,15 @@ def test_bench_cli(trained, tmp_path):
     table = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--methods", "sd,ela", "--prompts", "1",
                                 "--seeds", "1", "--steps", "2", "--split", "train", "--baseline", "ela"])
     assert table.exit_code == 0 and "minus ela, paired 95 % CI" in table.output, table.output
+    # -o METHOD.KEY=VALUE also sets that method's schedule (step_size, refine_steps, ...), recorded per image
+    tuned = runner.invoke(app, ["bench", "--model", str(out / "pipeline"), "--methods", "sd,attend-excite",
+                                "--prompts", "1", "--seeds", "1", "--steps", "3", "--split", "train",
+                                "-o", "attend-excite.step_size=7.5", "-o", "attend-excite.refine_steps=none",
+                                "-o", "attend-excite.smooth=false", "--out", str(tmp_path / "tuned")])
+    assert tuned.exit_code == 0, tuned.output
+    ae = [json.loads(line) for line in (tmp_path / "tuned" / "records.jsonl").read_text().splitlines()][-1]
+    assert ae["method"] == "attend-excite" and ae["schedule"]["step_size"] == 7.5 and ae["schedule"]["refine"] == {}
+    assert ae["method_options"]["smooth"] is False
 
 
 def test_run_bench_runs_each_contenders_spec(trained, tmp_path):
@@ -278,6 +287,27 @@ def test_bench_parts_and_the_organism_check(trained, tmp_path):
     assert (tmp_path / "check" / "singles-1of2" / "results.json").stat().st_mtime_ns == first  # reused
     bad = subprocess.run([*cmd[:3], "--out", str(tmp_path / "x"), "--jobs", "0"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --jobs 0 must be ≥ 1", bad.stderr
+
+    # --ae-option: the control's A&E at that setting, decided on; A&E at its defaults reported beside, paired
+    import shutil
+
+    for name in ("singles-1of2", "singles-2of2", "reference-singles-1of2", "reference-singles-2of2"):
+        shutil.copytree(tmp_path / "check" / name, tmp_path / "tuned" / name)
+    tuned = [*cmd[:3], "--out", str(tmp_path / "tuned"), *cmd[5:], "--ae-option", "step_size=5"]
+    done = subprocess.run(tuned, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
+    assert summary["control"]["ae_options"] == ["step_size=5"]
+    runs = {name: [json.loads(line) for i in (1, 2) for line in
+                   (tmp_path / "tuned" / f"{name}-{i}of2" / "records.jsonl").read_text().splitlines()]
+            for name in ("control", "control-defaults")}
+    assert {r["schedule"]["step_size"] for r in runs["control"] if r["method"] == "attend-excite"} == {5.0}
+    assert {r["schedule"]["step_size"] for r in runs["control-defaults"]} == {20.0}
+    rate = {name: np.mean([r["neglected"] for r in runs[name] if r["method"] == method])
+            for name, method in (("control", "sd"), ("control-defaults", "attend-excite"))}
+    beside = summary["control_defaults"]
+    assert beside["neglected"]["diff"] == pytest.approx(rate["control-defaults"] - rate["control"])
+    assert beside["passes"] == (beside["neglected"]["ci"][1] < 0 and not beside["success"]["ci"][1] < 0)
 
 
 def test_bench_prompts_by_split_and_object_count():

@@ -14,6 +14,7 @@ loaded, so they are accepted only with ``allow_pickle=True`` (CLI ``--allow-pick
 
 from __future__ import annotations
 
+import json
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -80,6 +81,15 @@ def _shapes_folder() -> Path:
         raise UnbleedError(f"--model shapes: the trained shapes model is missing from the package ({path}): "
                            f"train one with 'unbleed shapes train --out RUN' and pass --model RUN/pipeline")
     return path
+
+
+def _names_component(folder: Path, name: str) -> bool:
+    """Whether ``folder``'s ``model_index.json`` lists a ``name`` component (not ``[null, null]``)."""
+    try:
+        entry = json.loads((folder / "model_index.json").read_text()).get(name)
+    except (OSError, ValueError):
+        return False
+    return isinstance(entry, list) and any(entry)
 
 
 def _has_weights(folder: Path, suffixes: tuple[str, ...]) -> bool:
@@ -149,6 +159,12 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **
             raise UnbleedError(f"--model {spec}: {', '.join(pickled)} hold(s) only pickled weights (.bin), which "
                                f"can run code when loaded: convert them to safetensors, or pass --allow-pickle if "
                                f"you trust them")
+        if "tokenizer" not in kwargs and not (path / "tokenizer").is_dir() and _names_component(path, "tokenizer"):
+            if not (path / "unbleed_shapes.json").is_file():
+                raise UnbleedError(f"--model {spec}: the folder has no tokenizer/ although its model_index.json names "
+                                   f"one: copy the model's tokenizer folder there")
+            # a shapes-world export without its tokenizer (the shipped model, wip/ bases): the package's CLIP one
+            kwargs["tokenizer"] = load_clip_tokenizer()
         try:
             return _from_pretrained(str(path), kwargs)
         except UnbleedError:

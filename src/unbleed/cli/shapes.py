@@ -17,7 +17,7 @@ from rich.text import Text
 
 from .. import checks
 from ..errors import UnbleedError
-from ..run.spec import RunSpec
+from ..run.spec import SCHEDULE_FIELDS, SCHEDULE_SETTINGS, RunSpec, split_settings
 from .common import (Bar, Device, GuidanceScale, Steps, command, err, methods_help, parse_options, progress,
                      quiet_libraries, split_list)
 from .tables import print_table
@@ -129,6 +129,22 @@ def bench_options(items: list[str], names: list[str]) -> dict[str, dict[str, str
     return per
 
 
+def bench_spec(name: str, settings: dict[str, str], **fields) -> RunSpec:
+    """One bench contender's checked :class:`RunSpec`: ``settings`` (its ``-o NAME.KEY=VALUE``) split into method
+    options and schedule fields (``step_size``, ``step_schedule``, ``window``, ``refine_steps``, ``refine_iters``:
+    :func:`~unbleed.run.spec.split_settings`); a bad schedule value is one line naming its ``-o``."""
+    try:
+        options, schedule = split_settings(settings)
+        spec = RunSpec(method=name, options=options, **schedule, **fields).check()
+        spec.build()
+        return spec
+    except UnbleedError as err:
+        if err.field not in SCHEDULE_FIELDS:
+            raise
+        key = next(k for k, (f, _) in SCHEDULE_SETTINGS.items() if f == err.field)
+        raise UnbleedError(f"-o {name}.{key}={settings[key]}: {err}", field="options") from None
+
+
 @app.command()
 @command(flags={"method": "--methods"})
 def bench(
@@ -148,7 +164,8 @@ def bench(
     model: str = typer.Option("shapes", "--model", help="shapes (shipped), or a pipeline folder from shapes train."),
     steps: Steps = 50,
     guidance_scale: GuidanceScale = 7.5,
-    option: list[str] = typer.Option([], "--option", "-o", help="METHOD.KEY=VALUE, e.g. -o ela.lam=0.3."),
+    option: list[str] = typer.Option([], "--option", "-o", help="METHOD.KEY=VALUE, e.g. -o ela.lam=0.3; KEY may "
+                                     "also be step_size, step_schedule, window, refine_steps or refine_iters."),
     as_json: bool = typer.Option(False, "--json", help="Print {METHOD: {VERDICT: rate, seconds, images, ci, "
                                  "vs_baseline}} (see unbleed.shapes.bench)."),
     out: Optional[str] = typer.Option(None, "--out", help="Write per-prompt grids, bench.png, results.json there."),
@@ -173,8 +190,8 @@ def bench(
     index, parts = checks.part(part)
     seed_list = parse_seeds(seeds)
     per = bench_options(option, names)
-    contenders = [(n, RunSpec(method=n, options=per[n], seeds=tuple(seed_list), steps=steps,
-                              guidance_scale=guidance_scale).check()) for n in names]
+    contenders = [(n, bench_spec(n, per[n], seeds=tuple(seed_list), steps=steps, guidance_scale=guidance_scale))
+                  for n in names]
     checks.given(model, "--model", "name a model, e.g. --model shapes")
     checks.device(device)
     if out is not None:

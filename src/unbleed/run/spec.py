@@ -26,6 +26,28 @@ if TYPE_CHECKING:
     from .sampler import Plan
 
 SCHEDULE_FIELDS = ("window", "refine", "refine_iters", "step_size", "step_schedule")
+# textual schedule settings (``-o METHOD.KEY=VALUE`` of ``shapes bench``, ``scripts/shapes_tune.py``) → (field, type)
+SCHEDULE_SETTINGS = {"step_size": ("step_size", float), "step_schedule": ("step_schedule", str),
+                     "window": ("window", str), "refine_steps": ("refine", str), "refine_iters": ("refine_iters", int)}
+
+
+def split_settings(settings: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """``{KEY: VALUE}`` text → (method options, :class:`RunSpec` schedule fields): the keys of
+    :data:`SCHEDULE_SETTINGS` (``step_size``, ``step_schedule``, ``window``, ``refine_steps``, ``refine_iters``)
+    become fields, converted (``window`` and ``refine_steps`` stay text, parsed by :meth:`RunSpec.build`); every
+    other key is a method option."""
+    options, fields = {}, {}
+    for key, value in settings.items():
+        if key not in SCHEDULE_SETTINGS:
+            options[key] = value
+            continue
+        name, kind = SCHEDULE_SETTINGS[key]
+        try:
+            fields[name] = kind(value)
+        except ValueError:
+            raise UnbleedError(f"{key} {value!r} must be a{' whole' if kind is int else ''} number",
+                               field=name) from None
+    return options, fields
 
 
 class Built(NamedTuple):
