@@ -32,7 +32,8 @@ from unbleed.shapes.bench import VERDICTS, summarise, write_plots
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--baseline", default="sd")
+    ap.add_argument("--baseline", help="the method the others are compared with [default: the first run's own "
+                    "baseline, as its bench chose it (sd when it ran)]")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only-prompts", type=Path, help="keep only the prompts in this file (one per line), in its order")
     args = ap.parse_args()
@@ -47,6 +48,7 @@ def main() -> None:
             contenders.setdefault(method, spec)
         if prompts is None:
             prompts, seeds = list(meta["prompts"]), meta["seeds"]
+            baseline = args.baseline or meta.get("baseline") or "sd"
         elif meta["seeds"] != seeds:
             sys.exit(f"error: {run}: other seeds than {args.runs[0]}; merge only runs of one benchmark")
         prompts += [p for p in meta["prompts"] if p not in prompts]
@@ -64,8 +66,8 @@ def main() -> None:
         for method, f in meta["figures"].items():
             if method in added:
                 seconds[method] = seconds.get(method, 0.0) + f["seconds"]
-    if args.baseline not in records:
-        sys.exit(f"error: --baseline {args.baseline!r} is in none of the runs")
+    if baseline not in records:
+        sys.exit(f"error: --baseline {baseline!r} is in none of the runs")
     total = len(prompts)
     if args.only_prompts is not None:
         try:
@@ -86,14 +88,14 @@ def main() -> None:
         if len(seen) != len(prompts) * len(seeds):
             sys.exit(f"error: {method} has {len(seen)} of {len(prompts) * len(seeds)} images; finish its run first")
         outcomes[method] = {v: np.array([[seen[(p, s)][v] for s in seeds] for p in prompts]) for v in VERDICTS}
-    figures = summarise(outcomes, args.baseline)
+    figures = summarise(outcomes, baseline)
     for method in figures:
         figures[method]["seconds"] = seconds[method] * len(prompts) / total
         if len(prompts) < total:
             figures[method]["seconds_scaled"] = True
     args.out.mkdir(parents=True, exist_ok=True)
-    write_plots(figures, args.baseline, args.out, f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds")
-    (args.out / "results.json").write_text(json.dumps({"figures": figures, "baseline": args.baseline,
+    write_plots(figures, baseline, args.out, f"shapes world: {len(prompts)} prompts × {len(seeds)} seeds")
+    (args.out / "results.json").write_text(json.dumps({"figures": figures, "baseline": baseline,
                                                        "prompts": prompts, "seeds": seeds,
                                                        "contenders": {m: contenders[m] for m in figures
                                                                       if m in contenders},

@@ -51,7 +51,7 @@ def test_full_size_sd1_architecture_loads_and_runs(sd1):
 
 
 def test_a_shapes_export_without_its_tokenizer_loads_with_the_package_one(tmp_path):
-    """The shipped shapes folder (and a wip/ base copied from it) has no tokenizer/: loading it by path gets the
+    """The shipped shapes folder (or a copy of it, e.g. a warm-start base) has no tokenizer/: loading it by path gets the
     package's CLIP tokenizer (77 positions), as --model shapes does, not a tokenizer without a length."""
     import shutil
 

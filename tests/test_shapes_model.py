@@ -371,23 +371,25 @@ def test_generate_with_the_shipped_model_from_the_cli(tmp_path):
     assert image.size == (64, 64) and json.loads(image.text["unbleed"])["model"] == "shapes"
 
 
-def test_shipped_model_draws_single_objects_and_fails_pairs_more_often(shipped):
-    """Plain sampling: the calibration (docs/shapes.md, 50 steps: 92 % of single objects, 48.5 % of held-out
-    pairs) in a quick form — 12 prompts x 2 seeds at 20 steps measured 0.83 and 0.08 (session 3). Guards against
-    a broken export or a retrained model that no longer leaves anything to fix."""
+def test_shipped_model_meets_its_calibration_floors_in_a_quick_form(shipped):
+    """Plain sampling at the benchmark's settings (50 steps, guidance 7.5) on the floors' prompts, fewer seeds. The
+    floors (issue 22; docs/shapes.md, "Session 12") are single objects >= 0.90 on the 21 train singles x 16 seeds
+    (measured 0.911 by scripts/shapes_check_organism.py) and plain success in 0.3-0.7 on test pairs (0.565 on all
+    261 x 4). Here: the 21 singles x seeds 0-1 (0.952 in that run) and the first 20 test pairs x seeds 0-1 (0.50),
+    with margins of about two standard errors. Guards the shipped export against a broken or miscalibrated model."""
     from unbleed.run.sampler import generate
     from unbleed.shapes.bench import bench_prompts
     from unbleed.shapes.detect import detect
 
     rates = {}
-    for objects, split in ((1, "train"), (2, "unseen")):
+    for objects, split, n in ((1, "train", 21), (2, "test", 20)):
         ok = []
-        for prompt in bench_prompts(split, 12, objects=objects):
-            result = generate(shipped, prompt, seeds=[0, 1], num_inference_steps=20)
+        for prompt in bench_prompts(split, n, objects=objects):
+            result = generate(shipped, prompt, seeds=[0, 1], num_inference_steps=50)
             ok += [detect(image, prompt)["success"] for image in result.images]
         rates[objects] = sum(ok) / len(ok)
-    assert rates[1] >= 0.7, rates
-    assert rates[2] <= rates[1] - 0.3, rates
+    assert rates[1] >= 0.85, rates
+    assert 0.25 <= rates[2] <= 0.75, rates
 
 
 def test_warm_start_from_an_exported_pipeline(trained, tmp_path):

@@ -163,7 +163,7 @@ def _load_pretrained(spec: str, torch_dtype: torch.dtype, allow_pickle: bool, **
             if not (path / "unbleed_shapes.json").is_file():
                 raise UnbleedError(f"--model {spec}: the folder has no tokenizer/ although its model_index.json names "
                                    f"one: copy the model's tokenizer folder there")
-            # a shapes-world export without its tokenizer (the shipped model, wip/ bases): the package's CLIP one
+            # a shapes-world export without its tokenizer (the shipped model or a copy of it): the package's CLIP one
             kwargs["tokenizer"] = load_clip_tokenizer()
         try:
             return _from_pretrained(str(path), kwargs)
