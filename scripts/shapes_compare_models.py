@@ -6,7 +6,10 @@
 Each side is one or more ``unbleed shapes bench --out`` folders of one model (parts of one benchmark, e.g. the two
 ``--prompts-file`` halves). Images are paired by (prompt, seed); every pair must exist on both sides (else one line
 names what is missing). For each verdict it prints both rates and ``a − b`` with the bench's interval (a bootstrap
-over prompts, :func:`unbleed.stats.paired_bootstrap`) and the exact McNemar p-value, as JSON. This is how a
+over prompts, :func:`unbleed.stats.paired_bootstrap`), the exact McNemar p-value and its discordant pairs (``a_only``:
+images where the verdict holds for A but not for B; ``b_only``: the reverse), as JSON. ``--b-method`` pairs two
+methods instead (the same folders on both sides), e.g. how many images a method rid of neglect and how many it gave
+it. This is how a
 retrained model is held against the shipped one (calibration), since ``shapes bench`` compares methods on one model.
 """
 
@@ -54,7 +57,8 @@ def compare(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict]) -> d
         mb = np.array([[float(b[p, s][verdict]) for s in seeds] for p in prompts])
         diff = paired_bootstrap(ma, mb)
         figures[verdict] = {"a": float(ma.mean()), "b": float(mb.mean()), "diff": diff["diff"], "ci": diff["ci"],
-                            "mcnemar_p": mcnemar_exact(ma, mb)["p"]}
+                            "mcnemar_p": mcnemar_exact(ma, mb)["p"],
+                            "a_only": int(((ma > 0) & (mb == 0)).sum()), "b_only": int(((mb > 0) & (ma == 0)).sum())}
     return figures
 
 
@@ -63,8 +67,10 @@ def main() -> None:
     ap.add_argument("--a", nargs="+", type=Path, required=True, help="bench folders of model A")
     ap.add_argument("--b", nargs="+", type=Path, required=True, help="bench folders of model B")
     ap.add_argument("--method", default="sd")
+    ap.add_argument("--b-method", help="side B's method [default: --method]; e.g. --method attend-excite --b-method sd "
+                    "on the same folders compares two methods of one bench")
     args = ap.parse_args()
-    json.dump(compare(load(args.a, args.method), load(args.b, args.method)), sys.stdout, indent=1)
+    json.dump(compare(load(args.a, args.method), load(args.b, args.b_method or args.method)), sys.stdout, indent=1)
     print()
 
 

@@ -48,6 +48,13 @@ def test_paired_difference_between_two_models(tmp_path):
     assert lo >= -2 / 3 - 1e-9
     assert out["duplicated"]["diff"] == pytest.approx(3 / 12)
     assert out["success"]["mcnemar_p"] == pytest.approx(0.25)  # 3 discordant pairs, all one way: 2 · 1/8
+    assert (out["success"]["a_only"], out["success"]["b_only"]) == (0, 3)
+    assert (out["duplicated"]["a_only"], out["duplicated"]["b_only"]) == (3, 0)
+    # two methods of one bench: ela never succeeds, sd fails only where duplicated
+    res = _compare("--a", str(a1), "--b", str(a1), "--method", "ela", "--b-method", "sd")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["success"]["a"] == 0 and (out["success"]["a_only"], out["success"]["b_only"]) == (0, 8)
 
 
 def test_sides_must_share_prompts_and_seeds(tmp_path):
