@@ -139,9 +139,9 @@ def bench_spec(name: str, settings: dict[str, str], **fields) -> RunSpec:
         spec.build()
         return spec
     except UnbleedError as err:
-        if err.field not in SCHEDULE_FIELDS:
+        key = next((k for k, (f, _) in SCHEDULE_SETTINGS.items() if f == err.field and k in settings), None)
+        if err.field not in SCHEDULE_FIELDS or key is None:
             raise
-        key = next(k for k, (f, _) in SCHEDULE_SETTINGS.items() if f == err.field)
         raise UnbleedError(f"-o {name}.{key}={settings[key]}: {err}", field="options") from None
 
 
