@@ -6,6 +6,7 @@ traceback (:func:`unbleed.cli.common.command`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -133,11 +134,16 @@ def bench_spec(name: str, settings: dict[str, str], **fields) -> RunSpec:
     """One bench contender's checked :class:`RunSpec`: ``settings`` (its ``-o NAME.KEY=VALUE``) split into method
     options and schedule fields (``step_size``, ``step_schedule``, ``window``, ``refine_steps``, ``refine_iters``:
     :func:`~unbleed.run.spec.split_settings`); a bad schedule value is one line naming its ``-o``."""
-    try:
+    with named_settings(name, settings):
         options, schedule = split_settings(settings)
-        spec = RunSpec(method=name, options=options, **schedule, **fields).check()
-        spec.build()
-        return spec
+        return RunSpec(method=name, options=options, **schedule, **fields).check()
+
+
+@contextlib.contextmanager
+def named_settings(name: str, settings: dict[str, str]):
+    """An error about a schedule field that ``-o NAME.KEY=VALUE`` set becomes one line naming that ``-o``."""
+    try:
+        yield
     except UnbleedError as err:
         key = next((k for k, (f, _) in SCHEDULE_SETTINGS.items() if f == err.field and k in settings), None)
         if err.field not in SCHEDULE_FIELDS or key is None:
@@ -203,7 +209,8 @@ def bench(
     quiet_libraries()
     contenders = [Contender(n, spec) for n, spec in contenders]
     for c in contenders:
-        c.spec.build()  # every method's options, before the model loads
+        with named_settings(c.label, per[c.label]):
+            c.spec.build()  # every method's options, before the model loads
     texts = bench_prompts(split, prompts, prompts_file, objects=objects)
     if prompts_file is not None and prompts > len(texts):
         raise UnbleedError(f"--prompts {prompts}: --prompts-file has only {len(texts)} caption(s); ask for at most "
