@@ -25,11 +25,11 @@ def summarise(records: list[dict]) -> dict[str, dict]:
     for record in records:
         if record.get("guidance"):
             by.setdefault(record["method"], []).append(record)
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
     out = {}
     for name, group in by.items():
-        def mean(values: list[float]) -> float | None:
-            return sum(values) / len(values) if values else None
-
         steps = [sorted(r["guidance"], key=lambda g: g["step"]) for r in group]
         first = [g[0]["step"] for g in steps]
         out[name] = {"images": len(group),

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from .. import checks
 from ..errors import UnbleedError
-from ..run.spec import SCHEDULE_FIELDS, SCHEDULE_SETTINGS, RunSpec, split_settings
+from ..run.spec import SCHEDULE_SETTINGS, RunSpec, split_settings
 from .common import (Bar, Device, GuidanceScale, Steps, command, err, methods_help, parse_options, progress,
                      quiet_libraries, split_list)
 from .tables import print_table
@@ -146,7 +146,7 @@ def named_settings(name: str, settings: dict[str, str]):
         yield
     except UnbleedError as err:
         key = next((k for k, (f, _) in SCHEDULE_SETTINGS.items() if f == err.field and k in settings), None)
-        if err.field not in SCHEDULE_FIELDS or key is None:
+        if key is None:  # not a schedule field that an -o set
             raise
         raise UnbleedError(f"-o {name}.{key}={settings[key]}: {err}", field="options") from None
 

@@ -111,8 +111,9 @@ def parse_window(text: str | None, num_steps: int) -> tuple[int, int] | None:
     return tuple(out)
 
 
-def parse_refine(text: str | None, defaults: dict[int, float]) -> dict[int, float] | None:
-    """``0:0.2,10:0.1`` → ``{0: 0.2, 10: 0.1}``; ``none`` → ``{}``; a bare step takes ``defaults``' threshold."""
+def parse_refine(text: str | None, defaults: dict[int, float] | None) -> dict[int, float] | None:
+    """``0:0.2,10:0.1`` → ``{0: 0.2, 10: 0.1}``; ``none`` → ``{}``; a bare step takes ``defaults``' threshold
+    (``defaults=None``: only the text's form is checked, a bare step gets 0.0)."""
     if text is None:
         return None
     if text.strip().lower() == "none":
@@ -121,7 +122,7 @@ def parse_refine(text: str | None, defaults: dict[int, float]) -> dict[int, floa
     for item in text.split(","):
         step, sep, thr = item.partition(":")
         try:
-            s, value = int(step), float(thr) if sep else defaults.get(int(step))
+            s, value = int(step), float(thr) if sep else 0.0 if defaults is None else defaults.get(int(step))
         except ValueError:
             s, value = -1, None
         if s < 0 or (sep and not math.isfinite(value)):

@@ -31,16 +31,6 @@ SCHEDULE_SETTINGS = {"step_size": ("step_size", float), "step_schedule": ("step_
                      "window": ("window", str), "refine_steps": ("refine", str), "refine_iters": ("refine_iters", int)}
 
 
-class _AnyThreshold(dict):
-    """A stand-in for a method's refinement thresholds when only the form of a ``refine`` text is checked."""
-
-    def get(self, key, default=None):
-        return 0.0
-
-
-_ANY_THRESHOLD = _AnyThreshold()
-
-
 def split_settings(settings: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
     """``{KEY: VALUE}`` text → (method options, :class:`RunSpec` schedule fields): the keys of
     :data:`SCHEDULE_SETTINGS` (``step_size``, ``step_schedule``, ``window``, ``refine_steps``, ``refine_iters``)
@@ -125,7 +115,7 @@ class RunSpec:
         if isinstance(self.window, str):
             parse_window(self.window, self.steps)
         if isinstance(self.refine, str):
-            parse_refine(self.refine, _ANY_THRESHOLD)  # its form; a bare step's threshold is the method's (build)
+            parse_refine(self.refine, None)  # its form; a bare step's threshold is the method's (build)
         return self
 
     def build(self) -> Built:
