@@ -31,7 +31,7 @@ def test_every_registered_method_is_planned_with_the_same_budget(table):
 
 
 def test_step_variants_scale_the_methods_own_default_step(table):
-    for method in ("attend-excite", "ela", "syngen"):
+    for method in ("attend-excite", "ela", "syngen", "conform"):
         default = RunSpec(method=method).build().schedule.step_size
         for factor in (0.5, 2.0):
             built = table.make_spec(method, {"step": factor}, 50).build()
@@ -40,14 +40,31 @@ def test_step_variants_scale_the_methods_own_default_step(table):
     assert table.make_spec("ela", {"start": "0"}, 50).build().method.start == 0
 
 
+def test_softmax_methods_get_the_softer_map_scale_and_their_step_doubled_there(table):
+    for method in ("attend-excite", "divide-bind", "astar", "syngen"):
+        default = RunSpec(method=method).build()
+        soft, soft_step = table.PLAN[method]
+        assert default.method.map_scale == 100
+        assert table.make_spec(method, soft, 50).build().method.map_scale == 10
+        built = table.make_spec(method, soft_step, 50).build()
+        assert built.method.map_scale == 10
+        assert built.schedule.step_size == pytest.approx(default.schedule.step_size * 2)
+    initno = table.make_spec("initno", table.PLAN["initno"][1], 50).build().method
+    assert (initno.map_scale, initno.lr) == (10, 0.02)
+    composite = table.make_spec("ela+syngen", table.PLAN["ela+syngen"][0], 50).build().method
+    assert [getattr(m, "map_scale", None) for m in composite.methods] == [None, 10]
+    assert table.setting_label("ela+syngen", table.PLAN["ela+syngen"][1]) == "ela+syngen [syngen.map_scale=10, step×2]"
+
+
 def test_choice_is_the_best_train_success_and_a_tie_keeps_the_default(table):
     def f(success):
         return {"success": success}
 
     figures = {"sd": f(0.5), "ela": f(0.6), "ela [start=0]": f(0.6), "ela [step×2]": f(0.55),
-               "attend-excite": f(0.5), "attend-excite [step×0.5]": f(0.4), "attend-excite [step×2]": f(0.7)}
+               "attend-excite": f(0.5), "attend-excite [map_scale=10]": f(0.7),
+               "attend-excite [map_scale=10, step×2]": f(0.4)}
     chosen = table.choose(figures, ["ela", "attend-excite"])
-    assert chosen == {"ela": {}, "attend-excite": {"step": 2.0}}
+    assert chosen == {"ela": {}, "attend-excite": {"map_scale": "10"}}
 
 
 def test_measure_refuses_the_train_split_and_unknown_methods(tmp_path):
