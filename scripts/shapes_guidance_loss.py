@@ -7,7 +7,9 @@ Every image that a guided method made has, in ``records.jsonl``, a ``guidance`` 
 method computed (``loss``, before that step's update) and the refinement iterations it ran (``refine_iters``). Per
 contender (the ``method`` field: a bench's method or a tune's label), this prints the number of images, the mean loss
 at step 0, at step 1 and over steps 4 and later of the window, the refinement iterations in all, and the images that
-refined at all, as JSON. A loss near 0 from the first steps on means the method's gradient is about zero: it is idle
+refined at all, as JSON; where the records have it (since session 13), also ``update_rms``: the mean over guided
+steps of the root mean square of each step's whole change of the latent (refinement and update) — how far the
+method moved the latent, comparable across methods whose losses are on different scales. A loss near 0 from the first steps on means the method's gradient is about zero: it is idle
 (e.g. Attend-and-Excite whose token softmax saturates, docs/shapes.md, session 12).
 """
 
@@ -38,7 +40,8 @@ def summarise(records: list[dict]) -> dict[str, dict]:
                      "loss_from_step4": mean([x["loss"] for g, s0 in zip(steps, first) for x in g
                                               if x["step"] >= s0 + 4]),
                      "refine_iters": sum(x.get("refine_iters", 0) for g in steps for x in g),
-                     "images_refined": sum(any(x.get("refine_iters", 0) for x in g) for g in steps)}
+                     "images_refined": sum(any(x.get("refine_iters", 0) for x in g) for g in steps),
+                     "update_rms": mean([x["update_rms"] for g in steps for x in g if x.get("update_rms") is not None])}
     return out
 
 

@@ -108,6 +108,21 @@ def test_refinement_stops_at_the_threshold_or_the_cap(tiny):
     assert mid.final_loss[0] <= target
 
 
+def test_update_rms_is_the_size_of_the_latents_change(tiny):
+    def rec(step_size, thr=1e9, cap=0):
+        res = generate(tiny, PROMPT, method=Excite(), groups=token_groups(tiny.tokenizer, PROMPT, "cat"), seeds=[0],
+                       num_inference_steps=2, schedule=Schedule(window=(0, 1), refine={0: thr}, max_refine_iters=cap,
+                                                                step_size=step_size, step_schedule="constant"))
+        return res.trace[0].update_rms[0], res.trace[1].update_rms
+    zero, unguided = rec(0.0)
+    assert zero == 0.0 and unguided is None  # no step: no change; an unguided step has no update
+    one, _ = rec(2.5)
+    two, _ = rec(5.0)
+    assert one > 0 and two == pytest.approx(2 * one, rel=1e-4)  # one gradient step: linear in α
+    refined, _ = rec(5.0, thr=-1.0, cap=3)
+    assert refined > two  # three refinement iterations move it further
+
+
 def test_refinement_is_per_sample(tiny):
     both = _toy_run(tiny, thr=-1.0, cap=2, seeds=(0, 1))
     assert both.refine_iters == 2 and len(both.final_loss) == 2

@@ -243,6 +243,36 @@ def test_run_diagnose_on_the_shipped_model(shipped, tmp_path):
     assert (tmp_path / "maps" / "0000.png").is_file() and (tmp_path / "diagnose.json").is_file()
 
 
+def test_diagnose_takes_the_methods_options_and_reports_the_update_size(shipped):
+    from unbleed.run.spec import RunSpec
+
+    prompts = ["a red star and a blue square"]
+    kw = dict(steps=12, carry_prompts=1, knockout_prompts=0)
+    plain = run_diagnose(shipped, prompts, [0], **kw)["carry_over"]["methods"]
+    # the update is at step 5 of 50 (1 of 12), or at the method's first guided step: ELA's T_start, 10 of 50 (2 of 12)
+    assert [m["steps"] for m in plain.values()] == [[1, 2, 6], [2, 3, 6]]
+    soft = {"attend-excite": RunSpec(method="attend-excite", options={"map_scale": "10"}, step_size=40.0)}
+    given = run_diagnose(shipped, prompts, [0], methods=soft, **kw)["carry_over"]["methods"]
+    assert plain["attend-excite"]["options"] == {} and plain["attend-excite"]["step_size"] == 20.0
+    assert given["attend-excite"]["options"] == {"map_scale": "10"} and given["attend-excite"]["step_size"] == 40.0
+    assert given["ela"] == plain["ela"] and plain["ela"]["update_rms"] > 0  # ELA untouched
+    # a softer softmax is another loss: not saturated, so a larger loss before the update
+    assert given["attend-excite"]["loss_before_update"] > plain["attend-excite"]["loss_before_update"]
+    assert given["attend-excite"]["update_rms"] > 0
+
+
+def test_diagnose_cli_options_are_one_line_errors():
+    for args, needle in ((["-o", "syngen.map_scale=10"], "-o syngen.map_scale=10: prefix the option with one of the "
+                                                           "diagnosed methods (attend-excite, ela)"),
+                         (["-o", "ela.window=0:5"], "-o ela.window=0:5: diagnose sets the window"),
+                         (["-o", "attend-excite.step_size=-1"], "-o attend-excite.step_size=-1"),
+                         (["-o", "attend-excite.nope=1"], "nope")):
+        res = runner.invoke(app, ["shapes", "diagnose", "--prompts", "1", "--steps", "2", *args])
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
+            res.output
+
+
 def test_diagnose_cli(tmp_path):
     res = runner.invoke(app, ["shapes", "diagnose", "--prompts", "1", "--seeds", "1:2", "--steps", "2",
                               "--carry-prompts", "0", "--json", "--split", "train"])

@@ -12,11 +12,13 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "shapes_guidance_loss.py"
 
 
-def _record(method: str, losses: list[float], refine: dict[int, int] | None = None, start: int = 0) -> dict:
+def _record(method: str, losses: list[float], refine: dict[int, int] | None = None, start: int = 0,
+            updates: list[float] | None = None) -> dict:
     refine = refine or {}
-    return {"prompt": "a red circle and a blue square", "seed": 0, "method": method,
-            "guidance": [{"step": start + i, "loss": x, "refine_iters": refine.get(start + i, 0)}
-                         for i, x in enumerate(losses)]}
+    guidance = [{"step": start + i, "loss": x, "refine_iters": refine.get(start + i, 0)} for i, x in enumerate(losses)]
+    for g, u in zip(guidance, updates or []):
+        g["update_rms"] = u
+    return {"prompt": "a red circle and a blue square", "seed": 0, "method": method, "guidance": guidance}
 
 
 def test_loss_and_refinement_per_contender(tmp_path):
@@ -24,7 +26,7 @@ def test_loss_and_refinement_per_contender(tmp_path):
     folder.mkdir()
     records = [{"prompt": "p", "seed": 0, "method": "sd", "guidance": []},  # plain sampling: not a contender
                _record("a", [0.5, 0.3, 0.2, 0.2, 0.1, 0.3], refine={0: 4}),
-               _record("a", [0.7, 0.1, 0.0, 0.0, 0.0, 0.1]),
+               _record("a", [0.7, 0.1, 0.0, 0.0, 0.0, 0.1], updates=[0.2, 0.1, 0.0, 0.0, 0.0, 0.3]),
                _record("b", [0.0] * 5 + [0.2], start=3, refine={8: 2})]  # a window starting at step 3
     (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     done = subprocess.run([sys.executable, str(SCRIPT), str(folder)], capture_output=True, text=True)
@@ -36,6 +38,7 @@ def test_loss_and_refinement_per_contender(tmp_path):
     assert a["loss_from_step4"] == pytest.approx((0.1 + 0.3 + 0.0 + 0.1) / 4)
     assert (a["refine_iters"], a["images_refined"]) == (4, 1)
     assert b["loss_from_step4"] == pytest.approx(0.2 / 2) and (b["refine_iters"], b["images_refined"]) == (2, 1)
+    assert a["update_rms"] == pytest.approx(0.6 / 6) and b["update_rms"] is None  # older records: no update size
 
 
 def test_a_folder_without_records_is_one_line(tmp_path):

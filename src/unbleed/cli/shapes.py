@@ -117,14 +117,17 @@ def render(
     err.print(f"wrote {out}", highlight=False)
 
 
-def bench_options(items: list[str], names: list[str]) -> dict[str, dict[str, str]]:
+DIAGNOSED = ("attend-excite", "ela")  # shapes diagnose's methods (unbleed.shapes.diagnose.CARRY_METHODS, no torch)
+
+
+def bench_options(items: list[str], names: list[str], among: str = "the --methods") -> dict[str, dict[str, str]]:
     """``-o METHOD.KEY=VALUE`` → ``{METHOD: {KEY: VALUE}}`` for each of ``names`` (a bench compares methods, so an
-    option names the one it is for)."""
+    option names the one it is for; ``among`` says where the names come from, for the error)."""
     per: dict[str, dict[str, str]] = {n: {} for n in names}
     for key, value in parse_options(items).items():
         name, _, sub = key.partition(".")
         if name not in per or not sub:
-            raise UnbleedError(f"-o {key}={value}: prefix the option with one of the --methods, e.g. "
+            raise UnbleedError(f"-o {key}={value}: prefix the option with one of {among}, e.g. "
                                f"-o {names[-1]}.lam=0.3")
         per[name][sub] = value
     return per
@@ -275,6 +278,9 @@ def diagnose(
                                                 "carry-over runs of attend-excite and ela; default all, 0 = none."),
     knockout_prompts: Optional[int] = typer.Option(None, "--knockout-prompts", help="Prompts (the first N) with "
                                                    "the token-knockout runs (e); default all, 0 = none."),
+    option: list[str] = typer.Option([], "--option", "-o", help="attend-excite.KEY=VALUE or ela.KEY=VALUE: the "
+                                     "diagnosed methods' options (e.g. -o attend-excite.map_scale=10); KEY may also "
+                                     "be step_size or step_schedule (the carry-over update's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
     out: Optional[str] = typer.Option(None, "--out", help="Write diagnose.json, records.jsonl, maps/*.png there."),
     device: Device = "auto",
@@ -296,6 +302,13 @@ def diagnose(
     checks.real(guidance_scale, "--guidance-scale")
     checks.given(model, "--model", "name a model, e.g. --model shapes")
     checks.device(device)
+    per = bench_options(option, list(DIAGNOSED), among=f"the diagnosed methods ({', '.join(DIAGNOSED)})")
+    for name, settings in per.items():
+        fixed = sorted(k for k in settings if k in SCHEDULE_SETTINGS and k not in ("step_size", "step_schedule"))
+        if fixed:
+            raise UnbleedError(f"-o {name}.{fixed[0]}={settings[fixed[0]]}: diagnose sets the window and refinement "
+                               f"itself (one update at step 5, none); give options, step_size or step_schedule")
+    specs = {name: bench_spec(name, settings) for name, settings in per.items()}
     if out is not None:
         out = checks.out_folder(out, "--out")
 
@@ -304,6 +317,9 @@ def diagnose(
     from ..shapes.diagnose import CARRY_METHODS, run_diagnose
 
     quiet_libraries()
+    for name, spec in specs.items():
+        with named_settings(name, per[name]):
+            spec.build()  # every option, before the model loads
     texts = bench_prompts(split, prompts, objects=objects)
     n_carry = len(texts) if carry_prompts is None else min(carry_prompts, len(texts))
     n_knock = len(texts) if knockout_prompts is None else min(knockout_prompts, len(texts))
@@ -314,7 +330,7 @@ def diagnose(
         bar = Bar(display, "diagnose")
         bar.start(total)
         figures = run_diagnose(pipe, texts, seed_list, steps=steps, guidance_scale=guidance_scale,
-                               carry_prompts=n_carry, knockout_prompts=n_knock, out=out,
+                               carry_prompts=n_carry, knockout_prompts=n_knock, out=out, methods=specs,
                                progress=lambda prompt, stage: bar.begin(f"{stage}: {prompt}"))
         bar.step(total)
     if as_json:
@@ -356,14 +372,16 @@ def _print_diagnose(f: dict, title: str, console: Console | None = None) -> None
             return (Text(f"{num(d['mean_diff'], 4)} ({num(d['fraction_down'], 2)})\n"
                          f"[{num(d['ci95'][0], 4)}, {num(d['ci95'][1], 4)}]") if d["ci95"] else "—")
 
-        print_table(console, f"(c) guided − unguided loss after one update at step {c['update_step']}: "
+        print_table(console, f"(c) guided − unguided loss after one update: "
                              f"mean (fraction down) and [95 % CI], {c['prompts']} prompts",
                     ["loss", *c["methods"]],
-                    [("before the update", *(num(m["loss_before_update"], 4) for m in c["methods"].values())),
-                     *((f"{label} (step {c[s]})", *(carried(m[k]) for m in c["methods"].values()))
-                       for label, s, k in (("same", "update_step", "at_step"), ("next", "next_step", "next_step"),
-                                           ("later", "later_step", "later")))],
-                    sections=[True, True, True, False])
+                    [("update at step (next, later)", *("{} ({}, {})".format(*m["steps"])
+                                                        for m in c["methods"].values())),
+                     ("before the update", *(num(m["loss_before_update"], 4) for m in c["methods"].values())),
+                     ("update size (RMS of Δz)", *(num(m.get("update_rms"), 5) for m in c["methods"].values())),
+                     *((label, *(carried(m[k]) for m in c["methods"].values()))
+                       for label, k in (("same step", "at_step"), ("next step", "next_step"), ("later step", "later")))],
+                    sections=[False, False, True, True, True, False])
     k = f["knockout"]
     if k["prompts"]:
         print_table(console, f"(e) token knockout: of the objects plain sampling draws, the fraction still drawn "

@@ -46,7 +46,8 @@ def record_for(result: Result, index: int, prompt: str, method: str, model: str 
         "tokens": groups_as_dicts(result.groups),
         **result.params,
         "guidance": [{"step": r.step, "timestep": r.timestep, "alpha": r.alpha, "loss": r.loss[index],
-                      "final_loss": r.final_loss[index], "refine_iters": r.refine_iters} for r in guided],
+                      "final_loss": r.final_loss[index], "refine_iters": r.refine_iters,
+                      "update_rms": r.update_rms[index]} for r in guided],
         "seconds_batch": round(result.seconds, 3),
         "unbleed_version": __version__,
     }

@@ -59,6 +59,9 @@ class StepTrace:
     final_loss: list[float] | None = None  # per sample, after refinement (before the regular update)
     refine_iters: int = 0
     alpha: float | None = None
+    # per sample, the root mean square of the step's whole change of the latent (refinement and update): how far the
+    # method moved it, comparable across methods whose losses are on different scales
+    update_rms: list[float] | None = None
     maps: torch.Tensor | None = None  # [B, groups, h, w] on CPU, when saving attention
     # generate(record=…): per request, the raw maps [B, 77, h, w] (conditional half, CPU) of the latent the
     # scheduler steps — at a guided step the latent after the update (captured on the regular pass)
@@ -212,6 +215,7 @@ def guided_step(guide: Guide, store: AttentionStore, latents: torch.Tensor, step
                 rec.refine_iters += 1
         rec.final_loss = loss.detach().float().cpu().tolist()
         z = _descend(z, loss, size)
+    rec.update_rms = (z.detach() - latents).float().pow(2).flatten(1).mean(1).sqrt().cpu().tolist()
     return z.detach(), rec
 
 

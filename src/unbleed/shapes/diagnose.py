@@ -32,16 +32,22 @@ by nearest upsampling would make every mask a union of 4-, 8- or 16-pixel cells 
 AUC is ``null`` when a class is empty; positives and negatives are counted.
 
 **(c) Carry-over.** Does one guided update lower the method's loss at the *next* step, and at step 25, compared
-with no update on the same seed? For ``attend-excite`` and ``ela`` (their default options) and
+with no update on the same seed? For ``attend-excite`` and ``ela`` (their default options, or the options and
+``step_size`` / ``step_schedule`` that ``methods`` gives them: ``shapes diagnose -o attend-excite.map_scale=10``) and
 the first ``carry_prompts`` prompts × all seeds: the plain run (recorded above) and a run with exactly one update
-at step s = 5 (the method's default schedule with window ``(s, s+1)``, no refinement). The loss is the method's
+at step s = 5 — or at the method's first guided step when its window starts later, as ELA's does at T_start (its
+``start``, 10 by default; before it ELA does nothing) — (the method's schedule with window ``(s, s+1)``, no
+refinement). The loss is the method's
 own (``prepare_step`` on the detached maps, then ``loss``), from maps recorded on the regular pass, i.e. of the
 latent the scheduler steps, with the :class:`~unbleed.methods.StepContext` the sampler builds (step, number of
 steps, prompt length, groups). Both runs are :class:`~unbleed.run.spec.RunSpec` runs of the sampler.
-Reported per method: the guided − unguided loss difference at s (the updated latent, with the step's own state
+Reported per method (with its steps): the guided − unguided loss difference at s (the updated latent, with the step's own state
 from the pre-update maps — the update's immediate effect), at s+1 and at 25 (state recomputed from that step's
 maps, as the method would), each with its mean, a 95 % paired bootstrap CI over the images (2,000 resamples,
-seed 0) and the fraction of images where it went down; plus the trace's loss before the update.
+seed 0) and the fraction of images where it went down; plus the trace's loss before the update and the size of
+the update itself (``update_rms``: the root mean square of the latent's change, the sampler's
+:attr:`~unbleed.run.sampler.StepTrace.update_rms`, averaged over the images) — the one figure that compares two
+methods' steps, whose losses are on different scales.
 
 **(d) ELA's localisation.** The IoU of each ELA mask ``M^{e_i}`` with its object's clean blob and of ``M_bk`` with
 the background, masks computed as ELA's ``prepare_step`` computes them (:func:`ela_localise`: its ``layers``, Otsu,
@@ -267,31 +273,46 @@ class Plan:
     plain: Any  # the RunSpec of plain sampling
     plain_built: tuple  # and its build()
     carry: dict[str, tuple[Any, tuple]]  # (c): method name → (its RunSpec with one update, that spec's build())
+    carry_steps: dict[str, tuple[int, int, int]]  # (c): method name → its update step, the next, the later step
     recorded: list[MapRequest]  # every request a figure reads, in the order of a trace step's raw_maps
     loc_steps: list[int]  # (a) and (d)
     window: list[int]  # (b)
-    update_step: int  # (c): the update, the step after it and the later step
+    update_step: int  # (c): the update (step 5 of 50), the step after it and the later step; per method: carry_steps
     next_step: int
     later_step: int
     clean: torch.Tensor  # (e): the empty caption's encoding, [77, dim]
 
     def keep_needed(self, i: int, n: int, rec) -> None:
         """The sampler's step callback: drop the recorded maps of the steps no figure reads."""
-        if i not in {*self.loc_steps, *self.window, self.update_step, self.next_step, self.later_step}:
+        if i not in {*self.loc_steps, *self.window, self.update_step, self.next_step, self.later_step,
+                     *(s for steps in self.carry_steps.values() for s in steps)}:
             rec.raw_maps = None
 
 
-def make_plan(pipe, seeds: list[int], steps: int, guidance_scale: float) -> Plan:
-    """:func:`run_diagnose`'s shared setup for ``pipe``."""
+def make_plan(pipe, seeds: list[int], steps: int, guidance_scale: float,
+              methods: dict[str, Any] | None = None) -> Plan:
+    """:func:`run_diagnose`'s shared setup for ``pipe``; ``methods``: :data:`CARRY_METHODS` name → its
+    :class:`~unbleed.run.spec.RunSpec` (options, ``step_size``, ``step_schedule``), default the method's defaults."""
     from ..run.spec import RunSpec
 
     unet = pipe.unet
     blocks = block_requests(unet)
     plain = RunSpec(method="sd", steps=steps, guidance_scale=guidance_scale, seeds=tuple(seeds))
-    ae, ela = RunSpec(method="attend-excite").build()[0], RunSpec(method="ela").build()[0]
+    given = {name: (methods or {}).get(name) or RunSpec(method=name) for name in CARRY_METHODS}
+    ae, ela = given["attend-excite"].build()[0], given["ela"].build()[0]
     s_upd = min(scale_step(CARRY_STEP, steps), steps - 2)
-    # (c)'s runs: each method's defaults with exactly one update, at s_upd, and no refinement
-    specs = {name: plain.replace(method=name, window=(s_upd, s_upd + 1), refine={}) for name in CARRY_METHODS}
+    later = max(scale_step(CARRY_LATER, steps), s_upd + 1)
+    # (c)'s runs: each method (its options and step) with exactly one update and no refinement, at s_upd or, when
+    # the method's own window starts later (ELA's T_start), at its first guided step: before it, it does nothing
+    carry_steps = {}
+    for name in CARRY_METHODS:
+        first = given[name].replace(steps=steps).build().schedule.window[0]
+        s_m = min(max(s_upd, first), steps - 2)
+        carry_steps[name] = (s_m, s_m + 1, max(later, s_m + 1))
+    specs = {name: plain.replace(method=name, options=dict(given[name].options), step_size=given[name].step_size,
+                                 step_schedule=given[name].step_schedule,
+                                 window=(carry_steps[name][0], carry_steps[name][0] + 1), refine={})
+             for name in CARRY_METHODS}
     carry = {name: (spec, spec.build()) for name, spec in specs.items()}
     recorded = list(dict.fromkeys([*blocks.values(), *ae.map_requests(unet), *ela.map_requests(unet),
                                    *(r for _, built in carry.values() for r in built[0].map_requests(unet))]))
@@ -299,10 +320,10 @@ def make_plan(pipe, seeds: list[int], steps: int, guidance_scale: float) -> Plan
     with torch.no_grad():
         clean = pipe.encode_prompt("", pipe.device, 1, False)[0][0]
     return Plan(seeds=tuple(seeds), steps=steps, guidance_scale=guidance_scale, blocks=blocks, attend_excite=ae,
-                ela=ela, plain=plain, plain_built=plain_built, carry=carry, recorded=recorded,
+                ela=ela, plain=plain, plain_built=plain_built, carry=carry, carry_steps=carry_steps, recorded=recorded,
                 loc_steps=sorted({scale_step(s, steps) for s in LOCALISATION_STEPS}),
                 window=list(range(scale_step(PREDICT_WINDOW[0], steps), scale_step(PREDICT_WINDOW[1], steps) + 1)),
-                update_step=s_upd, next_step=s_upd + 1, later_step=max(scale_step(CARRY_LATER, steps), s_upd + 1),
+                update_step=s_upd, next_step=s_upd + 1, later_step=later,
                 clean=clean)
 
 
@@ -475,7 +496,7 @@ def _method_loss(method, unet, maps, ctx, state_maps=None) -> torch.Tensor:
 
 
 def carry_over(pipe, plan: Plan, run: PromptRun, name: str) -> dict[str, list[float]]:
-    """(c) for method ``name``: a run with its one update at ``plan.update_step``; per image the guided − unguided
+    """(c) for method ``name``: a run with its one update at its ``plan.carry_steps``; per image the guided − unguided
     loss difference at the update step (the updated latent, state from the pre-update maps), at the next step
     and at the later step, and the guided run's loss before its update (``before``). Adds both losses to the
     records."""
@@ -488,11 +509,11 @@ def carry_over(pipe, plan: Plan, run: PromptRun, name: str) -> dict[str, list[fl
     def loss(trace, step, state_maps=None):
         return _method_loss(method, unet, run.maps(req, step, trace), run.ctx(step), state_maps)
 
-    plain, s = run.result.trace, plan.update_step
+    plain, (s, s_next, s_later) = run.result.trace, plan.carry_steps[name]
     values = {"at_step": (loss(guided.trace, s, state_maps=run.maps(req, s)), loss(plain, s)),
-              "next_step": (loss(guided.trace, plan.next_step), loss(plain, plan.next_step)),
-              "later": (loss(guided.trace, plan.later_step), loss(plain, plan.later_step))}
-    out = {"before": list(guided.trace[s].loss or [])}
+              "next_step": (loss(guided.trace, s_next), loss(plain, s_next)),
+              "later": (loss(guided.trace, s_later), loss(plain, s_later))}
+    out = {"before": list(guided.trace[s].loss or []), "update_rms": list(guided.trace[s].update_rms or [])}
     for key, (g, u) in values.items():
         out[key] = (g - u).tolist()
         for b, rec in enumerate(run.records):
@@ -570,15 +591,16 @@ def _counts(prompts: list[str], seeds: list[int], steps: int, carry_prompts: int
 
 def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50, guidance_scale: float = 7.5,
                  carry_prompts: int | None = None, knockout_prompts: int | None = None,
-                 out: str | Path | None = None,
+                 out: str | Path | None = None, methods: dict[str, Any] | None = None,
                  progress: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """The five figures (module docstring) on ``prompts`` × ``seeds``; a JSON-able dict. ``carry_prompts`` and
     ``knockout_prompts``: how many of the prompts (the first ones) get the carry-over runs and the knockout runs
     (``None`` = all, 0 = none). With ``out``, writes ``diagnose.json``, ``records.jsonl`` (per image) and
-    ``maps/NNNN.png`` (per prompt) there."""
+    ``maps/NNNN.png`` (per prompt) there. ``methods``: as for :func:`make_plan` (A&E's for (b) and (c), ELA's for
+    (c) and (d))."""
     carry_prompts, knockout_prompts = _counts(prompts, seeds, steps, carry_prompts, knockout_prompts)
     t_start = time.perf_counter()
-    plan = make_plan(pipe, seeds, steps, guidance_scale)
+    plan = make_plan(pipe, seeds, steps, guidance_scale, methods)
     values: dict[str, Any] = {"predictiveness": {}, "carry_over": {}, "knockout": {k: [] for k in KNOCKOUTS}}
     records: list[dict[str, Any]] = []
     out = Path(out) if out is not None else None
@@ -592,7 +614,7 @@ def run_diagnose(pipe, prompts: list[str], seeds: list[int], *, steps: int = 50,
         if p < carry_prompts:
             for name in CARRY_METHODS:
                 if progress:
-                    progress(prompt, f"{name} (one update at step {plan.update_step})")
+                    progress(prompt, f"{name} (one update at step {plan.carry_steps[name][0]})")
                 _extend(values["carry_over"], {name: carry_over(pipe, plan, run, name)})
         if p < knockout_prompts:
             _extend(values["knockout"], knockout(pipe, plan, run, progress))
@@ -646,7 +668,10 @@ def summarise(plan: Plan, values: dict[str, Any], records: list[dict[str, Any]],
         "carry_over": {
             "update_step": plan.update_step, "next_step": plan.next_step, "later_step": plan.later_step,
             "prompts": min(carry_prompts, prompts),
-            "methods": {name: {"loss_before_update": _r(float(np.mean(v["before"]))) if v["before"] else None,
+            "methods": {name: {"steps": list(plan.carry_steps[name]), "options": dict(plan.carry[name][0].options),
+                               "step_size": plan.carry[name][1].schedule.step_size,
+                               "loss_before_update": _r(float(np.mean(v["before"]))) if v["before"] else None,
+                               "update_rms": _r(float(np.mean(v["update_rms"])), 5) if v["update_rms"] else None,
                                **{k: _diff_figure(v[k]) for k in CARRY_KEYS}}
                         for name, v in carry.items()},
         },
