@@ -15,6 +15,10 @@ file's order: a nested sub-benchmark of the merged one, whose figures equal a on
 (the bootstrap draws prompts by position, so the order is the file's, as a bench of them would have it). E.g. the
 first 100 of a 261-prompt ``test`` run are ``bench_prompts("test", 100)``. Each method's seconds are then its
 merged seconds × the share of its images kept (an estimate, flagged ``seconds_scaled``).
+
+``--drop METHOD@RUN`` (repeatable) leaves out one method's images from one run (``RUN`` as given on the command
+line): e.g. a run that measured a method at a setting that a later, separate run replaced — the two would otherwise
+disagree image for image under one name.
 """
 
 from __future__ import annotations
@@ -36,8 +40,17 @@ def main() -> None:
                     "baseline, as its bench chose it (sd when it ran)]")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only-prompts", type=Path, help="keep only the prompts in this file (one per line), in its order")
+    ap.add_argument("--drop", action="append", default=[], metavar="METHOD@RUN",
+                    help="leave out METHOD's images from run RUN (repeatable)")
     args = ap.parse_args()
 
+    dropped: set[tuple[str, str]] = set()
+    for item in args.drop:
+        method, at, run = item.partition("@")
+        if not (method and at and run) or run not in map(str, args.runs):
+            sys.exit(f"error: --drop {item}: write METHOD@RUN with RUN one of the runs as given "
+                     f"({', '.join(map(str, args.runs))})")
+        dropped.add((method, run))
     prompts = seeds = None
     records: dict[str, dict[tuple[str, int], dict]] = {}
     seconds: dict[str, float] = {}
@@ -45,7 +58,8 @@ def main() -> None:
     for run in args.runs:
         meta = json.loads((run / "results.json").read_text())
         for method, spec in (meta.get("contenders") or {}).items():
-            contenders.setdefault(method, spec)
+            if (method, str(run)) not in dropped:
+                contenders.setdefault(method, spec)
         if prompts is None:
             prompts, seeds = list(meta["prompts"]), meta["seeds"]
             baseline = args.baseline or meta.get("baseline") or "sd"
@@ -55,6 +69,8 @@ def main() -> None:
         added: set[str] = set()
         for line in (run / "records.jsonl").read_text().splitlines():
             r = json.loads(line)
+            if (r["method"], str(run)) in dropped:
+                continue
             mine = {v: r[v] for v in VERDICTS}
             seen = records.setdefault(r["method"], {})
             key = (r["prompt"], r["seed"])

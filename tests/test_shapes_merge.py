@@ -79,6 +79,25 @@ def test_merge_refuses_disagreeing_or_incomplete_runs(tmp_path):
     assert partial.returncode != 0 and "attend-excite has 9 of 18 images" in partial.stderr
 
 
+def test_drop_leaves_out_one_methods_images_from_one_run(tmp_path):
+    r1 = _run(tmp_path / "r1", ["sd", "attend-excite"], PROMPTS)
+    r2 = _run(tmp_path / "r2", ["sd", "ela"], PROMPTS, flip=True)  # its sd disagrees with r1's
+    r2_ela_only = _run(tmp_path / "r3", ["ela"], PROMPTS)
+    assert _merge(tmp_path / "a", r1, r2).returncode != 0
+    done = subprocess.run([sys.executable, str(SCRIPT), str(r1), str(r2), str(r2_ela_only), "--drop", f"sd@{r2}",
+                           "--drop", f"ela@{r2}", "--out", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    figures, expected = json.loads(done.stdout), json.loads(json.dumps(_expected(["sd", "attend-excite", "ela"])))
+    assert set(figures) == set(expected)
+    for m in expected:
+        assert {v: figures[m][v] for v in VERDICTS} == {v: expected[m][v] for v in VERDICTS}, m
+    assert figures["ela"]["vs_baseline"] == expected["ela"]["vs_baseline"]
+    assert figures["ela"]["seconds"] == 1.0  # the dropped run's ela seconds are not counted
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(r1), "--drop", "sd@elsewhere", "--out",
+                          str(tmp_path / "m2")], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --drop sd@elsewhere: write METHOD@RUN")
+
+
 def test_only_prompts_is_a_nested_benchmark_in_the_files_order(tmp_path):
     subset = [PROMPTS[4], PROMPTS[0], PROMPTS[2]]  # an order of its own: the figures follow the file's
     (tmp_path / "only.txt").write_text("# the nested benchmark\n" + "\n".join(subset) + "\n\n")
