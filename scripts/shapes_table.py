@@ -104,7 +104,8 @@ def choose(figures: dict, methods: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("tune", "choose", "measure"))
+    ap.add_argument("mode", choices=("tune", "choose", "measure", "table"),
+                    help="table: print the markdown table of --figures (e.g. merged measure parts)")
     ap.add_argument("--figures", type=Path, help="choose: the figures JSON of merged tune parts (shapes_merge.py's)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (sd always runs)")
     ap.add_argument("--chosen", type=Path, help="measure: chosen.json written by tune (or merged tunes)")
@@ -115,13 +116,21 @@ def main() -> None:
     ap.add_argument("--seeds", default="4", help="K, A:B or a list")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--part", default="1/1", help="I/N: every N-th prompt starting at the I-th (split a run)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="tune, choose, measure: the output folder")
     args = ap.parse_args()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "sd"]
     unknown = [m for m in methods if m not in PLAN]
     if unknown:
         sys.exit(f"error: --methods {','.join(unknown)}: not in the plan; choose from {','.join(METHODS)}")
+    if args.mode == "table":  # the markdown table of merged parts (shapes_merge.py's JSON)
+        if args.figures is None:
+            sys.exit("error: table needs --figures (the JSON that shapes_merge.py printed)")
+        print(table(json.loads(args.figures.read_text()), "merged (sd: rates; others: paired difference from sd "
+                                                          "[95 % CI], bold: excludes 0)"))
+        return
+    if args.out is None:
+        sys.exit(f"error: {args.mode} needs --out (a folder for its figures)")
     if args.mode == "choose":  # tune parts split by --methods, merged by shapes_merge.py: choose from the merge
         if args.figures is None:
             sys.exit("error: choose needs --figures (the JSON that shapes_merge.py printed for the merged tune parts)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_choice_is_the_best_train_success_and_a_tie_keeps_the_default(table):
     assert chosen == {"ela": {}, "attend-excite": {"map_scale": "10"}}
 
 
-def test_measure_refuses_the_train_split_and_unknown_methods(tmp_path):
+def test_measure_refuses_the_train_split_and_unknown_methods(tmp_path, table):
     run = lambda *a: subprocess.run([sys.executable, str(SCRIPT), *a, "--out", str(tmp_path)], capture_output=True,
                                     text=True, timeout=120)
     res = run("measure", "--chosen", str(tmp_path / "c.json"), "--split", "train")
@@ -88,5 +89,16 @@ def test_measure_refuses_the_train_split_and_unknown_methods(tmp_path):
     res = run("tune", "--methods", "ela", "--prompts", "2", "--part", "1/3")
     assert res.returncode != 0 and res.stderr.strip() == ("error: --part 1/3: 3 parts of 2 prompt(s) leave some "
                                                           "part empty; split into at most 2"), res.stderr
+    figures = {"sd": {**{v: 0.5 for v in table.SHOWN}, "seconds": 10.0},
+               "ela": {**{v: 0.5 for v in table.SHOWN}, "seconds": 20.0,
+                       "vs_baseline": {v: {"diff": -0.05, "ci": [-0.1, -0.01], "excludes_zero": True}
+                                       for v in table.SHOWN}}}
+    (tmp_path / "f.json").write_text(json.dumps(figures))
+    res = subprocess.run([sys.executable, str(SCRIPT), "table", "--figures", str(tmp_path / "f.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "| ela | **-0.050 [-0.100, -0.010]**" in res.stdout and res.stdout.rstrip().endswith("| 20 | 2.00 |")
+    res = subprocess.run([sys.executable, str(SCRIPT), "tune"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and res.stderr.strip() == "error: tune needs --out (a folder for its figures)"
     res = run("tune", "--methods", "ela", "--part", "2/1")
     assert res.returncode != 0 and "--part '2/1': write I/N" in res.stderr and "Traceback" not in res.stderr
