@@ -133,8 +133,8 @@ def test_generate_on_the_shapes_model_warns_about_unknown_words(tmp_path):
 
 
 def test_the_headline_says_what_is_not_shown():
-    assert "no other method comparison on this model is evidence yet" in EVIDENCE
-    assert "positive control passes" in EVIDENCE and "map_scale=10" in EVIDENCE
+    assert "ELA lowers success here" in EVIDENCE and "map_scale=10" in EVIDENCE
+    assert "not at these tuned settings" in EVIDENCE
 
 
 # --- a run --------------------------------------------------------------------------------------------------------
@@ -488,7 +488,7 @@ def test_the_page_in_a_browser(tmp_path):
 
                 # 1. the first click, as it comes: the command line's 50 steps, seeds 0,1,2, sd and ela, and the
                 # headline saying what the benchmark has not shown
-                expect(page.locator("#evidence")).to_contain_text("no other method comparison on this model is evidence")
+                expect(page.locator("#evidence")).to_contain_text("ELA lowers success here")
                 expect(page.locator("#steps input")).to_have_value(str(DEFAULT_STEPS))
                 expect(page.locator("#seeds textarea")).to_have_value(DEFAULT_SEEDS)
                 expect(page.locator("#methods input[name=sd]")).to_be_checked()
