@@ -261,6 +261,13 @@ def test_diagnose_takes_the_methods_options_and_reports_the_update_size(shipped)
     assert given["attend-excite"]["update_rms"] > 0
 
 
+def test_the_cli_names_the_diagnosed_methods_without_importing_torch():
+    from unbleed.cli.shapes import DIAGNOSED
+    from unbleed.shapes.diagnose import CARRY_METHODS
+
+    assert DIAGNOSED == CARRY_METHODS
+
+
 def test_diagnose_cli_options_are_one_line_errors():
     for args, needle in ((["-o", "syngen.map_scale=10"], "-o syngen.map_scale=10: prefix the option with one of the "
                                                            "diagnosed methods (attend-excite, ela)"),

@@ -64,8 +64,9 @@ EVIDENCE = (
     "`lr=0.02`); both lower neglected objects. **ELA lowers success here** (−0.07 [−0.11, −0.03]; its images fuse "
     "more), SynGen removes objects (−0.20), and Divide & Bind, CONFORM, A-STAR, StructureDiffusion and ELA + SynGen "
     "show no measured difference in success. This page runs each method at the library's defaults (the papers'), "
-    "not at these tuned settings: set them in the method options and the step size. The badges are the shapes detector's verdicts on "
-    "each image (`fused` also counts two objects drawn 1–2 pixels apart, which the detector joins into one blob)."
+    "not at these tuned settings: set them in the method options and the step size. The badges are the shapes "
+    "detector's verdicts on each image (`fused` also counts two objects drawn 1–2 pixels apart, which the "
+    "detector joins into one blob)."
 )
 
 # the library's field names → the page's controls, for error lines (the command line names its flags instead)

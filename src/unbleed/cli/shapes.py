@@ -307,7 +307,7 @@ def diagnose(
         fixed = sorted(k for k in settings if k in SCHEDULE_SETTINGS and k not in ("step_size", "step_schedule"))
         if fixed:
             raise UnbleedError(f"-o {name}.{fixed[0]}={settings[fixed[0]]}: diagnose sets the window and refinement "
-                               f"itself (one update at step 5, none); give options, step_size or step_schedule")
+                               f"itself (one update, no refinement); give options, step_size or step_schedule")
     specs = {name: bench_spec(name, settings) for name, settings in per.items()}
     if out is not None:
         out = checks.out_folder(out, "--out")
