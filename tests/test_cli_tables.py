@@ -90,8 +90,10 @@ def diagnose_figures() -> dict:
         "ela_localisation": {"by_step": {s: cell(0.6) for s in (5, 10, 25)}},
         "predictiveness": {"steps": [5, 15], "peak_attention_neglect": auc("neglected"),
                            "peak_attention_not_present": auc(), "overlap_fused": auc()},
-        "carry_over": {"methods": {m: {"loss_before_update": 0.1234, "at_step": diff(), "next_step": diff(),
-                                       "later": diff()} for m in ("attend-excite", "ela")},
+        "carry_over": {"methods": {m: {"steps": steps, "loss_before_update": 0.1234, "update_rms": rms,
+                                       "at_step": diff(), "next_step": diff(), "later": diff()}
+                                   for m, steps, rms in (("attend-excite", [5, 6, 25], 0.13639),
+                                                         ("ela", [10, 11, 25], 0.00336))},
                        "update_step": 5, "next_step": 6, "later_step": 25, "prompts": 40},
         "knockout": {"prompts": 40, **{k: {"kept": 0.25, "ci95": [0.125, 0.375], "n": 80} for k in
                                        ("own_words", "other_words", "summary", "own_words_and_summary")}},
@@ -106,10 +108,16 @@ def test_shapes_diagnose_tables_are_whole_at_80_columns():
           "0.500 (40) / 0.250", "0.600 (40) / 0.300",
           "predictor", "positives", "negatives", "mean pos", "mean neg", "A&E peak attention (low)",
           "neglected (neglected)", "not cleanly present", "map overlap (high)",
-          "before the update", "same (step 5)", "next (step 6)", "later (step 25)", "attend-excite",
+          "update at step (next, later)", "5 (6, 25)", "10 (11, 25)", "update size (RMS of Δz)", "0.13639",
+          "0.00336", "before the update", "same step", "next step", "later step", "attend-excite",
           "-0.0012 (0.75)", "[-0.0031, 0.0004]",
           "columns replaced by the empty caption's", "objects kept", "95 % CI",
           "its own words + end-of-text + padding", "[0.125, 0.375]")
+    older = diagnose_figures()  # a diagnose.json from before session 13: one update step for both, no update size
+    for m in older["carry_over"]["methods"].values():
+        del m["steps"], m["update_rms"]
+    text = rendered(lambda c: _print_diagnose(older, "older figures", c))
+    assert text.count("5 (6, 25)") == 2 and "10 (11, 25)" not in text
 
 
 def test_bench_speed_table_is_whole_at_80_columns():

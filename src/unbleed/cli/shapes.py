@@ -375,7 +375,7 @@ def _print_diagnose(f: dict, title: str, console: Console | None = None) -> None
         print_table(console, f"(c) guided − unguided loss after one update: "
                              f"mean (fraction down) and [95 % CI], {c['prompts']} prompts",
                     ["loss", *c["methods"]],
-                    [("update at step (next, later)", *("{} ({}, {})".format(*m["steps"])
+                    [("update at step (next, later)", *("{} ({}, {})".format(*m.get("steps", (c["update_step"], c["next_step"], c["later_step"])))
                                                         for m in c["methods"].values())),
                      ("before the update", *(num(m["loss_before_update"], 4) for m in c["methods"].values())),
                      ("update size (RMS of Δz)", *(num(m.get("update_rms"), 5) for m in c["methods"].values())),
