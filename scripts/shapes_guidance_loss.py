@@ -9,8 +9,9 @@ contender (the ``method`` field: a bench's method or a tune's label), this print
 at step 0, at step 1 and over steps 4 and later of the window, the refinement iterations in all, and the images that
 refined at all, as JSON; where the records have it (since session 13), also ``update_rms``: the mean over guided
 steps of the root mean square of each step's whole change of the latent (refinement and update) — how far the
-method moved the latent, comparable across methods whose losses are on different scales. A loss near 0 from the first steps on means the method's gradient is about zero: it is idle
-(e.g. Attend-and-Excite whose token softmax saturates, docs/shapes.md, session 12).
+method moved the latent, comparable across methods whose losses are on different scales. A loss near 0 from the
+first steps on means the method's gradient is about zero: it is idle (e.g. Attend-and-Excite whose token softmax
+saturates, docs/shapes.md, session 12).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def summarise(records: list[dict]) -> dict[str, dict]:
                                               if x["step"] >= s0 + 4]),
                      "refine_iters": sum(x.get("refine_iters", 0) for g in steps for x in g),
                      "images_refined": sum(any(x.get("refine_iters", 0) for x in g) for g in steps),
-                     "update_rms": mean([x["update_rms"] for g in steps for x in g if x.get("update_rms") is not None])}
+                     "update_rms": mean([x["update_rms"] for g in steps for x in g
+                                         if x.get("update_rms") is not None])}
     return out
 
 

@@ -35,7 +35,6 @@ from unbleed.run.spec import RunSpec
 from unbleed.shapes.bench import Contender, bench_prompts, run_bench
 
 METHODS = ("ela", "attend-excite", "divide-bind", "astar", "syngen", "structure", "initno", "conform", "ela+syngen")
-# method → the two variants of its own knobs ({"step": F} multiplies the default step size by F)
 # method → the two variants of its own knobs ({"step": F} multiplies the default step size by F). A method whose
 # maps pass through the official ×100 before a token softmax (``map_scale``) gets ×10 and ×10 with step×2 (not
 # SynGen, whose distance normalises each map so that the ×100 cancels; docs/shapes.md, session 13): at ×100
